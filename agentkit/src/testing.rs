@@ -1,0 +1,376 @@
+//! Test fixtures shared by the agents' integration tests, the demo and the bench (feature
+//! `test-support`): a generated CA with leaf certificates, TLS servers that answer like a
+//! kube-apiserver's `/version`, a plain echo server, real ClientHello bytes, and the gate for
+//! tests that need root.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A throwaway CA that signs leaf certificates for test names.
+pub struct Pki {
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+/// A leaf certificate with its key.
+#[derive(Debug)]
+pub struct Leaf {
+    /// The certificate chain (leaf, CA).
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivatePkcs8KeyDer<'static>,
+    /// PEM of the leaf certificate.
+    pub cert_pem: String,
+    /// PEM of the key.
+    pub key_pem: String,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki").finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    /// Generates a CA.
+    pub fn new() -> anyhow::Result<Self> {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "agentkit test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_cert = params.self_signed(&ca_key)?;
+        Ok(Pki { ca_cert, ca_key })
+    }
+
+    /// PEM of the CA certificate (for `curl --cacert`).
+    pub fn ca_pem(&self) -> String {
+        self.ca_cert.pem()
+    }
+
+    /// A leaf for `names` (DNS names or IP addresses).
+    pub fn leaf(&self, names: &[&str]) -> anyhow::Result<Leaf> {
+        let key = rcgen::KeyPair::generate()?;
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key)?;
+        Ok(Leaf {
+            chain: vec![cert.der().clone(), self.ca_cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A server config presenting a leaf for `names`.
+    pub fn server_config(&self, names: &[&str]) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let leaf = self.leaf(names)?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(leaf.chain, PrivateKeyDer::Pkcs8(leaf.key))?;
+        Ok(Arc::new(config))
+    }
+
+    /// A client config trusting this CA, offering `alpn`.
+    pub fn client_config(&self, alpn: &[Vec<u8>]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_cert.der().clone())?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.to_vec();
+        Ok(Arc::new(config))
+    }
+
+    /// Writes `ca.pem` into `dir` and returns its path.
+    pub fn write_ca(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.ca_pem())?;
+        Ok(path)
+    }
+}
+
+/// ALPN protocol names that inflate a ClientHello to about `bytes` bytes, the way a
+/// post-quantum key share (X25519MLKEM768: 1,216 bytes) does: a real handshake still works
+/// because servers ignore ALPN names they do not know.
+pub fn padding_alpn(bytes: usize) -> Vec<Vec<u8>> {
+    let mut out = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut n = 0;
+    while n * 61 < bytes {
+        out.push(format!("x-pad-{n:055}").into_bytes());
+        n += 1;
+    }
+    out
+}
+
+/// The ClientHello a rustls client sends for `sni` with `alpn`, as raw TLS records.
+pub fn client_hello(sni: &str, alpn: &[Vec<u8>]) -> anyhow::Result<Vec<u8>> {
+    let pki = Pki::new()?;
+    let name = ServerName::try_from(sni.to_owned())?;
+    let mut conn = rustls::ClientConnection::new(pki.client_config(alpn)?, name)?;
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out)?;
+    }
+    Ok(out)
+}
+
+/// Connects to `addr`, performs a TLS handshake for `sni` and asks `GET /version`.
+/// Returns the response body.
+pub async fn get_version(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<String> {
+    let tcp = TcpStream::connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut tls = connector
+        .connect(ServerName::try_from(sni.to_owned())?, tcp)
+        .await
+        .context("TLS handshake")?;
+    tls.write_all(
+        format!("GET /version HTTP/1.1\r\nhost: {sni}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut resp = String::new();
+    tls.read_to_string(&mut resp).await.or_else(|e| {
+        // Some servers close without close_notify; what was read is still the answer.
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Ok(0)
+        } else {
+            Err(e)
+        }
+    })?;
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    anyhow::ensure!(
+        resp.starts_with("HTTP/1.1 200"),
+        "unexpected response: {resp}"
+    );
+    Ok(body)
+}
+
+/// A TLS server answering `GET /version` with `{"shoot": NAME, ...}` on keep-alive HTTP/1.1,
+/// like a shoot's kube-apiserver. Stops when the token is cancelled.
+#[derive(Debug)]
+pub struct VersionServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl VersionServer {
+    /// Starts on `bind` (port 0 for any).
+    pub async fn start(
+        bind: SocketAddr,
+        name: &str,
+        config: Arc<rustls::ServerConfig>,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let name: Arc<str> = Arc::from(name);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                    () = token.cancelled() => return,
+                };
+                let (acceptor, name, token) = (acceptor.clone(), Arc::clone(&name), token.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = serve_version(acceptor, tcp, &name) => {},
+                        () = token.cancelled() => {},
+                    }
+                });
+            }
+        });
+        Ok(VersionServer { addr, stop })
+    }
+}
+
+impl Drop for VersionServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn serve_version(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    name: &str,
+) -> anyhow::Result<()> {
+    let tls = acceptor.accept(tcp).await?;
+    let sni = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+    let mut stream = BufReader::new(tls);
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let mut close = false;
+        loop {
+            let mut header = String::new();
+            if stream.read_line(&mut header).await? == 0 {
+                return Ok(());
+            }
+            if header.to_ascii_lowercase().starts_with("connection: close") {
+                close = true;
+            }
+            if header == "\r\n" || header == "\n" {
+                break;
+            }
+        }
+        let (status, body) = if path == "/version" {
+            (
+                "200 OK",
+                format!("{{\"shoot\":\"{name}\",\"sni\":\"{sni}\",\"gitVersion\":\"v1.33.0\"}}\n"),
+            )
+        } else {
+            (
+                "404 Not Found",
+                "{\"kind\":\"Status\",\"code\":404}\n".to_owned(),
+            )
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+            body.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        stream.get_mut().write_all(head.as_bytes()).await?;
+        stream.get_mut().write_all(body.as_bytes()).await?;
+        if close {
+            stream.get_mut().shutdown().await?;
+            return Ok(());
+        }
+    }
+}
+
+/// A plain TCP server that echoes every byte back and half-closes its side once the client
+/// has half-closed and everything was echoed: the backend for integrity and half-close tests.
+#[derive(Debug)]
+pub struct EchoServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl EchoServer {
+    /// Starts on `bind` (port 0 for any).
+    pub async fn start(bind: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                    () = token.cancelled() => return,
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    tokio::select! {
+                        _ = async {
+                            tokio::io::copy(&mut r, &mut w).await?;
+                            w.shutdown().await
+                        } => {},
+                        () = token.cancelled() => {},
+                    }
+                });
+            }
+        });
+        Ok(EchoServer { addr, stop })
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Whether this process may create network namespaces and load eBPF (CAP_NET_ADMIN and
+/// CAP_SYS_ADMIN in the effective set).
+pub fn has_privileges() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let Some(caps) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    else {
+        return false;
+    };
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    caps & (CAP_NET_ADMIN | CAP_SYS_ADMIN) == CAP_NET_ADMIN | CAP_SYS_ADMIN
+}
+
+/// Gate for tests that need root. Returns true when the test may run. Without privileges it
+/// prints a loud SKIP line and returns false, or panics when `REQUIRE_PRIVILEGED=1` (CI).
+pub fn require_privileges(test: &str) -> bool {
+    if has_privileges() {
+        return true;
+    }
+    assert!(
+        std::env::var("REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+        "{test}: needs CAP_NET_ADMIN+CAP_SYS_ADMIN and REQUIRE_PRIVILEGED=1 forbids skipping"
+    );
+    eprintln!("\n*** SKIP {test}: needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN); set REQUIRE_PRIVILEGED=1 to make this a failure ***\n");
+    false
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn version_server_answers_with_its_name() {
+        let pki = Pki::new().unwrap();
+        let server = VersionServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            "shoot--a--b",
+            pki.server_config(&["api.a.test"]).unwrap(),
+        )
+        .await
+        .unwrap();
+        let body = get_version(server.addr, "api.a.test", pki.client_config(&[]).unwrap())
+            .await
+            .unwrap();
+        assert!(body.contains("\"shoot\":\"shoot--a--b\""), "{body}");
+        assert!(body.contains("\"sni\":\"api.a.test\""), "{body}");
+    }
+
+    #[test]
+    fn padded_client_hello_is_post_quantum_sized() {
+        let small = client_hello("api.a.test", &[]).unwrap();
+        let big = client_hello("api.a.test", &padding_alpn(1300)).unwrap();
+        assert_eq!(small[0], 0x16);
+        assert!(big.len() > 1500, "{}", big.len());
+    }
+}
