@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs the Helm chart tests (charts/tests/test_chart.py) in their own venv.
+#
+#   charts/tests/run.sh [PYTEST ARGS...]
+#
+# CHART_VENV  venv to create or reuse (default: <repo>/.venv-charts)
+# PYTHON      interpreter that creates the venv (default: python3)
+# SNI_PROXY_BIN  sni-proxy binary for the --check tests (default: <repo>/target/debug/sni-proxy);
+#             missing binary: the tests fail, unless neither SNI_PROXY_BIN nor CI is set (skip).
+#
+# Needs only PyPI: helm-python-sdk ships Helm's Go SDK as a prebuilt shared library inside its
+# wheel, and kubernetes-validate ships the Kubernetes schemas.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+venv="${CHART_VENV:-$repo/.venv-charts}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv "$venv"
+fi
+
+# Reinstall only when requirements.txt changed since the last successful install.
+stamp="$venv/.chart-tests-requirements.sha256"
+want="$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+    # --only-binary: the helm-python-sdk sdist would need Go to build; never fall back to it.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --only-binary=helm-python-sdk -r "$here/requirements.txt"
+    echo "$want" > "$stamp"
+fi
+
+cd "$repo"
+export PYTHONDONTWRITEBYTECODE=1
+exec "$venv/bin/python" -m pytest "$here" -rs -p no:cacheprovider "$@"

@@ -1,0 +1,429 @@
+//! Relaying bytes between the client and the backend once a connection is routed.
+//!
+//! Two paths today, chosen per listener: [`DataPath::Copy`] moves bytes through a userspace
+//! buffer; [`DataPath::Splice`] moves them through a pipe with splice(2), so payload never
+//! enters userspace. Both keep at most 32 KiB in flight per direction, propagate a half-close
+//! (FIN) in each direction as it happens, and turn a reset on one leg into a reset on the other.
+//!
+//! The seam for the eBPF sockmap path (a later issue) is [`relay`]: it receives both sockets
+//! after routing, with every byte already read from the client forwarded, which is exactly the
+//! state a sockmap redirect needs; a new `DataPath` variant and its arm in `relay` is all it takes.
+//!
+//! Idle connections hold no buffer: the copy path borrows a buffer from a small per-thread
+//! pool only while a direction has bytes to move.
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Bytes in flight per direction, at most.
+pub const BUFFER_BYTES: usize = 32 * 1024;
+/// Buffers each thread keeps for reuse.
+const POOL_PER_THREAD: usize = 64;
+
+/// How bytes are moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// read(2)/write(2) through a pooled userspace buffer.
+    Copy,
+    /// splice(2) through a pipe per direction.
+    Splice,
+}
+
+impl DataPath {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Copy => "copy",
+            DataPath::Splice => "splice",
+        }
+    }
+}
+
+/// What `data_path: auto` picks where splice works. Chosen by the bench (see `bench/README.md`).
+pub const AUTO: DataPath = DataPath::Splice;
+
+/// Whether splice(2) between TCP sockets works here (it may be blocked by a seccomp profile).
+pub fn splice_supported() -> bool {
+    Pipe::new().is_ok()
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions saw EOF and were shut down.
+    Done,
+    /// One side reset; the other was reset too.
+    Reset,
+    /// Another I/O error.
+    Error,
+}
+
+/// Which way bytes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to backend.
+    Up,
+    /// Backend to client.
+    Down,
+}
+
+/// Byte counters of one connection and the time of its last byte (for the idle watchdog);
+/// optionally also feeds the route's byte metrics as bytes move, so long-lived watches show
+/// up in the metrics before they end.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    /// Bytes client to backend.
+    pub up: AtomicU64,
+    /// Bytes backend to client.
+    pub down: AtomicU64,
+    metrics: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
+}
+
+impl Activity {
+    /// Starts counting now.
+    pub fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+            metrics: None,
+        }
+    }
+
+    /// Also counts into these (upstream, downstream) metrics.
+    pub fn with_metrics(up: prometheus::IntCounter, down: prometheus::IntCounter) -> Self {
+        Activity {
+            metrics: Some((up, down)),
+            ..Activity::new()
+        }
+    }
+
+    fn add(&self, direction: Direction, n: usize) {
+        let n = n as u64;
+        match direction {
+            Direction::Up => self.up.fetch_add(n, Ordering::Relaxed),
+            Direction::Down => self.down.fetch_add(n, Ordering::Relaxed),
+        };
+        if let Some((up, down)) = &self.metrics {
+            match direction {
+                Direction::Up => up.inc_by(n),
+                Direction::Down => down.inc_by(n),
+            }
+        }
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last byte moved (or since the start).
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Relays until both directions are done or a leg fails. The caller owns the sockets and
+/// closes them after; on a reset the other leg has already been set to reset on close.
+pub async fn relay(path: DataPath, client: &TcpStream, backend: &TcpStream, activity: &Activity) -> End {
+    // The first error ends both directions: a direction waiting on a healthy leg must not
+    // outlive a dead one.
+    let result = match path {
+        DataPath::Copy => tokio::try_join!(
+            copy_one_way(client, backend, activity, Direction::Up),
+            copy_one_way(backend, client, activity, Direction::Down)
+        ),
+        DataPath::Splice => {
+            let pipes = (Pipe::new(), Pipe::new());
+            let (Ok(p1), Ok(p2)) = pipes else {
+                return End::Error;
+            };
+            tokio::try_join!(
+                splice_one_way(client, backend, &p1, activity, Direction::Up),
+                splice_one_way(backend, client, &p2, activity, Direction::Down)
+            )
+        }
+    };
+    match result {
+        Ok(_) => End::Done,
+        Err(e) => {
+            if is_reset(&e) {
+                // A reset on one leg becomes a reset on the other: close both with linger 0.
+                // Linger 0 makes close send RST; it never blocks with a zero timeout.
+                for s in [client, backend] {
+                    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+                }
+                End::Reset
+            } else {
+                End::Error
+            }
+        }
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+    )
+}
+
+fn shutdown_write(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+}
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer borrowed from the thread's pool, returned on drop (to whichever thread drops it).
+struct PooledBuf(Option<Box<[u8]>>);
+
+impl PooledBuf {
+    fn take() -> Self {
+        let buf = POOL
+            .with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; BUFFER_BYTES].into_boxed_slice());
+        PooledBuf(Some(buf))
+    }
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Some(buf) = self.0.take() {
+            POOL.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_PER_THREAD {
+                    p.push(buf);
+                }
+            });
+        }
+    }
+}
+
+async fn copy_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity, direction: Direction) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        // Holds a buffer only while bytes flow; idle connections give it back.
+        let mut buf = PooledBuf::take();
+        loop {
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => {
+                    shutdown_write(to);
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            write_all(to, &buf[..n]).await?;
+            activity.add(direction, n);
+            if n < buf.len() {
+                // Short read: the socket is most likely drained; wait for readiness again
+                // (try_read clears it on WouldBlock anyway) without holding the buffer.
+                break;
+            }
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A non-blocking pipe sized to [`BUFFER_BYTES`].
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+        let pipe = unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        // SAFETY: F_SETPIPE_SZ on a pipe we own; failure leaves the default size, which is fine.
+        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, BUFFER_BYTES as libc::c_int) };
+        Ok(pipe)
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain syscall on fds that the callers keep open for its duration; null offsets
+    // are required for sockets and pipes.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+async fn splice_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    activity: &Activity,
+    direction: Direction,
+) -> io::Result<()> {
+    loop {
+        // Socket → pipe. try_io clears readiness on WouldBlock so the next await really waits.
+        let n = loop {
+            from.readable().await?;
+            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.write.as_raw_fd(), BUFFER_BYTES)) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            shutdown_write(to);
+            return Ok(());
+        }
+        // Pipe → socket, until the pipe is empty.
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        activity.add(direction, n);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// client_end <-> [proxy_client | relay | proxy_backend] <-> backend_end
+    async fn through(path: DataPath) {
+        let (mut client_end, proxy_client) = pair().await;
+        let (proxy_backend, mut backend_end) = pair().await;
+        let activity = std::sync::Arc::new(Activity::new());
+        let a = std::sync::Arc::clone(&activity);
+        let relay = tokio::spawn(async move { relay(path, &proxy_client, &proxy_backend, &a).await });
+
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client_end.write_all(&sent).await.unwrap();
+            client_end.shutdown().await.unwrap(); // half-close upstream
+            let mut back = Vec::new();
+            client_end.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        backend_end.read_to_end(&mut got).await.unwrap(); // sees the FIN
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "payload corrupted on {path:?}");
+        // The backend can still answer after the client's half-close.
+        backend_end.write_all(b"late answer").await.unwrap();
+        backend_end.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"late answer");
+        assert_eq!(relay.await.unwrap(), End::Done);
+        assert_eq!(activity.up.load(Ordering::Relaxed), 3_000_000);
+        assert_eq!(activity.down.load(Ordering::Relaxed), 11);
+    }
+
+    #[tokio::test]
+    async fn copy_relays_and_half_closes() {
+        through(DataPath::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_relays_and_half_closes() {
+        assert!(splice_supported());
+        through(DataPath::Splice).await;
+    }
+
+    async fn reset_propagates(path: DataPath) {
+        let (client_end, proxy_client) = pair().await;
+        let (proxy_backend, mut backend_end) = pair().await;
+        let relay = tokio::spawn(async move {
+            let a = Activity::new();
+            let end = relay(path, &proxy_client, &proxy_backend, &a).await;
+            drop((proxy_client, proxy_backend));
+            end
+        });
+        socket2::SockRef::from(&client_end).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(client_end); // RST
+        assert_eq!(relay.await.unwrap(), End::Reset);
+        let mut buf = [0u8; 16];
+        let err = backend_end.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn copy_propagates_reset() {
+        reset_propagates(DataPath::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_propagates_reset() {
+        reset_propagates(DataPath::Splice).await;
+    }
+}

@@ -1,0 +1,276 @@
+//! sni-proxy: one TCP load balancer in front of every shoot kube-apiserver of a Gardener seed.
+//! It routes each connection by the SNI of its TLS ClientHello (never terminating TLS), by the
+//! `X-Gardener-Destination` header of an HTTP CONNECT, or by the destination in a PROXY
+//! protocol header, and relays the stream to one of the route's backends.
+//!
+//! The crate is a library so that the binary, the integration tests and the demo all drive the
+//! same [`Proxy`]. Protocol parsing lives in [`protocol`] and never touches a socket.
+
+pub mod config;
+mod conn;
+pub mod datapath;
+pub mod metrics;
+pub mod protocol;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentkit::admin::AdminServer;
+use agentkit::{ConfigError, Health, Shutdown};
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+pub use config::Config;
+use datapath::DataPath;
+use metrics::Metrics;
+use routes::{LiveRoutes, RouteTable};
+
+/// Listen backlog of every listener.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// The running config: what a connection reads once, when it is accepted.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    config: Config,
+    table: RouteTable,
+    data_paths: Vec<DataPath>,
+}
+
+/// State shared by every listener and connection.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    state: ArcSwap<Runtime>,
+    metrics: Metrics,
+    live: Arc<LiveRoutes>,
+    active_total: AtomicUsize,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    reload_lock: Mutex<()>,
+    health: Health,
+}
+
+/// A proxy with its sockets bound; [`Proxy::run`] serves until shutdown.
+#[derive(Debug)]
+pub struct Proxy {
+    listeners: Vec<TcpListener>,
+    admin: AdminServer,
+    shared: Arc<Shared>,
+}
+
+/// A handle to reload a running proxy (from tests, or the reloader).
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Binds the admin server and every listener (with SO_REUSEPORT, so a new instance can
+    /// start beside an old one), and registers the metrics in `registry`.
+    pub async fn bind(config: Config, registry: prometheus::Registry) -> anyhow::Result<Proxy> {
+        let metrics = Metrics::new(&registry);
+        let health = Health::default();
+        let admin = AdminServer::bind(config.admin, registry, health.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("admin.address {}: {e}", config.admin))?;
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            let socket = bind_listener(l.address)
+                .map_err(|e| anyhow::anyhow!("listeners[{i}].address {}: {e}", l.address))?;
+            listeners.push(socket);
+        }
+        let live = LiveRoutes::new(metrics.clone(), config.listeners.iter().map(|l| l.name.clone()).collect());
+        let runtime = build_runtime(config, None, &live);
+        metrics.routes.set(runtime.table.len() as i64);
+        metrics.config_last_reload_success.set(unix_now());
+        let shared = Arc::new(Shared {
+            state: ArcSwap::from_pointee(runtime),
+            metrics,
+            live,
+            active_total: AtomicUsize::new(0),
+            per_source: Mutex::new(HashMap::new()),
+            reload_lock: Mutex::new(()),
+            health,
+        });
+        Ok(Proxy {
+            listeners,
+            admin,
+            shared,
+        })
+    }
+
+    /// The bound listener addresses, in config order (useful with port 0).
+    pub fn listener_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// A handle for reloading.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Serves until `shutdown` stops accepting, then lets open connections finish within
+    /// `timeouts.shutdown_grace` and closes the rest. With `config_path`, reloads the file on
+    /// SIGHUP and when it changes.
+    pub async fn run(self, shutdown: Shutdown, config_path: Option<PathBuf>) {
+        let shared = self.shared;
+        let initial = shared.state.load();
+        let grace = initial.config.shutdown_grace;
+        let reload_interval = initial.config.reload_interval;
+        drop(initial);
+        tokio::spawn(self.admin.serve(shutdown.clone()));
+        if let Some(path) = config_path {
+            let initial_bytes = std::fs::read(&path).ok();
+            let reloader = agentkit::reload::Reloader::new(path, reload_interval, initial_bytes);
+            let handle = Handle {
+                shared: Arc::clone(&shared),
+            };
+            tokio::spawn(reloader.run(shutdown.clone(), move |text, _| handle.reload(text).map_err(|e| e.to_string())));
+        }
+        let mut accepts = Vec::new();
+        for (index, listener) in self.listeners.into_iter().enumerate() {
+            accepts.push(tokio::spawn(accept_loop(Arc::clone(&shared), index, listener, shutdown.clone())));
+        }
+        shared.health.set_ready(true);
+        info!(listeners = accepts.len(), "serving");
+        shutdown.stopping().await;
+        shared.health.set_ready(false);
+        for a in accepts {
+            let _ = a.await;
+        }
+        let open = shutdown.drain(grace).await;
+        info!(forced = open, "stopped");
+    }
+}
+
+impl Handle {
+    /// Validates `text` and swaps it in atomically. Connections keep the route object they
+    /// were routed with; routes removed or changed follow their `on_change` policy.
+    /// Listener names and addresses cannot change without a restart.
+    pub fn reload(&self, text: &str) -> Result<(), ConfigError> {
+        let result = self.try_reload(text);
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.shared.metrics.config_reloads.with_label_values(&[label]).inc();
+        result
+    }
+
+    fn try_reload(&self, text: &str) -> Result<(), ConfigError> {
+        let config = Config::from_yaml(text)?;
+        let _serialized = self.shared.reload_lock.lock();
+        let current = self.shared.state.load_full();
+        let same_listeners = config.listeners.len() == current.config.listeners.len()
+            && config
+                .listeners
+                .iter()
+                .zip(&current.config.listeners)
+                .all(|(a, b)| a.name == b.name && a.address == b.address);
+        if !same_listeners {
+            return Err(ConfigError::invalid(
+                "listeners",
+                "names and addresses cannot change on reload; restart the proxy",
+            ));
+        }
+        if config.admin != current.config.admin {
+            return Err(ConfigError::invalid("admin.address", "cannot change on reload; restart the proxy"));
+        }
+        let runtime = build_runtime(config, Some(&current.table), &self.shared.live);
+        self.shared.metrics.routes.set(runtime.table.len() as i64);
+        self.shared.state.store(Arc::new(runtime));
+        self.shared.metrics.config_last_reload_success.set(unix_now());
+        Ok(())
+    }
+
+    /// Open connections over all listeners.
+    pub fn active_connections(&self) -> usize {
+        self.shared.active_total.load(Ordering::Acquire)
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn build_runtime(config: Config, previous: Option<&RouteTable>, live: &Arc<LiveRoutes>) -> Runtime {
+    let table = RouteTable::build(&config, previous, live);
+    let data_paths = config
+        .listeners
+        .iter()
+        .map(|l| conn::resolve_data_path(l.data_path))
+        .collect();
+    Runtime {
+        config,
+        table,
+        data_paths,
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Releases a slot of the global connection cap on drop.
+struct GlobalSlot(Arc<Shared>);
+
+impl Drop for GlobalSlot {
+    fn drop(&mut self) {
+        self.0.active_total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, index: usize, listener: TcpListener, shutdown: Shutdown) {
+    let name = shared.state.load().config.listeners[index].name.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.stopping() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(%error, listener = %name, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let max = shared.state.load().config.max_connections;
+        if shared.active_total.fetch_add(1, Ordering::AcqRel) >= max {
+            shared.active_total.fetch_sub(1, Ordering::AcqRel);
+            shared
+                .metrics
+                .connections_refused
+                .with_label_values(&[&name, "global_cap"])
+                .inc();
+            drop(stream);
+            continue;
+        }
+        let slot = GlobalSlot(Arc::clone(&shared));
+        let (s, sd) = (Arc::clone(&shared), shutdown.clone());
+        shutdown.tracker().spawn(async move {
+            let _slot = slot;
+            conn::handle(s, index, stream, peer, sd).await;
+        });
+    }
+}

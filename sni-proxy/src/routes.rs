@@ -1,0 +1,511 @@
+//! The route table: exact and `*.` wildcard SNI names, CONNECT destinations and legacy PROXY
+//! destinations, each looked up in a hash map (a wildcard lookup costs one probe per label of
+//! the name, not per route). A table is immutable; a reload builds a new one and swaps it in
+//! atomically, reusing the `Route` objects whose config did not change, so their connections,
+//! counters and backend health carry over untouched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use prometheus::{Histogram, IntCounter};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{self, BackendAddr, Config, UnknownSni};
+use crate::metrics::Metrics;
+
+/// A route of the running config, shared by the table and its open connections.
+#[derive(Debug)]
+pub struct Route {
+    /// The validated config of this route.
+    pub config: config::Route,
+    /// The backends, in config order.
+    pub backends: Vec<Arc<Backend>>,
+    active: AtomicUsize,
+    next: AtomicUsize,
+    /// Cancelled when a reload removes or changes this route.
+    pub retired: CancellationToken,
+    /// Per-route metric handles, resolved once.
+    pub stats: RouteStats,
+    live: Arc<LiveRoutes>,
+}
+
+/// Metric handles of one route.
+#[derive(Debug)]
+pub struct RouteStats {
+    /// Bytes client to backend.
+    pub bytes_up: IntCounter,
+    /// Bytes backend to client.
+    pub bytes_down: IntCounter,
+    /// Connection durations.
+    pub duration: Histogram,
+    /// Failed connect attempts.
+    pub connect_failures: IntCounter,
+    /// Ejections.
+    pub ejections: IntCounter,
+}
+
+/// A backend address with its load and passive-health state. Shared between routes and
+/// across reloads when the address stays.
+#[derive(Debug)]
+pub struct Backend {
+    /// Where to connect.
+    pub addr: BackendAddr,
+    active: AtomicUsize,
+    failures: AtomicU32,
+    ejected: AtomicBool,
+}
+
+/// Counts the live `Route` objects per name, so a route's metric series are forgotten only
+/// when the last object of that name is gone.
+#[derive(Debug)]
+pub struct LiveRoutes {
+    counts: Mutex<HashMap<String, usize>>,
+    metrics: Metrics,
+    listeners: Vec<String>,
+}
+
+impl LiveRoutes {
+    /// A registry for routes whose series live in `metrics`.
+    pub fn new(metrics: Metrics, listeners: Vec<String>) -> Arc<Self> {
+        Arc::new(LiveRoutes {
+            counts: Mutex::new(HashMap::new()),
+            metrics,
+            listeners,
+        })
+    }
+}
+
+/// Holds one connection slot of a route and of a backend; released on drop.
+#[derive(Debug)]
+pub struct Slot {
+    route: Arc<Route>,
+    backend: Option<Arc<Backend>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.route.active.fetch_sub(1, Ordering::AcqRel);
+        if let Some(b) = &self.backend {
+            b.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Slot {
+    /// Counts the connection on `backend` too.
+    pub fn set_backend(&mut self, backend: Arc<Backend>) {
+        backend.active.fetch_add(1, Ordering::AcqRel);
+        if let Some(old) = self.backend.replace(backend) {
+            old.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Route {
+    /// Takes a connection slot unless the route's cap is reached.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let prev = self.active.fetch_add(1, Ordering::AcqRel);
+        if let Some(max) = self.config.max_connections {
+            if prev >= max {
+                self.active.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
+        }
+        Some(Slot {
+            route: Arc::clone(self),
+            backend: None,
+        })
+    }
+
+    /// Open connections of this route object.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// The order to try backends in: healthy before ejected, fewest connections first, ties
+    /// rotated so equal backends share the load.
+    pub fn backend_order(&self) -> Vec<Arc<Backend>> {
+        let n = self.backends.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut order: Vec<(bool, usize, usize, &Arc<Backend>)> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.is_ejected(), b.active(), (i + n - start % n) % n, b))
+            .collect();
+        order.sort_unstable_by_key(|(e, a, r, _)| (*e, *a, *r));
+        order.into_iter().map(|(_, _, _, b)| Arc::clone(b)).collect()
+    }
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        let Ok(mut counts) = self.live.counts.lock() else { return };
+        let name = &self.config.name;
+        let last = match counts.get_mut(name) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        };
+        if last {
+            counts.remove(name);
+            self.live.metrics.forget_route(name, &self.live.listeners);
+        }
+    }
+}
+
+impl Backend {
+    fn new(addr: BackendAddr) -> Self {
+        Backend {
+            addr,
+            active: AtomicUsize::new(0),
+            failures: AtomicU32::new(0),
+            ejected: AtomicBool::new(false),
+        }
+    }
+
+    /// Open connections to this backend.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Whether passive health has ejected it.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire)
+    }
+
+    /// A connect succeeded.
+    pub fn record_success(&self) {
+        self.failures.store(0, Ordering::Release);
+        self.ejected.store(false, Ordering::Release);
+    }
+
+    /// A connect failed; returns true when this failure ejected the backend (the caller
+    /// then starts the probe).
+    pub fn record_failure(&self, eject_after: u32) -> bool {
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        failures >= eject_after
+            && self
+                .ejected
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
+    /// Probes an ejected backend every `interval` until a connect succeeds or the backend is
+    /// dropped from every route.
+    pub fn spawn_probe(self: &Arc<Self>, interval: Duration, timeout: Duration) {
+        let weak: Weak<Backend> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(backend) = weak.upgrade() else { return };
+                if !backend.is_ejected() {
+                    return;
+                }
+                if connect(&backend.addr, timeout).await.is_ok() {
+                    info!(backend = %backend.addr, "backend answers again; back in rotation");
+                    backend.record_success();
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Connects to a backend address (resolving a name), within `timeout` per attempt.
+pub async fn connect(addr: &BackendAddr, timeout: Duration) -> std::io::Result<TcpStream> {
+    let attempt = async {
+        match addr {
+            BackendAddr::Ip(a) => TcpStream::connect(a).await,
+            BackendAddr::Name(host, port) => TcpStream::connect((host.as_str(), *port)).await,
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+/// An immutable routing table.
+#[derive(Debug)]
+pub struct RouteTable {
+    exact: HashMap<String, Arc<Route>>,
+    wildcard: HashMap<String, Arc<Route>>,
+    by_destination: HashMap<String, Arc<Route>>,
+    by_proxy_destination: HashMap<SocketAddr, Arc<Route>>,
+    by_name: HashMap<String, Arc<Route>>,
+    unknown_sni: UnknownSni,
+}
+
+/// What the table says about an SNI.
+#[derive(Debug)]
+pub enum SniMatch<'a> {
+    /// A route.
+    Route(&'a Arc<Route>),
+    /// Reject with a TLS alert.
+    Reject,
+    /// Close silently.
+    Close,
+}
+
+impl RouteTable {
+    /// Builds the table for `config`, reusing unchanged routes and known backends of
+    /// `previous`. Routes of `previous` that are not reused are retired (their connections
+    /// then follow the route's `on_change` policy).
+    pub fn build(config: &Config, previous: Option<&RouteTable>, live: &Arc<LiveRoutes>) -> RouteTable {
+        let metrics = &live.metrics;
+        let mut known_backends: HashMap<BackendAddr, Arc<Backend>> = HashMap::new();
+        if let Some(prev) = previous {
+            for r in prev.by_name.values() {
+                for b in &r.backends {
+                    known_backends.insert(b.addr.clone(), Arc::clone(b));
+                }
+            }
+        }
+        let mut by_name = HashMap::with_capacity(config.routes.len());
+        for rc in &config.routes {
+            let reused = previous
+                .and_then(|p| p.by_name.get(&rc.name))
+                .filter(|r| r.config == *rc)
+                .cloned();
+            let route = reused.unwrap_or_else(|| {
+                let backends = rc
+                    .backends
+                    .iter()
+                    .map(|a| {
+                        known_backends
+                            .entry(a.clone())
+                            .or_insert_with(|| Arc::new(Backend::new(a.clone())))
+                            .clone()
+                    })
+                    .collect();
+                if let Ok(mut counts) = live.counts.lock() {
+                    *counts.entry(rc.name.clone()).or_insert(0) += 1;
+                }
+                let name = rc.name.as_str();
+                Arc::new(Route {
+                    config: rc.clone(),
+                    backends,
+                    active: AtomicUsize::new(0),
+                    next: AtomicUsize::new(0),
+                    retired: CancellationToken::new(),
+                    stats: RouteStats {
+                        bytes_up: metrics.bytes.with_label_values(&[name, "upstream"]),
+                        bytes_down: metrics.bytes.with_label_values(&[name, "downstream"]),
+                        duration: metrics.connection_duration.with_label_values(&[name]),
+                        connect_failures: metrics.backend_connect_failures.with_label_values(&[name]),
+                        ejections: metrics.backend_ejections.with_label_values(&[name]),
+                    },
+                    live: Arc::clone(live),
+                })
+            });
+            by_name.insert(rc.name.clone(), route);
+        }
+        if let Some(prev) = previous {
+            for (name, old) in &prev.by_name {
+                let kept = by_name.get(name).is_some_and(|new| Arc::ptr_eq(new, old));
+                if !kept {
+                    if old.active() > 0 {
+                        warn!(route = %name, open = old.active(), policy = ?old.config.on_change, "route removed or changed");
+                    }
+                    old.retired.cancel();
+                }
+            }
+        }
+        let mut table = RouteTable {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            by_destination: HashMap::new(),
+            by_proxy_destination: HashMap::new(),
+            unknown_sni: config.unknown_sni.clone(),
+            by_name: HashMap::new(),
+        };
+        for route in by_name.values() {
+            for host in &route.config.hosts {
+                match host.strip_prefix("*.") {
+                    Some(suffix) => table.wildcard.insert(suffix.to_owned(), Arc::clone(route)),
+                    None => table.exact.insert(host.clone(), Arc::clone(route)),
+                };
+            }
+            if let Some(d) = &route.config.destination {
+                table.by_destination.insert(d.clone(), Arc::clone(route));
+            }
+            for d in &route.config.proxy_destinations {
+                table.by_proxy_destination.insert(*d, Arc::clone(route));
+            }
+        }
+        table.by_name = by_name;
+        table
+    }
+
+    /// The route for a normalised (lowercase, no trailing dot) SNI: an exact name first, then
+    /// the longest matching `*.` suffix. A wildcard matches one or more labels.
+    pub fn lookup_host(&self, sni: &str) -> Option<&Arc<Route>> {
+        if let Some(r) = self.exact.get(sni) {
+            return Some(r);
+        }
+        let mut rest = sni;
+        while let Some(dot) = rest.find('.') {
+            rest = &rest[dot + 1..];
+            if let Some(r) = self.wildcard.get(rest) {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// Routes a ClientHello: by SNI, then by the PROXY destination, then `unknown_sni`.
+    pub fn route_tls(&self, sni: Option<&str>, proxy_destination: Option<SocketAddr>) -> SniMatch<'_> {
+        if let Some(r) = sni.and_then(|s| self.lookup_host(s)) {
+            return SniMatch::Route(r);
+        }
+        if let Some(r) = proxy_destination.and_then(|d| self.by_proxy_destination.get(&d)) {
+            return SniMatch::Route(r);
+        }
+        match &self.unknown_sni {
+            UnknownSni::Reject => SniMatch::Reject,
+            UnknownSni::Close => SniMatch::Close,
+            UnknownSni::Route(name) => match self.by_name.get(name) {
+                Some(r) => SniMatch::Route(r),
+                None => SniMatch::Reject,
+            },
+        }
+    }
+
+    /// The route for an `X-Gardener-Destination` value.
+    pub fn lookup_destination(&self, destination: &str) -> Option<&Arc<Route>> {
+        self.by_destination.get(destination)
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether the table has no route.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// A route by name.
+    pub fn get(&self, name: &str) -> Option<&Arc<Route>> {
+        self.by_name.get(name)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn table(yaml_routes: &str) -> (RouteTable, Arc<LiveRoutes>) {
+        let text = format!(
+            "admin: {{address: 127.0.0.1:1}}\nlisteners: [{{name: l, address: 127.0.0.1:2, mode: tls}}]\n{yaml_routes}"
+        );
+        let config = Config::from_yaml(&text).unwrap();
+        let live = LiveRoutes::new(Metrics::new(&prometheus::Registry::new()), vec!["l".into()]);
+        (RouteTable::build(&config, None, &live), live)
+    }
+
+    fn name(m: Option<&Arc<Route>>) -> Option<&str> {
+        m.map(|r| r.config.name.as_str())
+    }
+
+    #[test]
+    fn most_specific_wins() {
+        let (t, _l) = table(
+            "routes:\n- {name: exact, hosts: [api.s1.test], backends: [1.1.1.1:1]}\n\
+             - {name: wild, hosts: ['*.s1.test'], backends: [1.1.1.1:1]}\n\
+             - {name: deep, hosts: ['*.x.s1.test'], backends: [1.1.1.1:1]}\n\
+             - {name: top, hosts: ['*.test'], backends: [1.1.1.1:1]}\n",
+        );
+        assert_eq!(name(t.lookup_host("api.s1.test")), Some("exact"));
+        assert_eq!(name(t.lookup_host("other.s1.test")), Some("wild"));
+        assert_eq!(name(t.lookup_host("a.b.s1.test")), Some("wild"));
+        assert_eq!(name(t.lookup_host("a.x.s1.test")), Some("deep"));
+        assert_eq!(name(t.lookup_host("s1.test")), Some("top"));
+        assert_eq!(name(t.lookup_host("test")), None);
+        assert_eq!(name(t.lookup_host("api.s1.testx")), None);
+    }
+
+    #[test]
+    fn ten_thousand_names() {
+        let mut routes = String::from("routes:\n");
+        for i in 0..10_000 {
+            routes.push_str(&format!(
+                "- {{name: r{i}, hosts: [api.s{i}.test, '*.s{i}.example'], backends: [127.0.0.1:{}]}}\n",
+                1 + i % 60_000
+            ));
+        }
+        let (t, _l) = table(&routes);
+        assert_eq!(t.len(), 10_000);
+        for i in (0..10_000).step_by(997) {
+            assert_eq!(name(t.lookup_host(&format!("api.s{i}.test"))), Some(format!("r{i}").as_str()));
+            assert_eq!(name(t.lookup_host(&format!("x.s{i}.example"))), Some(format!("r{i}").as_str()));
+        }
+    }
+
+    #[test]
+    fn unknown_sni_policies() {
+        let (t, _l) = table("routes: [{name: a, hosts: [a.test], proxy_destinations: ['240.0.0.2:443'], backends: [1.1.1.1:1]}]\nunknown_sni: a\n");
+        assert!(matches!(t.route_tls(Some("zzz"), None), SniMatch::Route(_)));
+        let (t, _l) = table("routes: [{name: a, hosts: [a.test], proxy_destinations: ['240.0.0.2:443'], backends: [1.1.1.1:1]}]\nunknown_sni: close\n");
+        assert!(matches!(t.route_tls(Some("zzz"), None), SniMatch::Close));
+        assert!(matches!(t.route_tls(None, Some("240.0.0.2:443".parse().unwrap())), SniMatch::Route(_)));
+        let (t, _l) = table("routes: []\n");
+        assert!(matches!(t.route_tls(None, None), SniMatch::Reject));
+    }
+
+    #[test]
+    fn reload_reuses_unchanged_routes_and_retires_the_rest() {
+        let (t1, live) = table(
+            "routes:\n- {name: same, hosts: [a.test], backends: [1.1.1.1:1]}\n- {name: changed, hosts: [b.test], backends: [1.1.1.1:2]}\n- {name: gone, hosts: [c.test], backends: [1.1.1.1:3]}\n",
+        );
+        let text = "admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: tls}]\nroutes:\n- {name: same, hosts: [a.test], backends: [1.1.1.1:1]}\n- {name: changed, hosts: [b.test, bb.test], backends: [1.1.1.1:2]}\n";
+        let t2 = RouteTable::build(&Config::from_yaml(text).unwrap(), Some(&t1), &live);
+        assert!(Arc::ptr_eq(t1.get("same").unwrap(), t2.get("same").unwrap()));
+        assert!(!t1.get("same").unwrap().retired.is_cancelled());
+        assert!(t1.get("changed").unwrap().retired.is_cancelled());
+        assert!(t1.get("gone").unwrap().retired.is_cancelled());
+        // The changed route keeps its backend object (load and health carry over).
+        assert!(Arc::ptr_eq(&t1.get("changed").unwrap().backends[0], &t2.get("changed").unwrap().backends[0]));
+        assert!(t2.get("gone").is_none());
+    }
+
+    #[test]
+    fn least_connections_and_ejection() {
+        let (t, _l) = table("routes: [{name: a, hosts: [a.test], backends: ['1.1.1.1:1', '1.1.1.1:2', '1.1.1.1:3']}]\n");
+        let r = t.get("a").unwrap();
+        let mut slot = r.try_acquire().unwrap();
+        slot.set_backend(Arc::clone(&r.backends[0]));
+        let order = r.backend_order();
+        assert_ne!(order[0].addr, r.backends[0].addr, "the busy backend is not first");
+        assert_eq!(order[2].addr, r.backends[0].addr);
+        assert!(!r.backends[1].record_failure(2));
+        assert!(r.backends[1].record_failure(2));
+        assert!(!r.backends[1].record_failure(2), "ejected once");
+        let order = r.backend_order();
+        assert_eq!(order[2].addr, r.backends[1].addr, "ejected backends go last");
+        drop(slot);
+        assert_eq!(r.backends[0].active(), 0);
+        assert_eq!(r.active(), 0);
+    }
+
+    #[test]
+    fn route_cap() {
+        let (t, _l) = table("routes: [{name: a, hosts: [a.test], backends: [1.1.1.1:1], max_connections: 2}]\n");
+        let r = t.get("a").unwrap();
+        let s1 = r.try_acquire().unwrap();
+        let _s2 = r.try_acquire().unwrap();
+        assert!(r.try_acquire().is_none());
+        drop(s1);
+        assert!(r.try_acquire().is_some());
+    }
+}
