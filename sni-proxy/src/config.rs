@@ -407,7 +407,9 @@ fn check_host(field: &str, host: &str) -> Result<(), ConfigError> {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
     if ok {
         Ok(())
@@ -440,7 +442,10 @@ fn parse_backend(field: &str, text: &str) -> Result<BackendAddr, ConfigError> {
 
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if raw.listeners.is_empty() {
-        return Err(ConfigError::invalid("listeners", "at least one listener is needed"));
+        return Err(ConfigError::invalid(
+            "listeners",
+            "at least one listener is needed",
+        ));
     }
     let mut listeners = Vec::with_capacity(raw.listeners.len());
     let mut names = HashSet::new();
@@ -448,10 +453,17 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     for (i, l) in raw.listeners.into_iter().enumerate() {
         let f = |name: &str| format!("listeners[{i}].{name}");
         if l.name.is_empty() || !names.insert(l.name.clone()) {
-            return Err(ConfigError::invalid(f("name"), format!("`{}` is empty or used twice", l.name)));
+            return Err(ConfigError::invalid(
+                f("name"),
+                format!("`{}` is empty or used twice", l.name),
+            ));
         }
-        if !addresses.insert(l.address) {
-            return Err(ConfigError::invalid(f("address"), format!("{} is used by another listener", l.address)));
+        // Port 0 (any free port, used by tests) cannot clash.
+        if l.address.port() != 0 && !addresses.insert(l.address) {
+            return Err(ConfigError::invalid(
+                f("address"),
+                format!("{} is used by another listener", l.address),
+            ));
         }
         if l.proxy_protocol != ProxyProtocolMode::Off && l.trusted_proxies.is_empty() {
             return Err(ConfigError::invalid(
@@ -484,7 +496,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     for (i, r) in raw.routes.into_iter().enumerate() {
         let f = |name: &str| format!("routes[{i}].{name}");
         if r.name.is_empty() || !route_names.insert(r.name.clone()) {
-            return Err(ConfigError::invalid(f("name"), format!("`{}` is empty or used twice", r.name)));
+            return Err(ConfigError::invalid(
+                f("name"),
+                format!("`{}` is empty or used twice", r.name),
+            ));
         }
         let mut hosts = Vec::with_capacity(r.hosts.len());
         for (j, host) in r.hosts.iter().enumerate() {
@@ -492,7 +507,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             let host = normalize_host(host);
             check_host(&field, &host)?;
             if let Some(other) = hosts_seen.insert(host.clone(), r.name.clone()) {
-                return Err(ConfigError::invalid(field, format!("`{host}` is already a host of route `{other}`")));
+                return Err(ConfigError::invalid(
+                    field,
+                    format!("`{host}` is already a host of route `{other}`"),
+                ));
             }
             hosts.push(host);
         }
@@ -501,7 +519,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 return Err(ConfigError::invalid(f("destination"), "must not be empty"));
             }
             if let Some(other) = destinations_seen.insert(d.clone(), r.name.clone()) {
-                return Err(ConfigError::invalid(f("destination"), format!("already the destination of route `{other}`")));
+                return Err(ConfigError::invalid(
+                    f("destination"),
+                    format!("already the destination of route `{other}`"),
+                ));
             }
         }
         for (j, d) in r.proxy_destinations.iter().enumerate() {
@@ -513,7 +534,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         }
         if r.backends.is_empty() {
-            return Err(ConfigError::invalid(f("backends"), "at least one backend is needed"));
+            return Err(ConfigError::invalid(
+                f("backends"),
+                "at least one backend is needed",
+            ));
         }
         let backends = r
             .backends
@@ -522,10 +546,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .map(|(j, b)| parse_backend(&format!("routes[{i}].backends[{j}]"), b))
             .collect::<Result<Vec<_>, _>>()?;
         if r.max_connections == Some(0) {
-            return Err(ConfigError::invalid(f("max_connections"), "0 would refuse everything; omit it for no cap"));
+            return Err(ConfigError::invalid(
+                f("max_connections"),
+                "0 would refuse everything; omit it for no cap",
+            ));
         }
         if r.max_connection_lifetime == Some(Duration::ZERO) {
-            return Err(ConfigError::invalid(f("max_connection_lifetime"), "must be positive; omit it for no limit"));
+            return Err(ConfigError::invalid(
+                f("max_connection_lifetime"),
+                "must be positive; omit it for no limit",
+            ));
         }
         if r.max_connection_lifetime_jitter.is_some() && r.max_connection_lifetime.is_none() {
             return Err(ConfigError::invalid(
@@ -534,7 +564,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
         if r.drain_delay.is_some() && r.on_change != OnChange::Drain {
-            return Err(ConfigError::invalid(f("drain_delay"), "only applies with on_change: drain"));
+            return Err(ConfigError::invalid(
+                f("drain_delay"),
+                "only applies with on_change: drain",
+            ));
         }
         routes.push(Route {
             name: r.name,
@@ -563,7 +596,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
     if raw.limits.max_connections == 0 {
-        return Err(ConfigError::invalid("limits.max_connections", "must be positive"));
+        return Err(ConfigError::invalid(
+            "limits.max_connections",
+            "must be positive",
+        ));
     }
     for (field, d) in [
         ("timeouts.handshake", raw.timeouts.handshake),
@@ -578,10 +614,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
     if raw.keepalive.retries == 0 {
-        return Err(ConfigError::invalid("keepalive.retries", "must be positive"));
+        return Err(ConfigError::invalid(
+            "keepalive.retries",
+            "must be positive",
+        ));
     }
     if raw.health.eject_after_failures == 0 {
-        return Err(ConfigError::invalid("health.eject_after_failures", "must be positive"));
+        return Err(ConfigError::invalid(
+            "health.eject_after_failures",
+            "must be positive",
+        ));
     }
     Ok(Config {
         admin: raw.admin.address,
@@ -629,16 +671,24 @@ mod tests {
         Config::from_yaml(text).unwrap_err().to_string()
     }
 
-    const BASE: &str = "admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: tls}]\n";
+    const BASE: &str =
+        "admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: tls}]\n";
 
     #[test]
     fn errors_name_the_field() {
-        let e = err(&format!("{BASE}routes: [{{name: a, hosts: [x.test], backends: [nope]}}]"));
+        let e = err(&format!(
+            "{BASE}routes: [{{name: a, hosts: [x.test], backends: [nope]}}]"
+        ));
         assert!(e.starts_with("routes[0].backends[0]:"), "{e}");
-        let e = err(&format!("{BASE}routes: [{{name: a, hosts: [x.test, 'bad host'], backends: [1.2.3.4:5]}}]"));
+        let e = err(&format!(
+            "{BASE}routes: [{{name: a, hosts: [x.test, 'bad host'], backends: [1.2.3.4:5]}}]"
+        ));
         assert!(e.starts_with("routes[0].hosts[1]:"), "{e}");
         let e = err(&format!("{BASE}routes: [{{name: a, hosts: [X.test.], backends: [1.2.3.4:5]}}, {{name: b, hosts: [x.test], backends: [1.2.3.4:5]}}]"));
-        assert!(e.starts_with("routes[1].hosts[0]:") && e.contains("route `a`"), "{e}");
+        assert!(
+            e.starts_with("routes[1].hosts[0]:") && e.contains("route `a`"),
+            "{e}"
+        );
         let e = err("admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: tls, proxy_protocol: optional}]\n");
         assert!(e.starts_with("listeners[0].trusted_proxies:"), "{e}");
         let e = err("admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: udp}]\n");
@@ -647,7 +697,9 @@ mod tests {
         assert!(e.starts_with("unknown_sni:"), "{e}");
         let e = err(&format!("{BASE}timeouts: {{idle: forever}}\n"));
         assert!(e.starts_with("timeouts.idle:"), "{e}");
-        let e = err(&format!("{BASE}routes: [{{name: a, backends: [1.2.3.4:5], drain_delay: 1s}}]"));
+        let e = err(&format!(
+            "{BASE}routes: [{{name: a, backends: [1.2.3.4:5], drain_delay: 1s}}]"
+        ));
         assert!(e.starts_with("routes[0].drain_delay:"), "{e}");
         let e = err(&format!("{BASE}colour: blue\n"));
         assert!(e.contains("unknown field `colour`"), "{e}");

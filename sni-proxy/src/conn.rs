@@ -50,7 +50,10 @@ struct Failure {
 
 impl Failure {
     fn new(reason: &'static str) -> Self {
-        Failure { reason, status: None }
+        Failure {
+            reason,
+            status: None,
+        }
     }
     fn http(reason: &'static str, status: u16) -> Self {
         Failure {
@@ -61,7 +64,13 @@ impl Failure {
 }
 
 /// Handles one accepted connection to the end.
-pub(crate) async fn handle(shared: Arc<Shared>, index: usize, client: TcpStream, peer: SocketAddr, shutdown: Shutdown) {
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    index: usize,
+    client: TcpStream,
+    peer: SocketAddr,
+    shutdown: Shutdown,
+) {
     let runtime = shared.state.load_full();
     let listener = &runtime.config.listeners[index];
     let _ = client.set_nodelay(true);
@@ -129,7 +138,11 @@ fn trusted(listener: &Listener, peer: SocketAddr) -> bool {
 
 /// Reads until the head is complete. Never reads past what the client sent in its first
 /// flights: every byte read is kept and forwarded.
-async fn read_head(client: &TcpStream, listener: &Listener, peer: SocketAddr) -> Result<Head, Failure> {
+async fn read_head(
+    client: &TcpStream,
+    listener: &Listener,
+    peer: SocketAddr,
+) -> Result<Head, Failure> {
     let mut proxy_pending = match listener.proxy_protocol {
         ProxyProtocolMode::Off => false,
         _ if trusted(listener, peer) => true,
@@ -166,10 +179,14 @@ async fn read_head(client: &TcpStream, listener: &Listener, peer: SocketAddr) ->
                     proxy = Some(header);
                     proxy_pending = false;
                 }
-                Err(proxy_protocol::ProxyError::NotProxy) if listener.proxy_protocol == ProxyProtocolMode::Optional => {
+                Err(proxy_protocol::ProxyError::NotProxy)
+                    if listener.proxy_protocol == ProxyProtocolMode::Optional =>
+                {
                     proxy_pending = false;
                 }
-                Err(proxy_protocol::ProxyError::NotProxy) => return Err(Failure::new("proxy_protocol_missing")),
+                Err(proxy_protocol::ProxyError::NotProxy) => {
+                    return Err(Failure::new("proxy_protocol_missing"))
+                }
                 Err(_) => return Err(Failure::http("proxy_protocol_malformed", 400)),
             }
         }
@@ -189,7 +206,12 @@ async fn read_head(client: &TcpStream, listener: &Listener, peer: SocketAddr) ->
                 Err(e) => return Err(Failure::http(e.kind(), e.status())),
             },
         };
-        return Ok(Head { buf, start, proxy, kind });
+        return Ok(Head {
+            buf,
+            start,
+            proxy,
+            kind,
+        });
     }
 }
 
@@ -221,7 +243,11 @@ impl Drop for SourceSlot<'_> {
     }
 }
 
-fn acquire_source<'a>(shared: &'a Shared, ip: std::net::IpAddr, max: Option<usize>) -> Option<Option<SourceSlot<'a>>> {
+fn acquire_source<'a>(
+    shared: &'a Shared,
+    ip: std::net::IpAddr,
+    max: Option<usize>,
+) -> Option<Option<SourceSlot<'a>>> {
     let Some(max) = max else { return Some(None) };
     let mut map = shared.per_source.lock().ok()?;
     let n = map.entry(ip).or_insert(0);
@@ -254,10 +280,15 @@ async fn serve(
                 .client_hello_bytes
                 .with_label_values(&[&listener.name])
                 .observe(hello.record_bytes as f64);
-            match runtime.table.route_tls(hello.server_name.as_deref(), proxy_addrs.map(|a| a.destination)) {
+            match runtime.table.route_tls(
+                hello.server_name.as_deref(),
+                proxy_addrs.map(|a| a.destination),
+            ) {
                 SniMatch::Route(r) => (Arc::clone(r), hello.server_name.clone(), head.start),
                 SniMatch::Reject => {
-                    let _ = client.write_all(&client_hello::ALERT_UNRECOGNIZED_NAME).await;
+                    let _ = client
+                        .write_all(&client_hello::ALERT_UNRECOGNIZED_NAME)
+                        .await;
                     fail(shared, listener, client, Failure::new("unknown_sni")).await;
                     return Ok(());
                 }
@@ -269,13 +300,25 @@ async fn serve(
         }
         HeadKind::Connect(req) => {
             let Some(destination) = req.destination.as_deref() else {
-                fail(shared, listener, client, Failure::http("missing_destination", 400)).await;
+                fail(
+                    shared,
+                    listener,
+                    client,
+                    Failure::http("missing_destination", 400),
+                )
+                .await;
                 return Ok(());
             };
             match runtime.table.lookup_destination(destination) {
                 Some(r) => (Arc::clone(r), None, head.start + req.head_len),
                 None => {
-                    fail(shared, listener, client, Failure::http("unknown_destination", 403)).await;
+                    fail(
+                        shared,
+                        listener,
+                        client,
+                        Failure::http("unknown_destination", 403),
+                    )
+                    .await;
                     return Ok(());
                 }
             }
@@ -290,7 +333,9 @@ async fn serve(
             .with_label_values(&[&listener.name, reason])
             .inc();
     };
-    let Some(_source_slot) = acquire_source(shared, client_addr.ip(), config.max_connections_per_source) else {
+    let Some(_source_slot) =
+        acquire_source(shared, client_addr.ip(), config.max_connections_per_source)
+    else {
         refuse("source_cap");
         if listener.mode == Mode::HttpConnect {
             let _ = respond(&mut client, 503).await;
@@ -311,7 +356,13 @@ async fn serve(
         () = shutdown.forced() => return Ok(()),
     };
     let Some((backend, backend_addr)) = connected else {
-        fail(shared, listener, client, Failure::http("backend_unavailable", 502)).await;
+        fail(
+            shared,
+            listener,
+            client,
+            Failure::http("backend_unavailable", 502),
+        )
+        .await;
         return Ok(());
     };
     slot.set_backend(Arc::clone(&backend_addr));
@@ -340,7 +391,13 @@ async fn serve(
     drop(head);
     let mut backend = backend;
     if !first.is_empty() && backend.write_all(&first).await.is_err() {
-        fail(shared, listener, client, Failure::http("backend_write", 502)).await;
+        fail(
+            shared,
+            listener,
+            client,
+            Failure::http("backend_write", 502),
+        )
+        .await;
         return Ok(());
     }
     drop(first);
@@ -351,13 +408,19 @@ async fn serve(
     // Relay.
     let route_name = route.config.name.as_str();
     let metrics = &shared.metrics;
-    metrics.connections_total.with_label_values(&[&listener.name, route_name]).inc();
-    let active = metrics.connections_active.with_label_values(&[&listener.name, route_name]);
+    metrics
+        .connections_total
+        .with_label_values(&[&listener.name, route_name])
+        .inc();
+    let active = metrics
+        .connections_active
+        .with_label_values(&[&listener.name, route_name]);
     active.inc();
     let path = runtime.data_paths[index];
     metrics.data_path.with_label_values(&[path.as_str()]).inc();
     let started = Instant::now();
-    let activity = Activity::with_metrics(route.stats.bytes_up.clone(), route.stats.bytes_down.clone());
+    let activity =
+        Activity::with_metrics(route.stats.bytes_up.clone(), route.stats.bytes_down.clone());
     let lifetime = route.config.max_connection_lifetime.map(|base| {
         let jitter = route.config.max_connection_lifetime_jitter;
         base + jitter.mul_f64(rand::rng().random::<f64>())
@@ -373,11 +436,14 @@ async fn serve(
         () = retired(&route) => "route_changed",
         () = shutdown.forced() => "shutdown",
     };
-    drop((client, backend));
+    // Account before closing, so whoever sees the close also sees the counters.
     active.dec();
     let elapsed = started.elapsed();
     route.stats.duration.observe(elapsed.as_secs_f64());
-    metrics.connections_closed.with_label_values(&[route_name, reason]).inc();
+    metrics
+        .connections_closed
+        .with_label_values(&[route_name, reason])
+        .inc();
     if reason == "shutdown" {
         metrics.shutdown_forced.inc();
     }
@@ -397,11 +463,15 @@ async fn serve(
             "connection closed"
         );
     }
+    drop((client, backend));
     Ok(())
 }
 
 /// Tries the route's backends in order until one connects.
-async fn connect_backend(route: &Route, runtime: &Runtime) -> Option<(TcpStream, Arc<routes::Backend>)> {
+async fn connect_backend(
+    route: &Route,
+    runtime: &Runtime,
+) -> Option<(TcpStream, Arc<routes::Backend>)> {
     let config = &runtime.config;
     for backend in route.backend_order() {
         match routes::connect(&backend.addr, config.connect_timeout).await {
@@ -457,10 +527,12 @@ pub(crate) fn resolve_data_path(choice: crate::config::DataPathChoice) -> DataPa
     use crate::config::DataPathChoice;
     match choice {
         DataPathChoice::Copy => DataPath::Copy,
-        DataPathChoice::Splice | DataPathChoice::Auto if datapath::splice_supported() => match choice {
-            DataPathChoice::Splice => DataPath::Splice,
-            _ => datapath::AUTO,
-        },
+        DataPathChoice::Splice | DataPathChoice::Auto if datapath::splice_supported() => {
+            match choice {
+                DataPathChoice::Splice => DataPath::Splice,
+                _ => datapath::AUTO,
+            }
+        }
         _ => DataPath::Copy,
     }
 }
