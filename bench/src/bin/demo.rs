@@ -45,7 +45,8 @@ async fn main() -> anyhow::Result<()> {
     let s2a = VersionServer::start(any, "shoot--dev--s2", pki.server_config(&names)?).await?;
     let s2b = VersionServer::start(any, "shoot--dev--s2", pki.server_config(&names)?).await?;
 
-    let (sni_port, connect_port, admin_port) = (port_or_any(9443), port_or_any(8443), port_or_any(15090));
+    let (sni_port, connect_port, admin_port) =
+        (port_or_any(9443), port_or_any(8443), port_or_any(15090));
     let config_path = dir.join("sni-proxy.yaml");
     std::fs::write(
         &config_path,
@@ -70,8 +71,13 @@ async fn main() -> anyhow::Result<()> {
 
     println!("sni-proxy demo: two shoot kube-apiservers behind one proxy\n");
     println!("  shoot--dev--s1  api.s1.test, *.s1.test   -> {}", s1.addr);
-    println!("  shoot--dev--s2  api.s2.test              -> {}, {}", s2a.addr, s2b.addr);
-    println!("  listeners: tls {sni_addr}, http-connect {connect_addr}, admin 127.0.0.1:{admin_port}\n");
+    println!(
+        "  shoot--dev--s2  api.s2.test              -> {}, {}",
+        s2a.addr, s2b.addr
+    );
+    println!(
+        "  listeners: tls {sni_addr}, http-connect {connect_addr}, admin 127.0.0.1:{admin_port}\n"
+    );
 
     let client = pki.client_config(&[])?;
     let mut rows: Vec<(String, String, usize, usize, Duration)> = Vec::new();
@@ -82,51 +88,98 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let mut ok = 0;
         for _ in 0..50 {
-            if get_version(sni_addr, sni, client.clone()).await.is_ok_and(|b| b.contains("shoot--dev--s")) {
+            if get_version(sni_addr, sni, client.clone())
+                .await
+                .is_ok_and(|b| b.contains("shoot--dev--s"))
+            {
                 ok += 1;
             }
         }
-        run(&format!("GET /version, SNI {sni}"), "tls", ok, 50, t.elapsed());
+        run(
+            &format!("GET /version, SNI {sni}"),
+            "tls",
+            ok,
+            50,
+            t.elapsed(),
+        );
     }
     let t = Instant::now();
     let pq = pki.client_config(&padding_alpn(1300))?;
     let pq_ok = get_version(sni_addr, "api.s1.test", pq).await.is_ok() as usize;
     let size = client_hello("api.s1.test", &padding_alpn(1300))?.len();
-    run(&format!("{size}-byte ClientHello (post-quantum size)"), "tls", pq_ok, 1, t.elapsed());
+    run(
+        &format!("{size}-byte ClientHello (post-quantum size)"),
+        "tls",
+        pq_ok,
+        1,
+        t.elapsed(),
+    );
     let t = Instant::now();
     let mut ok = 0;
     for _ in 0..50 {
-        if connect_version(connect_addr, S1_DESTINATION, &pki).await.is_ok() {
+        if connect_version(connect_addr, S1_DESTINATION, &pki)
+            .await
+            .is_ok()
+        {
             ok += 1;
         }
     }
-    run("CONNECT + X-Gardener-Destination (s1)", "http-connect", ok, 50, t.elapsed());
+    run(
+        "CONNECT + X-Gardener-Destination (s1)",
+        "http-connect",
+        ok,
+        50,
+        t.elapsed(),
+    );
     let t = Instant::now();
     let alert = unknown_sni(sni_addr).await.unwrap_or_default();
-    run(&format!("unknown SNI -> {alert}"), "tls", usize::from(alert == "alert unrecognized_name"), 1, t.elapsed());
+    run(
+        &format!("unknown SNI -> {alert}"),
+        "tls",
+        usize::from(alert == "alert unrecognized_name"),
+        1,
+        t.elapsed(),
+    );
 
-    println!("{:<44} {:<13} {:>9} {:>10}", "traffic", "listener", "ok/total", "time");
+    println!(
+        "{:<44} {:<13} {:>9} {:>10}",
+        "traffic", "listener", "ok/total", "time"
+    );
     println!("{}", "-".repeat(80));
     for (what, via, ok, total, took) in &rows {
-        println!("{what:<44} {via:<13} {:>9} {:>8.0}ms", format!("{ok}/{total}"), took.as_secs_f64() * 1e3);
+        println!(
+            "{what:<44} {via:<13} {:>9} {:>8.0}ms",
+            format!("{ok}/{total}"),
+            took.as_secs_f64() * 1e3
+        );
     }
     let metrics = fetch(format!("127.0.0.1:{admin_port}").parse()?, "/metrics").await?;
     println!("\nfrom /metrics:");
     for line in metrics.lines().filter(|l| {
-        l.starts_with("sni_proxy_connections_total") || l.starts_with("sni_proxy_handshake_failures_total")
+        l.starts_with("sni_proxy_connections_total")
+            || l.starts_with("sni_proxy_handshake_failures_total")
     }) {
         println!("  {line}");
     }
     let all_ok = rows.iter().all(|(_, _, ok, total, _)| ok == total);
 
     println!("\nTry it by hand:");
-    println!("  curl --cacert {} --resolve api.s1.test:{}:127.0.0.1 https://api.s1.test:{}/version", ca.display(), sni_addr.port(), sni_addr.port());
+    println!(
+        "  curl --cacert {} --resolve api.s1.test:{}:127.0.0.1 https://api.s1.test:{}/version",
+        ca.display(),
+        sni_addr.port(),
+        sni_addr.port()
+    );
     println!(
         "  curl --cacert {} --proxy http://{connect_addr} --proxy-header 'X-Gardener-Destination: {S1_DESTINATION}' https://api.s1.test/version",
         ca.display()
     );
     println!("  curl http://127.0.0.1:{admin_port}/metrics");
-    println!("  edit {} (routes reload on save, or kill -HUP {})", config_path.display(), std::process::id());
+    println!(
+        "  edit {} (routes reload on save, or kill -HUP {})",
+        config_path.display(),
+        std::process::id()
+    );
 
     if args.once {
         shutdown.stop_accepting();
@@ -142,14 +195,19 @@ async fn main() -> anyhow::Result<()> {
 
 async fn fetch(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes()).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out)
 }
 
 /// What a kubelet's apiserver-proxy does since GEP-30: CONNECT, then TLS through the tunnel.
-async fn connect_version(proxy: SocketAddr, destination: &str, pki: &Pki) -> anyhow::Result<String> {
+async fn connect_version(
+    proxy: SocketAddr,
+    destination: &str,
+    pki: &Pki,
+) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(proxy).await?;
     s.write_all(format!("CONNECT api.s1.test:443 HTTP/1.1\r\nHost: api.s1.test:443\r\nX-Gardener-Destination: {destination}\r\n\r\n").as_bytes())
         .await?;
@@ -157,8 +215,12 @@ async fn connect_version(proxy: SocketAddr, destination: &str, pki: &Pki) -> any
     s.read_exact(&mut status).await?;
     anyhow::ensure!(status.starts_with(b"HTTP/1.1 200"), "CONNECT refused");
     let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[])?);
-    let mut tls = connector.connect(ServerName::try_from("api.s1.test")?, s).await.context("TLS")?;
-    tls.write_all(b"GET /version HTTP/1.1\r\nhost: api.s1.test\r\nconnection: close\r\n\r\n").await?;
+    let mut tls = connector
+        .connect(ServerName::try_from("api.s1.test")?, s)
+        .await
+        .context("TLS")?;
+    tls.write_all(b"GET /version HTTP/1.1\r\nhost: api.s1.test\r\nconnection: close\r\n\r\n")
+        .await?;
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -177,4 +239,3 @@ async fn unknown_sni(addr: SocketAddr) -> anyhow::Result<String> {
         other => format!("{other:?}"),
     })
 }
-
