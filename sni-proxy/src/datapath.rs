@@ -138,7 +138,12 @@ impl Default for Activity {
 
 /// Relays until both directions are done or a leg fails. The caller owns the sockets and
 /// closes them after; on a reset the other leg has already been set to reset on close.
-pub async fn relay(path: DataPath, client: &TcpStream, backend: &TcpStream, activity: &Activity) -> End {
+pub async fn relay(
+    path: DataPath,
+    client: &TcpStream,
+    backend: &TcpStream,
+    activity: &Activity,
+) -> End {
     // The first error ends both directions: a direction waiting on a healthy leg must not
     // outlive a dead one.
     let result = match path {
@@ -177,7 +182,9 @@ pub async fn relay(path: DataPath, client: &TcpStream, backend: &TcpStream, acti
 fn is_reset(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
     )
 }
 
@@ -227,7 +234,12 @@ impl Drop for PooledBuf {
     }
 }
 
-async fn copy_one_way(from: &TcpStream, to: &TcpStream, activity: &Activity, direction: Direction) -> io::Result<()> {
+async fn copy_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    activity: &Activity,
+    direction: Direction,
+) -> io::Result<()> {
     loop {
         from.readable().await?;
         // Holds a buffer only while bytes flow; idle connections give it back.
@@ -285,7 +297,13 @@ impl Pipe {
             }
         };
         // SAFETY: F_SETPIPE_SZ on a pipe we own; failure leaves the default size, which is fine.
-        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, BUFFER_BYTES as libc::c_int) };
+        unsafe {
+            libc::fcntl(
+                pipe.write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                BUFFER_BYTES as libc::c_int,
+            )
+        };
         Ok(pipe)
     }
 }
@@ -321,7 +339,9 @@ async fn splice_one_way(
         // Socket → pipe. try_io clears readiness on WouldBlock so the next await really waits.
         let n = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || splice(from.as_raw_fd(), pipe.write.as_raw_fd(), BUFFER_BYTES)) {
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), BUFFER_BYTES)
+            }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -335,7 +355,9 @@ async fn splice_one_way(
         let mut left = n;
         while left > 0 {
             to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)) {
+            match to.try_io(Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
+            }) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -365,7 +387,8 @@ mod tests {
         let (proxy_backend, mut backend_end) = pair().await;
         let activity = std::sync::Arc::new(Activity::new());
         let a = std::sync::Arc::clone(&activity);
-        let relay = tokio::spawn(async move { relay(path, &proxy_client, &proxy_backend, &a).await });
+        let relay =
+            tokio::spawn(async move { relay(path, &proxy_client, &proxy_backend, &a).await });
 
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let sent = data.clone();
@@ -409,7 +432,9 @@ mod tests {
             drop((proxy_client, proxy_backend));
             end
         });
-        socket2::SockRef::from(&client_end).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&client_end)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
         drop(client_end); // RST
         assert_eq!(relay.await.unwrap(), End::Reset);
         let mut buf = [0u8; 16];

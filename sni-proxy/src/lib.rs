@@ -83,7 +83,10 @@ impl Proxy {
                 .map_err(|e| anyhow::anyhow!("listeners[{i}].address {}: {e}", l.address))?;
             listeners.push(socket);
         }
-        let live = LiveRoutes::new(metrics.clone(), config.listeners.iter().map(|l| l.name.clone()).collect());
+        let live = LiveRoutes::new(
+            metrics.clone(),
+            config.listeners.iter().map(|l| l.name.clone()).collect(),
+        );
         let runtime = build_runtime(config, None, &live);
         metrics.routes.set(runtime.table.len() as i64);
         metrics.config_last_reload_success.set(unix_now());
@@ -105,7 +108,10 @@ impl Proxy {
 
     /// The bound listener addresses, in config order (useful with port 0).
     pub fn listener_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// The bound admin address.
@@ -136,11 +142,18 @@ impl Proxy {
             let handle = Handle {
                 shared: Arc::clone(&shared),
             };
-            tokio::spawn(reloader.run(shutdown.clone(), move |text, _| handle.reload(text).map_err(|e| e.to_string())));
+            tokio::spawn(reloader.run(shutdown.clone(), move |text, _| {
+                handle.reload(text).map_err(|e| e.to_string())
+            }));
         }
         let mut accepts = Vec::new();
         for (index, listener) in self.listeners.into_iter().enumerate() {
-            accepts.push(tokio::spawn(accept_loop(Arc::clone(&shared), index, listener, shutdown.clone())));
+            accepts.push(tokio::spawn(accept_loop(
+                Arc::clone(&shared),
+                index,
+                listener,
+                shutdown.clone(),
+            )));
         }
         shared.health.set_ready(true);
         info!(listeners = accepts.len(), "serving");
@@ -161,7 +174,11 @@ impl Handle {
     pub fn reload(&self, text: &str) -> Result<(), ConfigError> {
         let result = self.try_reload(text);
         let label = if result.is_ok() { "ok" } else { "error" };
-        self.shared.metrics.config_reloads.with_label_values(&[label]).inc();
+        self.shared
+            .metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
         result
     }
 
@@ -182,12 +199,18 @@ impl Handle {
             ));
         }
         if config.admin != current.config.admin {
-            return Err(ConfigError::invalid("admin.address", "cannot change on reload; restart the proxy"));
+            return Err(ConfigError::invalid(
+                "admin.address",
+                "cannot change on reload; restart the proxy",
+            ));
         }
         let runtime = build_runtime(config, Some(&current.table), &self.shared.live);
         self.shared.metrics.routes.set(runtime.table.len() as i64);
         self.shared.state.store(Arc::new(runtime));
-        self.shared.metrics.config_last_reload_success.set(unix_now());
+        self.shared
+            .metrics
+            .config_last_reload_success
+            .set(unix_now());
         Ok(())
     }
 
@@ -218,7 +241,11 @@ fn build_runtime(config: Config, previous: Option<&RouteTable>, live: &Arc<LiveR
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {

@@ -40,7 +40,10 @@ fn main() -> ExitCode {
     agentkit::log::init(agentkit::log::Format::from_env());
     raise_fd_limit();
     // TOKIO_WORKER_THREADS sets the number of worker threads (default: one per core).
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("sni-proxy: cannot start the runtime: {error}");

@@ -3,7 +3,9 @@
 //! `docs/metrics.md`. Labels are bounded: listener and route names come from the config, and
 //! `reason` labels are fixed strings.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The proxy's metrics.
 #[derive(Debug, Clone)]
@@ -53,8 +55,18 @@ impl Metrics {
     /// Creates and registers every metric.
     #[allow(clippy::unwrap_used)] // constant, valid metric definitions
     pub fn new(registry: &Registry) -> Metrics {
-        let gauge = |name: &str, help: &str, labels: &[&str]| reg(registry, IntGaugeVec::new(Opts::new(name, help), labels).unwrap());
-        let counter = |name: &str, help: &str, labels: &[&str]| reg(registry, IntCounterVec::new(Opts::new(name, help), labels).unwrap());
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).unwrap(),
+            )
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                registry,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
+        };
         Metrics {
             connections_active: gauge("sni_proxy_connections_active", "Open proxied connections.", &["listener", "route"]),
             connections_total: counter("sni_proxy_connections_total", "Connections routed to a backend route.", &["listener", "route"]),
@@ -132,7 +144,9 @@ impl Metrics {
             let _ = self.connections_total.remove_label_values(&[l, route]);
         }
         for reason in CLOSE_REASONS {
-            let _ = self.connections_closed.remove_label_values(&[route, reason]);
+            let _ = self
+                .connections_closed
+                .remove_label_values(&[route, reason]);
         }
         for dir in ["upstream", "downstream"] {
             let _ = self.bytes.remove_label_values(&[route, dir]);
@@ -144,4 +158,12 @@ impl Metrics {
 }
 
 /// Every `reason` of `sni_proxy_connections_closed_total`.
-pub const CLOSE_REASONS: [&str; 7] = ["done", "idle", "lifetime", "route_changed", "shutdown", "reset", "error"];
+pub const CLOSE_REASONS: [&str; 7] = [
+    "done",
+    "idle",
+    "lifetime",
+    "route_changed",
+    "shutdown",
+    "reset",
+    "error",
+];

@@ -139,13 +139,18 @@ impl Route {
             .map(|(i, b)| (b.is_ejected(), b.active(), (i + n - start % n) % n, b))
             .collect();
         order.sort_unstable_by_key(|(e, a, r, _)| (*e, *a, *r));
-        order.into_iter().map(|(_, _, _, b)| Arc::clone(b)).collect()
+        order
+            .into_iter()
+            .map(|(_, _, _, b)| Arc::clone(b))
+            .collect()
     }
 }
 
 impl Drop for Route {
     fn drop(&mut self) {
-        let Ok(mut counts) = self.live.counts.lock() else { return };
+        let Ok(mut counts) = self.live.counts.lock() else {
+            return;
+        };
         let name = &self.config.name;
         let last = match counts.get_mut(name) {
             Some(n) if *n > 1 => {
@@ -205,7 +210,9 @@ impl Backend {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
-                let Some(backend) = weak.upgrade() else { return };
+                let Some(backend) = weak.upgrade() else {
+                    return;
+                };
                 if !backend.is_ejected() {
                     return;
                 }
@@ -229,7 +236,10 @@ pub async fn connect(addr: &BackendAddr, timeout: Duration) -> std::io::Result<T
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connect timed out",
+        )),
     }
 }
 
@@ -259,7 +269,11 @@ impl RouteTable {
     /// Builds the table for `config`, reusing unchanged routes and known backends of
     /// `previous`. Routes of `previous` that are not reused are retired (their connections
     /// then follow the route's `on_change` policy).
-    pub fn build(config: &Config, previous: Option<&RouteTable>, live: &Arc<LiveRoutes>) -> RouteTable {
+    pub fn build(
+        config: &Config,
+        previous: Option<&RouteTable>,
+        live: &Arc<LiveRoutes>,
+    ) -> RouteTable {
         let metrics = &live.metrics;
         let mut known_backends: HashMap<BackendAddr, Arc<Backend>> = HashMap::new();
         if let Some(prev) = previous {
@@ -300,7 +314,9 @@ impl RouteTable {
                         bytes_up: metrics.bytes.with_label_values(&[name, "upstream"]),
                         bytes_down: metrics.bytes.with_label_values(&[name, "downstream"]),
                         duration: metrics.connection_duration.with_label_values(&[name]),
-                        connect_failures: metrics.backend_connect_failures.with_label_values(&[name]),
+                        connect_failures: metrics
+                            .backend_connect_failures
+                            .with_label_values(&[name]),
                         ejections: metrics.backend_ejections.with_label_values(&[name]),
                     },
                     live: Arc::clone(live),
@@ -362,7 +378,11 @@ impl RouteTable {
     }
 
     /// Routes a ClientHello: by SNI, then by the PROXY destination, then `unknown_sni`.
-    pub fn route_tls(&self, sni: Option<&str>, proxy_destination: Option<SocketAddr>) -> SniMatch<'_> {
+    pub fn route_tls(
+        &self,
+        sni: Option<&str>,
+        proxy_destination: Option<SocketAddr>,
+    ) -> SniMatch<'_> {
         if let Some(r) = sni.and_then(|s| self.lookup_host(s)) {
             return SniMatch::Route(r);
         }
@@ -447,8 +467,14 @@ mod tests {
         let (t, _l) = table(&routes);
         assert_eq!(t.len(), 10_000);
         for i in (0..10_000).step_by(997) {
-            assert_eq!(name(t.lookup_host(&format!("api.s{i}.test"))), Some(format!("r{i}").as_str()));
-            assert_eq!(name(t.lookup_host(&format!("x.s{i}.example"))), Some(format!("r{i}").as_str()));
+            assert_eq!(
+                name(t.lookup_host(&format!("api.s{i}.test"))),
+                Some(format!("r{i}").as_str())
+            );
+            assert_eq!(
+                name(t.lookup_host(&format!("x.s{i}.example"))),
+                Some(format!("r{i}").as_str())
+            );
         }
     }
 
@@ -458,7 +484,10 @@ mod tests {
         assert!(matches!(t.route_tls(Some("zzz"), None), SniMatch::Route(_)));
         let (t, _l) = table("routes: [{name: a, hosts: [a.test], proxy_destinations: ['240.0.0.2:443'], backends: [1.1.1.1:1]}]\nunknown_sni: close\n");
         assert!(matches!(t.route_tls(Some("zzz"), None), SniMatch::Close));
-        assert!(matches!(t.route_tls(None, Some("240.0.0.2:443".parse().unwrap())), SniMatch::Route(_)));
+        assert!(matches!(
+            t.route_tls(None, Some("240.0.0.2:443".parse().unwrap())),
+            SniMatch::Route(_)
+        ));
         let (t, _l) = table("routes: []\n");
         assert!(matches!(t.route_tls(None, None), SniMatch::Reject));
     }
@@ -470,12 +499,18 @@ mod tests {
         );
         let text = "admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: tls}]\nroutes:\n- {name: same, hosts: [a.test], backends: [1.1.1.1:1]}\n- {name: changed, hosts: [b.test, bb.test], backends: [1.1.1.1:2]}\n";
         let t2 = RouteTable::build(&Config::from_yaml(text).unwrap(), Some(&t1), &live);
-        assert!(Arc::ptr_eq(t1.get("same").unwrap(), t2.get("same").unwrap()));
+        assert!(Arc::ptr_eq(
+            t1.get("same").unwrap(),
+            t2.get("same").unwrap()
+        ));
         assert!(!t1.get("same").unwrap().retired.is_cancelled());
         assert!(t1.get("changed").unwrap().retired.is_cancelled());
         assert!(t1.get("gone").unwrap().retired.is_cancelled());
         // The changed route keeps its backend object (load and health carry over).
-        assert!(Arc::ptr_eq(&t1.get("changed").unwrap().backends[0], &t2.get("changed").unwrap().backends[0]));
+        assert!(Arc::ptr_eq(
+            &t1.get("changed").unwrap().backends[0],
+            &t2.get("changed").unwrap().backends[0]
+        ));
         assert!(t2.get("gone").is_none());
     }
 
@@ -486,13 +521,19 @@ mod tests {
         let mut slot = r.try_acquire().unwrap();
         slot.set_backend(Arc::clone(&r.backends[0]));
         let order = r.backend_order();
-        assert_ne!(order[0].addr, r.backends[0].addr, "the busy backend is not first");
+        assert_ne!(
+            order[0].addr, r.backends[0].addr,
+            "the busy backend is not first"
+        );
         assert_eq!(order[2].addr, r.backends[0].addr);
         assert!(!r.backends[1].record_failure(2));
         assert!(r.backends[1].record_failure(2));
         assert!(!r.backends[1].record_failure(2), "ejected once");
         let order = r.backend_order();
-        assert_eq!(order[2].addr, r.backends[1].addr, "ejected backends go last");
+        assert_eq!(
+            order[2].addr, r.backends[1].addr,
+            "ejected backends go last"
+        );
         drop(slot);
         assert_eq!(r.backends[0].active(), 0);
         assert_eq!(r.active(), 0);
@@ -500,7 +541,9 @@ mod tests {
 
     #[test]
     fn route_cap() {
-        let (t, _l) = table("routes: [{name: a, hosts: [a.test], backends: [1.1.1.1:1], max_connections: 2}]\n");
+        let (t, _l) = table(
+            "routes: [{name: a, hosts: [a.test], backends: [1.1.1.1:1], max_connections: 2}]\n",
+        );
         let r = t.get("a").unwrap();
         let s1 = r.try_acquire().unwrap();
         let _s2 = r.try_acquire().unwrap();
