@@ -334,7 +334,7 @@ async fn serve(
             .inc();
     };
     let Some(_source_slot) =
-        acquire_source(shared, client_addr.ip(), config.max_connections_per_source)
+        acquire_source(shared, client_addr.ip().to_canonical(), config.max_connections_per_source)
     else {
         refuse("source_cap");
         if listener.mode == Mode::HttpConnect {
