@@ -73,7 +73,9 @@ impl AdminServer {
                 accepted = self.listener.accept() => match accepted {
                     Ok(conn) => conn,
                     Err(error) => {
+                        // EMFILE and friends: back off instead of spinning.
                         debug!(%error, "admin accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                         continue;
                     }
                 },

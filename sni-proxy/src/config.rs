@@ -514,8 +514,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
             hosts.push(host);
         }
-        if let Some(d) = &r.destination {
-            if d.trim().is_empty() {
+        // Header values are compared trimmed, so the configured value is trimmed too.
+        let destination = r.destination.as_deref().map(|d| d.trim().to_owned());
+        if let Some(d) = &destination {
+            if d.is_empty() {
                 return Err(ConfigError::invalid(f("destination"), "must not be empty"));
             }
             if let Some(other) = destinations_seen.insert(d.clone(), r.name.clone()) {
@@ -572,7 +574,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         routes.push(Route {
             name: r.name,
             hosts,
-            destination: r.destination,
+            destination,
             proxy_destinations: r.proxy_destinations,
             backends,
             send_proxy_protocol: r.send_proxy_protocol,

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-use crate::config::{Listener, Mode, OnChange, ProxyProtocolMode, SendProxyProtocol};
+use crate::config::{Keepalive, Listener, Mode, OnChange, ProxyProtocolMode, SendProxyProtocol};
 use crate::datapath::{self, Activity, DataPath, End};
 use crate::protocol::{client_hello, http_connect, proxy_protocol};
 use crate::routes::{self, Route, SniMatch};
@@ -23,6 +23,8 @@ use crate::{Runtime, Shared};
 
 /// Extra buffer room beyond the ClientHello cap: TLS record headers and a PROXY header.
 const HEAD_SLACK: usize = 8 * 1024;
+/// How long a client may keep sending after an error answer before the socket is closed.
+const LINGER_ON_ERROR: Duration = Duration::from_secs(1);
 
 /// What the client sent before the payload.
 #[derive(Debug)]
@@ -71,12 +73,28 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     shutdown: Shutdown,
 ) {
+    // The runtime as of accept serves the handshake only; routing loads it again.
     let runtime = shared.state.load_full();
-    let listener = &runtime.config.listeners[index];
+    let listener = runtime.config.listeners[index].clone();
+    let handshake_timeout = runtime.config.handshake_timeout;
+    let max_per_source = runtime.config.max_connections_per_source;
     let _ = client.set_nodelay(true);
-    set_keepalive(&client, &runtime);
+    set_keepalive(&client, &runtime.config.keepalive);
+    drop(runtime);
+
+    // Without an honoured PROXY header the source is the peer: cap it before the handshake,
+    // so one address cannot hold every slot with slow handshakes.
+    let proxied = listener.proxy_protocol != ProxyProtocolMode::Off && trusted(&listener, peer);
+    let early_slot = if proxied {
+        None
+    } else {
+        match acquire_source(&shared, peer.ip().to_canonical(), max_per_source) {
+            Some(slot) => Some(slot),
+            None => return refuse(&shared, &listener, client, "source_cap").await,
+        }
+    };
     let head = tokio::select! {
-        head = tokio::time::timeout(runtime.config.handshake_timeout, read_head(&client, listener, peer)) => match head {
+        head = tokio::time::timeout(handshake_timeout, read_head(&client, &listener, peer)) => match head {
             Ok(head) => head,
             Err(_) => Err(Failure::http("timeout", 408)),
         },
@@ -84,13 +102,39 @@ pub(crate) async fn handle(
     };
     let head = match head {
         Ok(head) => head,
-        Err(failure) => return fail(&shared, listener, client, failure).await,
+        Err(failure) => return fail(&shared, &listener, client, failure).await,
     };
-    if let Err(failure) = serve(&shared, &runtime, index, client, peer, head, &shutdown).await {
-        // `serve` consumed the client only on success paths that cannot fail; failures before
-        // that are handled inside. Nothing left to do here.
-        debug!(reason = failure.reason, "connection ended before relaying");
+    serve(&shared, index, client, peer, head, early_slot, &shutdown).await;
+}
+
+async fn refuse(shared: &Shared, listener: &Listener, mut client: TcpStream, reason: &'static str) {
+    shared
+        .metrics
+        .connections_refused
+        .with_label_values(&[&listener.name, reason])
+        .inc();
+    if listener.mode == Mode::HttpConnect {
+        let _ = respond(&mut client, 503).await;
+        linger_close(client).await;
     }
+}
+
+/// Closes after an error answer without losing it: unread client bytes would make the close
+/// a reset that can destroy the answer in flight, so read (and discard) for a short, bounded
+/// time first.
+async fn linger_close(mut client: TcpStream) {
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut budget: usize = 64 * 1024;
+    let _ = tokio::time::timeout(LINGER_ON_ERROR, async {
+        while budget > 0 {
+            match tokio::io::AsyncReadExt::read(&mut client, &mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => budget = budget.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 async fn fail(shared: &Shared, listener: &Listener, mut client: TcpStream, failure: Failure) {
@@ -103,6 +147,7 @@ async fn fail(shared: &Shared, listener: &Listener, mut client: TcpStream, failu
     if listener.mode == Mode::HttpConnect {
         if let Some(status) = failure.status {
             let _ = respond(&mut client, status).await;
+            linger_close(client).await;
         }
     }
 }
@@ -124,11 +169,7 @@ async fn respond(client: &mut TcpStream, status: u16) -> std::io::Result<()> {
     } else {
         format!("HTTP/1.1 {status} {text}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
     };
-    client.write_all(msg.as_bytes()).await?;
-    if status != 200 {
-        client.shutdown().await?;
-    }
-    Ok(())
+    client.write_all(msg.as_bytes()).await
 }
 
 fn trusted(listener: &Listener, peer: SocketAddr) -> bool {
@@ -158,7 +199,8 @@ async fn read_head(
             return Err(Failure::http("too_large", 431));
         }
         if buf.capacity() == buf.len() {
-            buf.reserve(buf.len().min(cap - buf.len()).max(1024));
+            // Grow by at most what the cap still allows, never past it.
+            buf.reserve_exact(buf.len().max(1024).min(cap - buf.len()));
         }
         loop {
             if client.readable().await.is_err() {
@@ -215,8 +257,7 @@ async fn read_head(
     }
 }
 
-fn set_keepalive(stream: &TcpStream, runtime: &Runtime) {
-    let k = &runtime.config.keepalive;
+fn set_keepalive(stream: &TcpStream, k: &Keepalive) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(k.time)
         .with_interval(k.interval)
@@ -258,116 +299,147 @@ fn acquire_source<'a>(
     Some(Some(SourceSlot { shared, ip }))
 }
 
+/// What a routed connection needs from the runtime, copied so that the connection does not
+/// keep a whole config and route table alive for its lifetime.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    connect_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    keepalive: Keepalive,
+    eject_after_failures: u32,
+    probe_interval: Duration,
+    access_log: bool,
+    data_path: DataPath,
+}
+
+/// The route for a head, from the current runtime. A route retired by a reload racing this
+/// lookup is looked up again in the new table.
+fn route(shared: &Shared, index: usize, head: &Head) -> (Routed, Settings, Listener) {
+    let mut runtime: Arc<Runtime> = shared.state.load_full();
+    for _ in 0..2 {
+        let routed = route_in(&runtime, head);
+        if let Routed::Route(r, _) = &routed {
+            if r.retired.is_cancelled() {
+                runtime = shared.state.load_full();
+                continue;
+            }
+        }
+        return finish_route(routed, &runtime, index);
+    }
+    let routed = route_in(&runtime, head);
+    finish_route(routed, &runtime, index)
+}
+
+fn finish_route(routed: Routed, runtime: &Runtime, index: usize) -> (Routed, Settings, Listener) {
+    let c = &runtime.config;
+    let settings = Settings {
+        connect_timeout: c.connect_timeout,
+        idle_timeout: c.idle_timeout,
+        keepalive: c.keepalive,
+        eject_after_failures: c.eject_after_failures,
+        probe_interval: c.probe_interval,
+        access_log: c.access_log,
+        data_path: runtime.data_paths[index],
+    };
+    (routed, settings, c.listeners[index].clone())
+}
+
+/// The outcome of routing a head.
+#[derive(Debug)]
+enum Routed {
+    /// This route; bytes from this offset of the head buffer are forwarded.
+    Route(Arc<Route>, usize),
+    /// Closed before relaying.
+    Fail(Failure),
+    /// Unknown SNI with `unknown_sni: reject`.
+    Alert,
+}
+
+fn route_in(runtime: &Runtime, head: &Head) -> Routed {
+    let proxy_addrs = head.proxy.as_ref().and_then(|h| h.addresses);
+    match &head.kind {
+        HeadKind::Tls(hello) => match runtime.table.route_tls(
+            hello.server_name.as_deref(),
+            proxy_addrs.map(|a| a.destination),
+        ) {
+            SniMatch::Route(r) => Routed::Route(Arc::clone(r), head.start),
+            SniMatch::Reject => Routed::Alert,
+            SniMatch::Close => Routed::Fail(Failure::new("unknown_sni")),
+        },
+        HeadKind::Connect(req) => match req.destination.as_deref() {
+            None => Routed::Fail(Failure::http("missing_destination", 400)),
+            Some(d) => match runtime.table.lookup_destination(d) {
+                Some(r) => Routed::Route(Arc::clone(r), head.start + req.head_len),
+                None => Routed::Fail(Failure::http("unknown_destination", 403)),
+            },
+        },
+    }
+}
+
 async fn serve(
     shared: &Shared,
-    runtime: &Runtime,
     index: usize,
     mut client: TcpStream,
     peer: SocketAddr,
     head: Head,
+    early_slot: Option<Option<SourceSlot<'_>>>,
     shutdown: &Shutdown,
-) -> Result<(), Failure> {
-    let config = &runtime.config;
-    let listener = &config.listeners[index];
+) {
     let proxy_addrs = head.proxy.as_ref().and_then(|h| h.addresses);
     let client_addr = proxy_addrs.map_or(peer, |a| a.source);
-
-    // Route.
-    let (route, sni, forward_from) = match &head.kind {
-        HeadKind::Tls(hello) => {
-            shared
-                .metrics
-                .client_hello_bytes
-                .with_label_values(&[&listener.name])
-                .observe(hello.record_bytes as f64);
-            match runtime.table.route_tls(
-                hello.server_name.as_deref(),
-                proxy_addrs.map(|a| a.destination),
-            ) {
-                SniMatch::Route(r) => (Arc::clone(r), hello.server_name.clone(), head.start),
-                SniMatch::Reject => {
-                    let _ = client
-                        .write_all(&client_hello::ALERT_UNRECOGNIZED_NAME)
-                        .await;
-                    fail(shared, listener, client, Failure::new("unknown_sni")).await;
-                    return Ok(());
-                }
-                SniMatch::Close => {
-                    fail(shared, listener, client, Failure::new("unknown_sni")).await;
-                    return Ok(());
-                }
-            }
-        }
-        HeadKind::Connect(req) => {
-            let Some(destination) = req.destination.as_deref() else {
-                fail(
-                    shared,
-                    listener,
-                    client,
-                    Failure::http("missing_destination", 400),
-                )
-                .await;
-                return Ok(());
-            };
-            match runtime.table.lookup_destination(destination) {
-                Some(r) => (Arc::clone(r), None, head.start + req.head_len),
-                None => {
-                    fail(
-                        shared,
-                        listener,
-                        client,
-                        Failure::http("unknown_destination", 403),
-                    )
-                    .await;
-                    return Ok(());
-                }
-            }
-        }
+    let sni = match &head.kind {
+        HeadKind::Tls(hello) => hello.server_name.clone(),
+        HeadKind::Connect(_) => None,
     };
-
-    // Caps.
-    let refuse = |reason: &'static str| {
+    let (routed, settings, listener) = route(shared, index, &head);
+    if let HeadKind::Tls(hello) = &head.kind {
         shared
             .metrics
-            .connections_refused
-            .with_label_values(&[&listener.name, reason])
-            .inc();
-    };
-    let Some(_source_slot) =
-        acquire_source(shared, client_addr.ip().to_canonical(), config.max_connections_per_source)
-    else {
-        refuse("source_cap");
-        if listener.mode == Mode::HttpConnect {
-            let _ = respond(&mut client, 503).await;
+            .client_hello_bytes
+            .with_label_values(&[&listener.name])
+            .observe(hello.record_bytes as f64);
+    }
+    let (route, forward_from) = match routed {
+        Routed::Route(r, from) => (r, from),
+        Routed::Alert => {
+            let _ = client
+                .write_all(&client_hello::ALERT_UNRECOGNIZED_NAME)
+                .await;
+            fail(shared, &listener, client, Failure::new("unknown_sni")).await;
+            return;
         }
-        return Ok(());
+        Routed::Fail(failure) => return fail(shared, &listener, client, failure).await,
+    };
+
+    // Caps: the source (if not taken at accept), then the route.
+    let max_per_source = shared.state.load().config.max_connections_per_source;
+    let _source_slot = match early_slot {
+        Some(slot) => slot,
+        None => match acquire_source(shared, client_addr.ip().to_canonical(), max_per_source) {
+            Some(slot) => slot,
+            None => return refuse(shared, &listener, client, "source_cap").await,
+        },
     };
     let Some(mut slot) = route.try_acquire() else {
-        refuse("route_cap");
-        if listener.mode == Mode::HttpConnect {
-            let _ = respond(&mut client, 503).await;
-        }
-        return Ok(());
+        return refuse(shared, &listener, client, "route_cap").await;
     };
 
     // Backend.
     let connected = tokio::select! {
-        c = connect_backend(&route, runtime) => c,
-        () = shutdown.forced() => return Ok(()),
+        c = connect_backend(&route, &settings, &mut slot) => c,
+        () = shutdown.forced() => return,
     };
     let Some((backend, backend_addr)) = connected else {
-        fail(
+        return fail(
             shared,
-            listener,
+            &listener,
             client,
             Failure::http("backend_unavailable", 502),
         )
         .await;
-        return Ok(());
     };
-    slot.set_backend(Arc::clone(&backend_addr));
     let _ = backend.set_nodelay(true);
-    set_keepalive(&backend, runtime);
+    set_keepalive(&backend, &settings.keepalive);
 
     // Forward what was read, PROXY header first if the route wants one.
     let mut first = Vec::new();
@@ -390,19 +462,23 @@ async fn serve(
     first.extend_from_slice(&head.buf[forward_from..]);
     drop(head);
     let mut backend = backend;
-    if !first.is_empty() && backend.write_all(&first).await.is_err() {
-        fail(
+    // The backend accepted the connection but may never read: bound the first write too.
+    let written = tokio::select! {
+        w = tokio::time::timeout(settings.connect_timeout, backend.write_all(&first)) => matches!(w, Ok(Ok(()))),
+        () = shutdown.forced() => return,
+    };
+    if !written {
+        return fail(
             shared,
-            listener,
+            &listener,
             client,
             Failure::http("backend_write", 502),
         )
         .await;
-        return Ok(());
     }
     drop(first);
     if listener.mode == Mode::HttpConnect && respond(&mut client, 200).await.is_err() {
-        return Ok(());
+        return;
     }
 
     // Relay.
@@ -416,7 +492,7 @@ async fn serve(
         .connections_active
         .with_label_values(&[&listener.name, route_name]);
     active.inc();
-    let path = runtime.data_paths[index];
+    let path = settings.data_path;
     metrics.data_path.with_label_values(&[path.as_str()]).inc();
     let started = Instant::now();
     let activity =
@@ -431,7 +507,7 @@ async fn serve(
             End::Reset => "reset",
             End::Error => "error",
         },
-        () = idle_watch(&activity, config.idle_timeout) => "idle",
+        () = idle_watch(&activity, settings.idle_timeout) => "idle",
         () = sleep_opt(lifetime) => "lifetime",
         () = retired(&route) => "route_changed",
         () = shutdown.forced() => "shutdown",
@@ -447,7 +523,7 @@ async fn serve(
     if reason == "shutdown" {
         metrics.shutdown_forced.inc();
     }
-    if config.access_log {
+    if settings.access_log {
         info!(
             target: "access",
             listener = %listener.name,
@@ -464,17 +540,19 @@ async fn serve(
         );
     }
     drop((client, backend));
-    Ok(())
 }
 
-/// Tries the route's backends in order until one connects.
+/// Tries the route's backends in order until one connects. The slot counts the backend being
+/// tried, so a burst of connections spreads over the backends instead of piling onto the one
+/// that looked least loaded.
 async fn connect_backend(
     route: &Route,
-    runtime: &Runtime,
+    settings: &Settings,
+    slot: &mut routes::Slot,
 ) -> Option<(TcpStream, Arc<routes::Backend>)> {
-    let config = &runtime.config;
     for backend in route.backend_order() {
-        match routes::connect(&backend.addr, config.connect_timeout).await {
+        slot.set_backend(Arc::clone(&backend));
+        match routes::connect(&backend.addr, settings.connect_timeout).await {
             Ok(stream) => {
                 backend.record_success();
                 return Some((stream, backend));
@@ -482,14 +560,15 @@ async fn connect_backend(
             Err(error) => {
                 route.stats.connect_failures.inc();
                 debug!(%error, backend = %backend.addr, route = %route.config.name, "backend connect failed");
-                if backend.record_failure(config.eject_after_failures) {
+                if backend.record_failure(settings.eject_after_failures) {
                     route.stats.ejections.inc();
                     info!(backend = %backend.addr, route = %route.config.name, "backend ejected after consecutive connect failures");
-                    backend.spawn_probe(config.probe_interval, config.connect_timeout);
+                    backend.spawn_probe(settings.probe_interval, settings.connect_timeout);
                 }
             }
         }
     }
+    slot.clear_backend();
     None
 }
 

@@ -48,9 +48,34 @@ impl DataPath {
 /// What `data_path: auto` picks where splice works. Chosen by the bench (see `bench/README.md`).
 pub const AUTO: DataPath = DataPath::Splice;
 
-/// Whether splice(2) between TCP sockets works here (it may be blocked by a seccomp profile).
+/// Whether splice(2) between TCP sockets works here (a seccomp profile may forbid it): one
+/// byte is spliced over a loopback connection, once per process.
 pub fn splice_supported() -> bool {
-    Pipe::new().is_ok()
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| probe_splice().is_ok())
+}
+
+fn probe_splice() -> io::Result<()> {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut a = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (b, _) = listener.accept()?;
+    a.write_all(b"x")?;
+    let pipe = Pipe::new()?;
+    b.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    // The byte is on loopback already; wait for it without blocking forever.
+    let mut tries = 0;
+    loop {
+        match splice(b.as_raw_fd(), pipe.write.as_raw_fd(), 1) {
+            Ok(1) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(_) => return Err(io::Error::other("splice moved nothing")),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// How a relay ended.
@@ -151,16 +176,17 @@ pub async fn relay(
             copy_one_way(client, backend, activity, Direction::Up),
             copy_one_way(backend, client, activity, Direction::Down)
         ),
-        DataPath::Splice => {
-            let pipes = (Pipe::new(), Pipe::new());
-            let (Ok(p1), Ok(p2)) = pipes else {
-                return End::Error;
-            };
-            tokio::try_join!(
+        DataPath::Splice => match (Pipe::new(), Pipe::new()) {
+            (Ok(p1), Ok(p2)) => tokio::try_join!(
                 splice_one_way(client, backend, &p1, activity, Direction::Up),
                 splice_one_way(backend, client, &p2, activity, Direction::Down)
-            )
-        }
+            ),
+            // Out of descriptors for pipes: this connection takes the copy path instead.
+            _ => tokio::try_join!(
+                copy_one_way(client, backend, activity, Direction::Up),
+                copy_one_way(backend, client, activity, Direction::Down)
+            ),
+        },
     };
     match result {
         Ok(_) => End::Done,
@@ -256,6 +282,9 @@ async fn copy_one_way(
             };
             write_all(to, &buf[..n]).await?;
             activity.add(direction, n);
+            // Readiness waits do not spend tokio's cooperative budget; a busy stream must
+            // still yield, or its other direction and its watchdogs would starve.
+            tokio::task::consume_budget().await;
             if n < buf.len() {
                 // Short read: the socket is most likely drained; wait for readiness again
                 // (try_read clears it on WouldBlock anyway) without holding the buffer.
@@ -364,6 +393,7 @@ async fn splice_one_way(
             }
         }
         activity.add(direction, n);
+        tokio::task::consume_budget().await;
     }
 }
 

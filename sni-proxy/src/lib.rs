@@ -87,7 +87,7 @@ impl Proxy {
             metrics.clone(),
             config.listeners.iter().map(|l| l.name.clone()).collect(),
         );
-        let runtime = build_runtime(config, None, &live);
+        let (runtime, _) = build_runtime(config, None, &live);
         metrics.routes.set(runtime.table.len() as i64);
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared {
@@ -204,9 +204,13 @@ impl Handle {
                 "cannot change on reload; restart the proxy",
             ));
         }
-        let runtime = build_runtime(config, Some(&current.table), &self.shared.live);
+        let (runtime, retired) = build_runtime(config, Some(&current.table), &self.shared.live);
         self.shared.metrics.routes.set(runtime.table.len() as i64);
         self.shared.state.store(Arc::new(runtime));
+        // Only now: a connection routed after this point can no longer pick a retired route.
+        for route in retired {
+            route.retire();
+        }
         self.shared
             .metrics
             .config_last_reload_success
@@ -226,18 +230,25 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-fn build_runtime(config: Config, previous: Option<&RouteTable>, live: &Arc<LiveRoutes>) -> Runtime {
-    let table = RouteTable::build(&config, previous, live);
+fn build_runtime(
+    config: Config,
+    previous: Option<&RouteTable>,
+    live: &Arc<LiveRoutes>,
+) -> (Runtime, Vec<Arc<routes::Route>>) {
+    let (table, retired) = RouteTable::build(&config, previous, live);
     let data_paths = config
         .listeners
         .iter()
         .map(|l| conn::resolve_data_path(l.data_path))
         .collect();
-    Runtime {
-        config,
-        table,
-        data_paths,
-    }
+    (
+        Runtime {
+            config,
+            table,
+            data_paths,
+        },
+        retired,
+    )
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {

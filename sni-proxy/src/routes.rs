@@ -25,7 +25,9 @@ pub struct Route {
     pub config: config::Route,
     /// The backends, in config order.
     pub backends: Vec<Arc<Backend>>,
-    active: AtomicUsize,
+    /// Open connections under this route's name, shared with the objects that replace it on
+    /// reload, so a route cap holds across config changes.
+    active: Arc<AtomicUsize>,
     next: AtomicUsize,
     /// Cancelled when a reload removes or changes this route.
     pub retired: CancellationToken,
@@ -58,6 +60,7 @@ pub struct Backend {
     active: AtomicUsize,
     failures: AtomicU32,
     ejected: AtomicBool,
+    probing: AtomicBool,
 }
 
 /// Counts the live `Route` objects per name, so a route's metric series are forgotten only
@@ -97,6 +100,13 @@ impl Drop for Slot {
 }
 
 impl Slot {
+    /// Stops counting the connection on its backend.
+    pub fn clear_backend(&mut self) {
+        if let Some(old) = self.backend.take() {
+            old.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Counts the connection on `backend` too.
     pub fn set_backend(&mut self, backend: Arc<Backend>) {
         backend.active.fetch_add(1, Ordering::AcqRel);
@@ -122,7 +132,15 @@ impl Route {
         })
     }
 
-    /// Open connections of this route object.
+    /// Tells this route's connections that a reload removed or changed it.
+    pub fn retire(&self) {
+        if self.active() > 0 {
+            warn!(route = %self.config.name, open = self.active(), policy = ?self.config.on_change, "route removed or changed");
+        }
+        self.retired.cancel();
+    }
+
+    /// Open connections under this route's name.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
     }
@@ -173,6 +191,7 @@ impl Backend {
             active: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
         }
     }
 
@@ -206,6 +225,10 @@ impl Backend {
     /// Probes an ejected backend every `interval` until a connect succeeds or the backend is
     /// dropped from every route.
     pub fn spawn_probe(self: &Arc<Self>, interval: Duration, timeout: Duration) {
+        // At most one probe per backend, however often it flaps.
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let weak: Weak<Backend> = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -214,11 +237,13 @@ impl Backend {
                     return;
                 };
                 if !backend.is_ejected() {
+                    backend.probing.store(false, Ordering::Release);
                     return;
                 }
                 if connect(&backend.addr, timeout).await.is_ok() {
                     info!(backend = %backend.addr, "backend answers again; back in rotation");
                     backend.record_success();
+                    backend.probing.store(false, Ordering::Release);
                     return;
                 }
             }
@@ -267,13 +292,14 @@ pub enum SniMatch<'a> {
 
 impl RouteTable {
     /// Builds the table for `config`, reusing unchanged routes and known backends of
-    /// `previous`. Routes of `previous` that are not reused are retired (their connections
-    /// then follow the route's `on_change` policy).
+    /// `previous`. Returns the routes of `previous` that were not reused: the caller retires
+    /// them ([`Route::retire`]) once the new table is in place, and their connections then
+    /// follow the route's `on_change` policy.
     pub fn build(
         config: &Config,
         previous: Option<&RouteTable>,
         live: &Arc<LiveRoutes>,
-    ) -> RouteTable {
+    ) -> (RouteTable, Vec<Arc<Route>>) {
         let metrics = &live.metrics;
         let mut known_backends: HashMap<BackendAddr, Arc<Backend>> = HashMap::new();
         if let Some(prev) = previous {
@@ -304,10 +330,14 @@ impl RouteTable {
                     *counts.entry(rc.name.clone()).or_insert(0) += 1;
                 }
                 let name = rc.name.as_str();
+                let active = previous.and_then(|p| p.by_name.get(&rc.name)).map_or_else(
+                    || Arc::new(AtomicUsize::new(0)),
+                    |old| Arc::clone(&old.active),
+                );
                 Arc::new(Route {
                     config: rc.clone(),
                     backends,
-                    active: AtomicUsize::new(0),
+                    active,
                     next: AtomicUsize::new(0),
                     retired: CancellationToken::new(),
                     stats: RouteStats {
@@ -324,14 +354,12 @@ impl RouteTable {
             });
             by_name.insert(rc.name.clone(), route);
         }
+        let mut retired = Vec::new();
         if let Some(prev) = previous {
             for (name, old) in &prev.by_name {
                 let kept = by_name.get(name).is_some_and(|new| Arc::ptr_eq(new, old));
                 if !kept {
-                    if old.active() > 0 {
-                        warn!(route = %name, open = old.active(), policy = ?old.config.on_change, "route removed or changed");
-                    }
-                    old.retired.cancel();
+                    retired.push(Arc::clone(old));
                 }
             }
         }
@@ -358,7 +386,7 @@ impl RouteTable {
             }
         }
         table.by_name = by_name;
-        table
+        (table, retired)
     }
 
     /// The route for a normalised (lowercase, no trailing dot) SNI: an exact name first, then
@@ -431,7 +459,7 @@ mod tests {
         );
         let config = Config::from_yaml(&text).unwrap();
         let live = LiveRoutes::new(Metrics::new(&prometheus::Registry::new()), vec!["l".into()]);
-        (RouteTable::build(&config, None, &live), live)
+        (RouteTable::build(&config, None, &live).0, live)
     }
 
     fn name(m: Option<&Arc<Route>>) -> Option<&str> {
@@ -498,7 +526,9 @@ mod tests {
             "routes:\n- {name: same, hosts: [a.test], backends: [1.1.1.1:1]}\n- {name: changed, hosts: [b.test], backends: [1.1.1.1:2]}\n- {name: gone, hosts: [c.test], backends: [1.1.1.1:3]}\n",
         );
         let text = "admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: tls}]\nroutes:\n- {name: same, hosts: [a.test], backends: [1.1.1.1:1]}\n- {name: changed, hosts: [b.test, bb.test], backends: [1.1.1.1:2]}\n";
-        let t2 = RouteTable::build(&Config::from_yaml(text).unwrap(), Some(&t1), &live);
+        let (t2, retired) = RouteTable::build(&Config::from_yaml(text).unwrap(), Some(&t1), &live);
+        assert_eq!(retired.len(), 2);
+        retired.iter().for_each(|r| r.retire());
         assert!(Arc::ptr_eq(
             t1.get("same").unwrap(),
             t2.get("same").unwrap()
