@@ -15,8 +15,7 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -103,8 +102,7 @@ enum Direction {
 /// up in the metrics before they end.
 #[derive(Debug)]
 pub struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+    touched: AtomicBool,
     /// Bytes client to backend.
     pub up: AtomicU64,
     /// Bytes backend to client.
@@ -116,8 +114,7 @@ impl Activity {
     /// Starts counting now.
     pub fn new() -> Self {
         Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            touched: AtomicBool::new(false),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             metrics: None,
@@ -144,14 +141,13 @@ impl Activity {
                 Direction::Down => down.inc_by(n),
             }
         }
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.touched.store(true, Ordering::Relaxed);
     }
 
-    /// Time since the last byte moved (or since the start).
-    pub fn idle_for(&self) -> std::time::Duration {
-        let last = std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+    /// Whether bytes moved since the last call (which resets it). Cheaper than a clock read
+    /// per chunk: the idle watchdog samples it.
+    pub fn take_touched(&self) -> bool {
+        self.touched.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -271,26 +267,60 @@ async fn copy_one_way(
         // Holds a buffer only while bytes flow; idle connections give it back.
         let mut buf = PooledBuf::take();
         loop {
-            let n = match from.try_read(&mut buf) {
-                Ok(0) => {
-                    shutdown_write(to);
-                    return Ok(());
-                }
-                Ok(n) => n,
+            let (n, drained) = match read_draining(from, |fd| recv(fd, &mut buf)) {
+                Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             };
+            if n == 0 {
+                shutdown_write(to);
+                return Ok(());
+            }
             write_all(to, &buf[..n]).await?;
             activity.add(direction, n);
             // Readiness waits do not spend tokio's cooperative budget; a busy stream must
             // still yield, or its other direction and its watchdogs would starve.
             tokio::task::consume_budget().await;
-            if n < buf.len() {
-                // Short read: the socket is most likely drained; wait for readiness again
-                // (try_read clears it on WouldBlock anyway) without holding the buffer.
+            if drained {
                 break;
             }
         }
+    }
+}
+
+/// Runs one read-like syscall `op` (returning bytes moved; 0 is EOF) under `from`'s read
+/// readiness. A short result means the socket was drained at that moment: it is reported to
+/// tokio as `WouldBlock`, which clears the readiness (guarded by the event's tick, so an event
+/// that arrived meanwhile is kept), saving the extra syscall that would only return EAGAIN.
+/// Returns the bytes moved and whether the readiness was cleared.
+fn read_draining(
+    from: &TcpStream,
+    mut op: impl FnMut(RawFd) -> io::Result<usize>,
+) -> io::Result<(usize, bool)> {
+    let mut moved = None;
+    let result = from.try_io(Interest::READABLE, || {
+        let n = op(from.as_raw_fd())?;
+        moved = Some(n);
+        if n > 0 && n < BUFFER_BYTES {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match (result, moved) {
+        (Ok(n), _) => Ok((n, false)),
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok((n, true)),
+        (Err(e), _) => Err(e),
+    }
+}
+
+fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length for the duration of the call.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -365,13 +395,11 @@ async fn splice_one_way(
     direction: Direction,
 ) -> io::Result<()> {
     loop {
-        // Socket → pipe. try_io clears readiness on WouldBlock so the next await really waits.
+        // Socket → pipe (the pipe is empty here, so it takes up to BUFFER_BYTES).
         let n = loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || {
-                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), BUFFER_BYTES)
-            }) {
-                Ok(n) => break n,
+            match read_draining(from, |fd| splice(fd, pipe.write.as_raw_fd(), BUFFER_BYTES)) {
+                Ok((n, _)) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
