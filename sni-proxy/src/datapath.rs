@@ -172,17 +172,10 @@ pub async fn relay(
             copy_one_way(client, backend, activity, Direction::Up),
             copy_one_way(backend, client, activity, Direction::Down)
         ),
-        DataPath::Splice => match (Pipe::new(), Pipe::new()) {
-            (Ok(p1), Ok(p2)) => tokio::try_join!(
-                splice_one_way(client, backend, &p1, activity, Direction::Up),
-                splice_one_way(backend, client, &p2, activity, Direction::Down)
-            ),
-            // Out of descriptors for pipes: this connection takes the copy path instead.
-            _ => tokio::try_join!(
-                copy_one_way(client, backend, activity, Direction::Up),
-                copy_one_way(backend, client, activity, Direction::Down)
-            ),
-        },
+        DataPath::Splice => tokio::try_join!(
+            splice_one_way(client, backend, activity, Direction::Up),
+            splice_one_way(backend, client, activity, Direction::Down)
+        ),
     };
     match result {
         Ok(_) => End::Done,
@@ -387,41 +380,89 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
+thread_local! {
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty pipe borrowed from the thread's pool while a burst of bytes moves, so an idle
+/// spliced connection holds no pipe (two descriptors, like the copy path, not six). Only
+/// pipes known to be empty go back to the pool; one dropped on an error path may hold bytes
+/// and is closed.
+struct PooledPipe(Option<Pipe>);
+
+impl PooledPipe {
+    fn take() -> io::Result<Self> {
+        match PIPES.with(|p| p.borrow_mut().pop()) {
+            Some(pipe) => Ok(PooledPipe(Some(pipe))),
+            None => Pipe::new().map(|p| PooledPipe(Some(p))),
+        }
+    }
+
+    fn fds(&self) -> (RawFd, RawFd) {
+        self.0
+            .as_ref()
+            .map_or((-1, -1), |p| (p.read.as_raw_fd(), p.write.as_raw_fd()))
+    }
+
+    /// Returns the (empty) pipe to the pool.
+    fn release(mut self) {
+        if let Some(pipe) = self.0.take() {
+            PIPES.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_PER_THREAD {
+                    p.push(pipe);
+                }
+            });
+        }
+    }
+}
+
 async fn splice_one_way(
     from: &TcpStream,
     to: &TcpStream,
-    pipe: &Pipe,
     activity: &Activity,
     direction: Direction,
 ) -> io::Result<()> {
     loop {
-        // Socket → pipe (the pipe is empty here, so it takes up to BUFFER_BYTES).
-        let n = loop {
-            from.readable().await?;
-            match read_draining(from, |fd| splice(fd, pipe.write.as_raw_fd(), BUFFER_BYTES)) {
-                Ok((n, _)) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
+        from.readable().await?;
+        let pipe = match PooledPipe::take() {
+            Ok(p) => p,
+            // Out of descriptors for a pipe: move this burst through a buffer instead.
+            Err(_) => return copy_one_way(from, to, activity, direction).await,
         };
-        if n == 0 {
-            shutdown_write(to);
-            return Ok(());
-        }
-        // Pipe → socket, until the pipe is empty.
-        let mut left = n;
-        while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
-            }) {
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+        let (pipe_read, pipe_write) = pipe.fds();
+        loop {
+            // Socket → pipe (the pipe is empty here, so it takes up to BUFFER_BYTES).
+            let (n, drained) = match read_draining(from, |fd| splice(fd, pipe_write, BUFFER_BYTES))
+            {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
+            };
+            if n == 0 {
+                pipe.release();
+                shutdown_write(to);
+                return Ok(());
+            }
+            // Pipe → socket, until the pipe is empty.
+            let mut left = n;
+            while left > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(pipe_read, to.as_raw_fd(), left)
+                }) {
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            activity.add(direction, n);
+            tokio::task::consume_budget().await;
+            if drained {
+                break;
             }
         }
-        activity.add(direction, n);
-        tokio::task::consume_budget().await;
+        pipe.release();
     }
 }
 

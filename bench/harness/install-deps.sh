@@ -1,0 +1,45 @@
+#!/bin/sh
+# Installs the Debian packages the macro benchmark (bench/harness/run.py) needs.
+# Idempotent and quiet: does nothing when every package is already installed.
+# Never starts or depends on systemd; services that the packages' postinst
+# scripts start are stopped afterwards (the harness runs its own instances on
+# random high ports).
+set -eu
+
+PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux"
+
+missing=""
+for p in $PKGS; do
+    if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
+        missing="$missing $p"
+    fi
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps.sh: missing packages:$missing (run as root, or install them yourself)" >&2
+    exit 1
+fi
+
+echo "install-deps.sh: installing$missing" >&2
+export DEBIAN_FRONTEND=noninteractive
+# policy-rc.d 101 = "do not start services from maintainer scripts".
+created_policy=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    created_policy=1
+fi
+trap 'if [ -n "$created_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi' EXIT
+
+apt-get update -qq >/dev/null
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null
+
+# In case something started anyway (no systemd here: SysV scripts or nothing).
+for svc in nginx haproxy sniproxy; do
+    if [ -x "/etc/init.d/$svc" ]; then
+        service "$svc" stop >/dev/null 2>&1 || "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+    fi
+done
+exit 0
