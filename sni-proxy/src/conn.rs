@@ -609,17 +609,17 @@ async fn retired(route: &Route) {
     }
 }
 
-/// Resolves `data_path: auto` and checks that splice works where it was asked for.
+/// Resolves `data_path: auto`, and falls back to copy where splice(2) does not work.
 pub(crate) fn resolve_data_path(choice: crate::config::DataPathChoice) -> DataPath {
     use crate::config::DataPathChoice;
-    match choice {
+    let wanted = match choice {
         DataPathChoice::Copy => DataPath::Copy,
-        DataPathChoice::Splice | DataPathChoice::Auto if datapath::splice_supported() => {
-            match choice {
-                DataPathChoice::Splice => DataPath::Splice,
-                _ => datapath::AUTO,
-            }
-        }
-        _ => DataPath::Copy,
+        DataPathChoice::Splice => DataPath::Splice,
+        DataPathChoice::Auto => datapath::AUTO,
+    };
+    if wanted == DataPath::Splice && !datapath::splice_supported() {
+        tracing::warn!("splice(2) does not work here (seccomp?); using the copy data path");
+        return DataPath::Copy;
     }
+    wanted
 }
