@@ -195,7 +195,9 @@ async fn refused(s: &mut TcpStream) -> bool {
 
 #[tokio::test]
 async fn caps_refuse_with_a_counter() {
-    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let (l, e) = (listener(""), echo.addr);
     let proxy = start(&format!(
         "{l}routes:\n- {{name: a, hosts: [a.test], backends: ['{e}'], max_connections: 2}}\n- {{name: b, hosts: [b.test], backends: ['{e}']}}\nlimits: {{max_connections_per_source: 4}}\n"
@@ -204,7 +206,9 @@ async fn caps_refuse_with_a_counter() {
     let _a1 = open(&proxy, "a.test").await;
     let _a2 = open(&proxy, "a.test").await;
     let mut a3 = TcpStream::connect(proxy.addrs[0]).await.unwrap();
-    a3.write_all(&client_hello("a.test", &[]).unwrap()).await.unwrap();
+    a3.write_all(&client_hello("a.test", &[]).unwrap())
+        .await
+        .unwrap();
     assert!(refused(&mut a3).await, "route cap");
     drop(a3);
     let _b1 = open(&proxy, "b.test").await;
@@ -212,17 +216,35 @@ async fn caps_refuse_with_a_counter() {
     // The per-source cap holds from accept on, before any byte: slow handshakes count too.
     let mut b3 = TcpStream::connect(proxy.addrs[0]).await.unwrap();
     assert!(refused(&mut b3).await, "per-source cap");
-    assert_eq!(proxy.metric("sni_proxy_connections_refused_total{listener=\"l\",reason=\"route_cap\"}").await, 1.0);
-    assert_eq!(proxy.metric("sni_proxy_connections_refused_total{listener=\"l\",reason=\"source_cap\"}").await, 1.0);
+    assert_eq!(
+        proxy
+            .metric("sni_proxy_connections_refused_total{listener=\"l\",reason=\"route_cap\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("sni_proxy_connections_refused_total{listener=\"l\",reason=\"source_cap\"}")
+            .await,
+        1.0
+    );
 
     // Global cap: 2 pending handshakes fill it; the third is refused at accept.
     let proxy = start(&format!("{l}limits: {{max_connections: 2}}\n")).await;
     let _p1 = TcpStream::connect(proxy.addrs[0]).await.unwrap();
     let _p2 = TcpStream::connect(proxy.addrs[0]).await.unwrap();
-    eventually("pending counted", || async { proxy.handle.active_connections() == 2 }).await;
+    eventually("pending counted", || async {
+        proxy.handle.active_connections() == 2
+    })
+    .await;
     let mut over = TcpStream::connect(proxy.addrs[0]).await.unwrap();
     assert!(refused(&mut over).await, "global cap");
-    assert_eq!(proxy.metric("sni_proxy_connections_refused_total{listener=\"l\",reason=\"global_cap\"}").await, 1.0);
+    assert_eq!(
+        proxy
+            .metric("sni_proxy_connections_refused_total{listener=\"l\",reason=\"global_cap\"}")
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]
