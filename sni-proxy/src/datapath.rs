@@ -242,14 +242,19 @@ impl std::ops::DerefMut for PooledBuf {
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(buf) = self.0.take() {
-            POOL.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < POOL_PER_THREAD {
-                    p.push(buf);
-                }
-            });
+            give_back(&POOL, buf);
         }
     }
+}
+
+/// Returns an item to a per-thread pool, or drops it when the pool is full.
+fn give_back<T: 'static>(pool: &'static std::thread::LocalKey<RefCell<Vec<T>>>, item: T) {
+    pool.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_PER_THREAD {
+            p.push(item);
+        }
+    });
 }
 
 async fn copy_one_way(
@@ -410,12 +415,7 @@ impl PooledPipe {
     /// Returns the (empty) pipe to the pool.
     fn release(mut self) {
         if let Some(pipe) = self.0.take() {
-            PIPES.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < POOL_PER_THREAD {
-                    p.push(pipe);
-                }
-            });
+            give_back(&PIPES, pipe);
         }
     }
 }
@@ -523,6 +523,38 @@ mod tests {
     async fn splice_relays_and_half_closes() {
         assert!(splice_supported());
         through(DataPath::Splice).await;
+    }
+
+    /// The backend finishes first (FIN towards the client) while the client keeps sending.
+    async fn backend_half_closes_first(path: DataPath) {
+        let (mut client_end, proxy_client) = pair().await;
+        let (proxy_backend, mut backend_end) = pair().await;
+        let relay = tokio::spawn(async move {
+            let a = Activity::new();
+            relay(path, &proxy_client, &proxy_backend, &a).await
+        });
+        backend_end.write_all(b"banner").await.unwrap();
+        backend_end.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client_end.read_to_end(&mut got).await.unwrap(); // FIN arrives, connection still open
+        assert_eq!(got, b"banner");
+        let data = vec![7u8; 200_000];
+        client_end.write_all(&data).await.unwrap();
+        client_end.shutdown().await.unwrap();
+        let mut upstream = Vec::new();
+        backend_end.read_to_end(&mut upstream).await.unwrap();
+        assert_eq!(upstream, data);
+        assert_eq!(relay.await.unwrap(), End::Done);
+    }
+
+    #[tokio::test]
+    async fn copy_backend_half_closes_first() {
+        backend_half_closes_first(DataPath::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_backend_half_closes_first() {
+        backend_half_closes_first(DataPath::Splice).await;
     }
 
     async fn reset_propagates(path: DataPath) {
