@@ -340,7 +340,13 @@ pub fn require_privileges(test: &str) -> bool {
         std::env::var("REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
         "{test}: needs CAP_NET_ADMIN+CAP_SYS_ADMIN and REQUIRE_PRIVILEGED=1 forbids skipping"
     );
-    eprintln!("\n*** SKIP {test}: needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN); set REQUIRE_PRIVILEGED=1 to make this a failure ***\n");
+    // Written to the stderr descriptor directly: the test harness captures `eprintln!` of
+    // passing tests, and a skip must be seen.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIP {test}: needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN); set REQUIRE_PRIVILEGED=1 to make this a failure ***\n"
+    );
     false
 }
 
