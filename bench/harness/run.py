@@ -401,22 +401,27 @@ def make_cert(tmp: Path) -> tuple[Path, Path]:
 VERSION_JSON = '{"major":"1","minor":"31","gitVersion":"v1.31.0-bench"}'
 
 
-def backend_conf(tmp: Path, port: int, cert: Path, key: Path) -> Path:
-    d = tmp / "backend"
-    d.mkdir(exist_ok=True)
-    conf = d / "nginx.conf"
-    conf.write_text(f"""
+def nginx_main(d: Path, error_log: Path) -> str:
+    """The main context every nginx here shares: one worker, many descriptors, foreground."""
+    return f"""
 user root;
 worker_processes 1;
 worker_rlimit_nofile {NOFILE};
 daemon off;
 master_process on;
 pid {d}/nginx.pid;
-error_log {tmp}/backend.error.log warn;
+error_log {error_log} warn;
 events {{
     worker_connections 131072;
     multi_accept on;
-}}
+}}"""
+
+
+def backend_conf(tmp: Path, port: int, cert: Path, key: Path) -> Path:
+    d = tmp / "backend"
+    d.mkdir(exist_ok=True)
+    conf = d / "nginx.conf"
+    conf.write_text(nginx_main(d, tmp / "backend.error.log") + f"""
 http {{
     access_log off;
     sendfile on;
@@ -494,19 +499,8 @@ def nginx_stream_conf(tmp: Path, port: int, backend: int) -> Path:
     d = tmp / "nginx-stream"
     d.mkdir(exist_ok=True)
     conf = d / "nginx.conf"
-    conf.write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-user root;
-worker_processes 1;
-worker_rlimit_nofile {NOFILE};
-daemon off;
-master_process on;
-pid {d}/nginx.pid;
-error_log {tmp}/nginx.error.log warn;
-events {{
-    worker_connections 131072;
-    multi_accept on;
-}}
+    conf.write_text("load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n"
+                    + nginx_main(d, tmp / "nginx.error.log") + f"""
 stream {{
     map $ssl_preread_server_name $sni_upstream {{
         localhost be_localhost;
