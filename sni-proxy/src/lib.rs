@@ -282,33 +282,58 @@ async fn accept_loop(shared: Arc<Shared>, index: usize, listener: TcpListener, s
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            () = shutdown.stopping() => return,
+            () = shutdown.stopping() => break,
         };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
+        match accepted {
+            Ok((stream, peer)) => admit(&shared, index, &name, stream, peer, &shutdown),
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 warn!(%error, listener = %name, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
             }
+        }
+    }
+    // Stopping. Connections the kernel has already accepted would be reset when the listening
+    // socket closes: take them from the queue and serve them like the others.
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    for _ in 0..LISTEN_BACKLOG {
+        let Ok((stream, peer)) = listener.accept() else {
+            break; // WouldBlock: the queue is empty
         };
-        let max = shared.state.load().config.max_connections;
-        if shared.active_total.fetch_add(1, Ordering::AcqRel) >= max {
-            shared.active_total.fetch_sub(1, Ordering::AcqRel);
-            shared
-                .metrics
-                .connections_refused
-                .with_label_values(&[&name, "global_cap"])
-                .inc();
-            drop(stream);
+        if stream.set_nonblocking(true).is_err() {
             continue;
         }
-        let slot = GlobalSlot(Arc::clone(&shared));
-        let (s, sd) = (Arc::clone(&shared), shutdown.clone());
-        shutdown.tracker().spawn(async move {
-            let _slot = slot;
-            conn::handle(s, index, stream, peer, sd).await;
-        });
+        if let Ok(stream) = tokio::net::TcpStream::from_std(stream) {
+            admit(&shared, index, &name, stream, peer, &shutdown);
+        }
     }
+}
+
+/// Applies the global cap and spawns the connection on the shutdown's tracker.
+fn admit(
+    shared: &Arc<Shared>,
+    index: usize,
+    name: &str,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shutdown: &Shutdown,
+) {
+    let max = shared.state.load().config.max_connections;
+    if shared.active_total.fetch_add(1, Ordering::AcqRel) >= max {
+        shared.active_total.fetch_sub(1, Ordering::AcqRel);
+        shared
+            .metrics
+            .connections_refused
+            .with_label_values(&[name, "global_cap"])
+            .inc();
+        return;
+    }
+    let slot = GlobalSlot(Arc::clone(shared));
+    let (s, sd) = (Arc::clone(shared), shutdown.clone());
+    shutdown.tracker().spawn(async move {
+        let _slot = slot;
+        conn::handle(s, index, stream, peer, sd).await;
+    });
 }

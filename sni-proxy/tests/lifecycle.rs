@@ -370,7 +370,24 @@ async fn shutdown_lets_open_connections_finish() {
     ))
     .await;
     let mut s = open(&proxy, "a.test").await;
+    // This test's runtime has one thread: the blocking connect completes in the kernel while
+    // the proxy's accept task cannot run, so the connection waits in the accept queue when
+    // shutdown begins. It must be served, not reset.
+    let queued = std::net::TcpStream::connect(proxy.addrs[0]).unwrap();
     proxy.shutdown.stop_accepting();
+    let mut queued = TcpStream::from_std({
+        queued.set_nonblocking(true).unwrap();
+        queued
+    })
+    .unwrap();
+    let hello = client_hello("a.test", &[]).unwrap();
+    queued.write_all(&hello).await.unwrap();
+    assert_eq!(
+        read_n(&mut queued, hello.len()).await,
+        hello,
+        "queued connection served"
+    );
+    drop(queued);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
         TcpStream::connect(proxy.addrs[0]).await.is_err(),
