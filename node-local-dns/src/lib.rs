@@ -1,0 +1,8 @@
+//! node-local-dns: the DNS cache that runs on every shoot node, a drop-in for
+//! k8s-dns-node-cache. This crate is being built bottom-up; today it holds the sans-IO core:
+//! [`wire`], which reads queries and turns upstream responses into cacheable wire images and
+//! back into replies, and [`cache`], the cache policy (RFC 2308 negative caching, RFC 8767
+//! serve-stale, prefetch, bounded memory) that takes `now` as an argument and never does I/O.
+
+pub mod cache;
+pub mod wire;
