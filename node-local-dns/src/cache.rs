@@ -189,6 +189,17 @@ pub enum Lookup {
     Miss,
 }
 
+/// What [`Cache::insert`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Which cache.
+    pub kind: Kind,
+    /// The stored response.
+    pub image: Arc<WireImage>,
+    /// Its TTL after the caps and floors, in seconds.
+    pub ttl: u32,
+}
+
 /// A change for the kernel mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -521,8 +532,8 @@ impl Cache {
         (now < expires + s.max_stale).then(|| (Arc::clone(&entry.image), s.ttl))
     }
 
-    /// Stores an upstream response for `key` at `now`, if the policy allows. Returns the cache
-    /// it went to, or `None` if it is not cacheable (truncated, no image, a negative answer
+    /// Stores an upstream response for `key` at `now`, if the policy allows. Returns what was
+    /// stored, or `None` if it is not cacheable (truncated, no image, a negative answer
     /// without SOA, an rcode other than NOERROR/NXDOMAIN/SERVFAIL, SERVFAIL caching off).
     pub fn insert(
         &mut self,
@@ -530,7 +541,7 @@ impl Cache {
         info: &ResponseInfo,
         image: Option<WireImage>,
         now: Instant,
-    ) -> Option<Kind> {
+    ) -> Option<Stored> {
         let ((kind, ttl), image) = match (self.classify(info), image) {
             (Some(placement), Some(image)) if !info.truncated => (placement, image),
             _ => {
@@ -568,10 +579,14 @@ impl Cache {
         }
         self.emit(Event::Inserted {
             key,
-            image,
+            image: Arc::clone(&image),
             expires,
         });
-        Some(kind)
+        Some(Stored {
+            kind,
+            image,
+            ttl: ttl.as_secs() as u32,
+        })
     }
 
     /// Where a response goes and for how long (RFC 2308 §5 for negative answers).
@@ -656,7 +671,9 @@ mod tests {
     fn store(cache: &mut Cache, q: &[u8], response: &[u8], now: Instant) -> Option<Kind> {
         let query = parse_query(q).unwrap();
         let (info, image) = parse_response(&query, response).unwrap();
-        cache.insert(Key::of(&query), &info, image, now)
+        cache
+            .insert(Key::of(&query), &info, image, now)
+            .map(|s| s.kind)
     }
 
     fn key(q: &[u8]) -> Key {
