@@ -111,30 +111,11 @@ impl Server {
             wire::render_error(&query, u16::from(wire::rcode::REFUSED), out);
             return true;
         };
-        let lookup = lock(&zone.cache).lookup(&key, Instant::now());
-        match lookup {
-            Lookup::Hit {
-                image,
-                ttl,
-                prefetch,
-                ..
-            } => {
-                if prefetch {
-                    refresh(&zone, packet, key);
-                }
+        match cached(&zone, packet, &key) {
+            Some((image, ttl)) => {
                 wire::render(&query, &image, ttl, limit, out);
             }
-            Lookup::Stale {
-                image,
-                ttl,
-                refresh: r,
-            } => {
-                if r {
-                    refresh(&zone, packet, key);
-                }
-                wire::render(&query, &image, ttl, limit, out);
-            }
-            Lookup::Miss => {
+            None => {
                 let outcome = resolve(&zone, packet, key.clone()).await;
                 deliver(&zone, &query, &key, outcome, limit, out);
             }
@@ -179,31 +160,7 @@ impl Server {
         }
         let key = Key::of(&query);
         let zone = self.zone_for(&key.as_bytes()[..query.qname().len()])?;
-        let lookup = lock(&zone.cache).lookup(&key, Instant::now());
-        let (image, ttl) = match lookup {
-            Lookup::Hit {
-                image,
-                ttl,
-                prefetch,
-                ..
-            } => {
-                if prefetch {
-                    refresh(zone, packet, key);
-                }
-                (image, ttl)
-            }
-            Lookup::Stale {
-                image,
-                ttl,
-                refresh: r,
-            } => {
-                if r {
-                    refresh(zone, packet, key);
-                }
-                (image, ttl)
-            }
-            Lookup::Miss => return None,
-        };
+        let (image, ttl) = cached(zone, packet, &key)?;
         wire::render(&query, &image, ttl, query.udp_limit(), out);
         Some(true)
     }
@@ -264,6 +221,30 @@ fn is_subdomain(name: &[u8], zone: &[u8]) -> bool {
         i += usize::from(name[i]) + 1;
     }
     false
+}
+
+/// A usable cache entry for `key` (live, or stale in immediate mode) with its TTL; starts the
+/// background refresh the cache asks for. None on a miss.
+fn cached(zone: &Arc<Zone>, packet: &[u8], key: &Key) -> Option<(Arc<WireImage>, u32)> {
+    let lookup = lock(&zone.cache).lookup(key, Instant::now());
+    let (image, ttl, refresh_now) = match lookup {
+        Lookup::Hit {
+            image,
+            ttl,
+            prefetch,
+            ..
+        } => (image, ttl, prefetch),
+        Lookup::Stale {
+            image,
+            ttl,
+            refresh,
+        } => (image, ttl, refresh),
+        Lookup::Miss => return None,
+    };
+    if refresh_now {
+        refresh(zone, packet, key.clone());
+    }
+    Some((image, ttl))
 }
 
 /// Joins (or starts) the single flight for `key`.
