@@ -7,6 +7,7 @@
 //! fallback) and [`server`] (UDP/TCP listeners, hits answered inline, single flight for misses).
 
 pub mod cache;
+pub mod config;
 pub mod forward;
 pub mod server;
 pub mod wire;
