@@ -8,6 +8,8 @@
 
 pub mod cache;
 pub mod config;
+pub mod flags;
+pub mod metrics;
 pub mod forward;
 pub mod server;
 pub mod wire;
