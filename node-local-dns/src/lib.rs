@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod config;
 pub mod flags;
+pub mod http;
 pub mod metrics;
 pub mod forward;
 pub mod server;
