@@ -13,4 +13,5 @@ pub mod http;
 pub mod metrics;
 pub mod forward;
 pub mod server;
+pub mod udp;
 pub mod wire;
