@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -103,6 +103,8 @@ struct Shared {
     /// came back.
     loop_probe: Mutex<Option<(Vec<u8>, usize)>>,
     loop_armed: AtomicBool,
+    /// Open TCP client connections.
+    tcp_open: AtomicUsize,
 }
 
 /// CoreDNS's `loop`: the probe seen this often means the query came back to us.
@@ -304,17 +306,51 @@ impl Server {
     /// Serves TCP on `listener` until the task is dropped: length-prefixed messages, answered
     /// in order, the connection closed after 10 s without a query.
     pub async fn serve_tcp(self, listener: TcpListener) {
+        self.serve_tcp_shared(Arc::new(listener)).await;
+    }
+
+    /// [`Server::serve_tcp`] on a listener the caller keeps too (to steer and drain it).
+    pub async fn serve_tcp_shared(self, listener: Arc<TcpListener>) {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             };
-            let server = self.clone();
-            tokio::spawn(async move {
-                if let Err(error) = server.tcp_connection(stream).await {
-                    debug!(%error, %peer, "dns tcp connection ended");
-                }
-            });
+            self.spawn_tcp(stream);
         }
+    }
+
+    /// Serves the connections already in `listener`'s accept queue (a leaving instance must
+    /// not reset them) and returns once it is empty.
+    pub fn drain_tcp_backlog(self, listener: &TcpListener) {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        while let std::task::Poll::Ready(Ok((stream, _))) = listener.poll_accept(&mut cx) {
+            self.spawn_tcp(stream);
+        }
+    }
+
+    fn spawn_tcp(&self, stream: TcpStream) {
+        let server = self.clone();
+        server.shared.tcp_open.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            let peer = stream.peer_addr().ok();
+            if let Err(error) = server.tcp_connection(stream).await {
+                debug!(%error, ?peer, "dns tcp connection ended");
+            }
+            server.shared.tcp_open.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// Whether TCP connections are open or upstream queries are in flight (a leaving
+    /// instance waits for them).
+    pub fn busy(&self) -> bool {
+        self.shared.tcp_open.load(Ordering::Acquire) > 0
+            || self
+                .zones
+                .load()
+                .iter()
+                .any(|z| !lock(&z.zone.inflight).is_empty())
     }
 
     async fn tcp_connection(&self, mut stream: TcpStream) -> std::io::Result<()> {
