@@ -686,6 +686,7 @@ def test_options_off() -> None:
     objs = render_objs(values)
     assert sorted(o["kind"] for o in objs) == ["ConfigMap", "DaemonSet", "Service"]
     assert pod_spec(objs)["serviceAccountName"] == "default"
+    assert "priorityClassName" not in pod_spec(render_objs({"priorityClassName": ""}))
     assert "annotations" not in daemonset(objs)["spec"]["template"]["metadata"]
     for obj in objs:
         kubernetes_validate.validate(without_marker(obj), KUBE_VERSIONS[0], strict=True)

@@ -68,8 +68,6 @@ print as 1e+06 from 1000000 up; print whole numbers as integers.
 {{- define "node-local-dns.intOrString" -}}
 {{- if kindIs "float64" . -}}
 {{- int64 . -}}
-{{- else if kindIs "int" . -}}
-{{- . -}}
 {{- else -}}
 {{- . -}}
 {{- end -}}
