@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::cache::{Cache, Key, Lookup, Policy};
-use crate::forward::Forwarder;
+use crate::forward::{self, Forwarder};
 use crate::wire::{self, Query, WireImage};
 
 /// Waiters on one in-flight key, at most; more get SERVFAIL instead of queueing forever.
@@ -293,7 +293,13 @@ async fn fetch(zone: Arc<Zone>, packet: Vec<u8>, key: Key) {
 }
 
 async fn exchange(zone: &Zone, query: &Query<'_>, key: &Key) -> Outcome {
-    let Ok((response, upstream_query)) = zone.forwarder.forward(query).await else {
+    // TODO(lead): pass the client's transport through the single flight.
+    let Ok(forward::Exchange {
+        response,
+        query: upstream_query,
+        ..
+    }) = zone.forwarder.forward(query, false).await
+    else {
         return Outcome::Failed;
     };
     let Ok(sent) = wire::parse_query(&upstream_query) else {
