@@ -451,7 +451,7 @@ impl Inner {
     async fn tcp(
         &self,
         upstream: &Upstream,
-        packet: &mut Vec<u8>,
+        packet: &mut [u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, AttemptError> {
         let mut fresh = false;
