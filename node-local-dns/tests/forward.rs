@@ -262,7 +262,10 @@ async fn a_connection_closed_mid_flight_fails_its_queries_over_to_a_fresh_one() 
         ..Options::answering()
     })
     .await;
-    let fwd = Arc::new(Forwarder::new(&config(vec![up.addr])));
+    let fwd = Arc::new(Forwarder::new(&Forward {
+        attempt_timeout: Duration::from_secs(2),
+        ..config(vec![up.addr])
+    }));
     let start = Instant::now();
     let tasks: Vec<_> = (0..10u8)
         .map(|i| {
@@ -275,7 +278,7 @@ async fn a_connection_closed_mid_flight_fails_its_queries_over_to_a_fresh_one() 
         assert!(response.windows(4).any(|w| w == [10, 0, 0, i as u8]));
     }
     assert!(
-        start.elapsed() < Duration::from_millis(300),
+        start.elapsed() < Duration::from_secs(1),
         "failed fast, not after the attempt timeout: {:?}",
         start.elapsed()
     );
@@ -326,17 +329,16 @@ async fn a_dead_upstream_is_failed_over_marked_down_and_revived_by_the_health_ch
     let dead = upstream(Options::answering()).await;
     dead.alive.store(false, Ordering::SeqCst);
     let good = upstream(Options::answering()).await;
+    let attempt_timeout = Duration::from_millis(600);
     let fwd = Forwarder::new(&Forward {
         policy: Policy::Sequential,
+        attempt_timeout,
         ..config(vec![dead.addr, good.addr])
     });
     let start = Instant::now();
     let (from, _) = ask(&fwd, "a.s1.test", false).await.unwrap();
     assert_eq!(from, good.addr);
-    assert!(
-        start.elapsed() >= Duration::from_millis(300),
-        "waited for the first"
-    );
+    assert!(start.elapsed() >= attempt_timeout, "waited for the first");
     // Probes fail too; the upstream goes down.
     assert!(eventually(Duration::from_secs(3), || !fwd.stats().upstreams[0].healthy).await);
     assert!(fwd.stats().upstreams[0].healthcheck_failures >= 1);
@@ -345,7 +347,7 @@ async fn a_dead_upstream_is_failed_over_marked_down_and_revived_by_the_health_ch
     let (from, _) = ask(&fwd, "b.s1.test", false).await.unwrap();
     assert_eq!(from, good.addr);
     assert!(
-        start.elapsed() < Duration::from_millis(250),
+        start.elapsed() < attempt_timeout,
         "no timeout: {:?}",
         start.elapsed()
     );
@@ -469,7 +471,10 @@ async fn max_concurrent_rejects_at_once_and_is_no_health_failure() {
         ask(&fwd, "third.test", false).await,
         Err(ForwardError::Overloaded)
     ));
-    assert!(start.elapsed() < Duration::from_millis(100));
+    assert!(
+        start.elapsed() < Duration::from_millis(300),
+        "not after the slow ones"
+    );
     for task in slow {
         task.await.unwrap().unwrap();
     }
