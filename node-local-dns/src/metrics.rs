@@ -65,6 +65,18 @@ const RCODES: &[&str] = &[
     "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED",
 ];
 
+/// The name of a response code as CoreDNS's labels spell it.
+pub fn rcode_name(rcode: u8) -> &'static str {
+    const MORE: &[&str] = &[
+        "YXDOMAIN", "YXRRSET", "NXRRSET", "NOTAUTH", "NOTZONE", "RCODE11", "RCODE12", "RCODE13",
+        "RCODE14", "RCODE15",
+    ];
+    match RCODES.get(usize::from(rcode)) {
+        Some(name) => name,
+        None => MORE.get(usize::from(rcode) - RCODES.len()).unwrap_or(&"RCODE"),
+    }
+}
+
 /// Which part of the agent wrote a response (CoreDNS's `plugin` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Plugin {

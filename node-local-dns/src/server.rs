@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::cache::{Cache, Key, Kind, Lookup, Policy};
-use crate::forward::Forwarder;
+use crate::forward::{self, ForwardError, Forwarder};
 use crate::metrics::{CacheOutcome, Metrics, Plugin, ZoneMetrics};
 use crate::wire::{self, Query, WireImage};
 
@@ -32,6 +32,8 @@ pub struct Zone {
     cache: Arc<Mutex<Cache>>,
     forwarder: Forwarder,
     inflight: Mutex<HashMap<Key, Vec<oneshot::Sender<Outcome>>>>,
+    /// Where upstream exchanges are counted.
+    metrics: Option<Metrics>,
 }
 
 /// The result of one upstream exchange, shared by every waiter of the single flight.
@@ -63,7 +65,14 @@ impl Zone {
             cache,
             forwarder,
             inflight: Mutex::new(HashMap::new()),
+            metrics: None,
         }
+    }
+
+    /// Counts this zone's upstream exchanges in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The cache (for metrics, reloads and the kernel mirror).
@@ -539,8 +548,26 @@ async fn fetch(zone: Arc<Zone>, packet: Vec<u8>, key: Key, client_tcp: bool) {
 }
 
 async fn exchange(zone: &Zone, query: &Query<'_>, key: &Key, client_tcp: bool) -> Outcome {
-    let _ = client_tcp;
-    let Ok((response, upstream_query)) = zone.forwarder.forward(query).await else {
+    let exchange = match zone.forwarder.forward(query, client_tcp).await {
+        Ok(exchange) => exchange,
+        Err(ForwardError::Overloaded) => {
+            if let Some(m) = &zone.metrics {
+                m.overloaded.inc();
+            }
+            return Outcome::Overloaded;
+        }
+        Err(ForwardError::NoAnswer) => return Outcome::Failed,
+    };
+    let forward::Exchange {
+        response,
+        query: upstream_query,
+        upstream,
+        elapsed,
+    } = exchange;
+    if let Some(m) = &zone.metrics {
+        let rcode = response.get(3).map_or(0, |b| b & 0x0F);
+        m.upstream(&upstream.to_string(), crate::metrics::rcode_name(rcode), elapsed);
+    }
         return Outcome::Failed;
     };
     let Ok(sent) = wire::parse_query(&upstream_query) else {
