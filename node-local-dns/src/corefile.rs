@@ -18,7 +18,6 @@
 //! an error rather than silently ignored, so a Corefile that relies on, say, `rewrite` fails
 //! loudly at start-up and on reload. Every error names the file, the line and the directive.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;

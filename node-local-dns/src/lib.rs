@@ -8,6 +8,8 @@
 
 pub mod cache;
 pub mod config;
+pub mod corefile;
 pub mod forward;
 pub mod server;
+pub mod template;
 pub mod wire;
