@@ -54,6 +54,9 @@ pub const DEFAULT_SERVE_STALE: Duration = Duration::from_secs(3600);
 pub const MAX_SERVFAIL_TTL: Duration = Duration::from_secs(300);
 /// `import` nesting deeper than this is refused (a cycle is reported before that).
 pub const MAX_IMPORT_DEPTH: usize = 32;
+/// A Corefile whose imports expand to more tokens than this is refused (snippets importing
+/// snippets twice each grow exponentially).
+pub const MAX_EXPANDED_TOKENS: usize = 50_000;
 /// `{` nesting deeper than this is refused (no supported plugin needs more than 2).
 pub const MAX_BLOCK_DEPTH: usize = 8;
 
@@ -130,7 +133,7 @@ pub fn parse_with_env(
     let mut expander = Expander {
         env,
         snippets: Vec::new(),
-        stack: vec![canonical(&file)],
+        stack: vec![canonical(&file).display().to_string()],
     };
     let tokens = expander.expand(tokens, 0)?;
     let mut cursor = Cursor {
@@ -315,7 +318,7 @@ struct Expander<'e> {
     snippets: Vec<(String, Vec<Token>)>,
     /// Files and snippets being imported, outermost first (canonical paths; snippets as
     /// `(name)`).
-    stack: Vec<PathBuf>,
+    stack: Vec<String>,
 }
 
 impl Expander<'_> {
@@ -363,6 +366,13 @@ impl Expander<'_> {
                     ));
                 }
                 let imported = self.import(token, &args[0].text, depth)?;
+                if out.len() + imported.len() > MAX_EXPANDED_TOKENS {
+                    return Err(directive_error(
+                        token,
+                        "import",
+                        format!("imports expand to more than {MAX_EXPANDED_TOKENS} tokens"),
+                    ));
+                }
                 out.extend(imported);
                 i = j;
                 continue;
@@ -397,8 +407,7 @@ impl Expander<'_> {
             .find(|(name, _)| name == pattern)
             .cloned()
         {
-            let key = PathBuf::from(format!("({name})"));
-            return self.nested(at, key, body, depth);
+            return self.nested(at, format!("({name})"), body, depth);
         }
         let base = at.file.parent().unwrap_or(Path::new(""));
         let full = if Path::new(pattern).is_absolute() {
@@ -422,7 +431,8 @@ impl Expander<'_> {
             let text = read(&path)?;
             let file = Rc::new(path.clone());
             let tokens = lex(&text, &file, self.env)?;
-            out.extend(self.nested(at, canonical(&path), tokens, depth)?);
+            let key = canonical(&path).display().to_string();
+            out.extend(self.nested(at, key, tokens, depth)?);
         }
         Ok(out)
     }
@@ -430,16 +440,13 @@ impl Expander<'_> {
     fn nested(
         &mut self,
         at: &Token,
-        key: PathBuf,
+        key: String,
         tokens: Vec<Token>,
         depth: usize,
     ) -> Result<Vec<Token>, CorefileError> {
         if let Some(first) = self.stack.iter().position(|p| *p == key) {
-            let mut chain: Vec<String> = self.stack[first..]
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect();
-            chain.push(key.display().to_string());
+            let mut chain: Vec<String> = self.stack[first..].to_vec();
+            chain.push(key);
             return Err(CorefileError::ImportCycle {
                 location: at.location(),
                 chain: chain.join(" -> "),
@@ -1916,6 +1923,18 @@ mod tests {
             block.cache.unwrap().success.max_ttl,
             Duration::from_secs(30)
         );
+        let bomb = "(a) {\n log\n}\n".to_owned()
+            + &(b'b'..=b'z')
+                .map(|c| {
+                    let prev = c - 1;
+                    format!(
+                        "({}) {{\n import {}\n import {}\n}}\n",
+                        c as char, prev as char, prev as char
+                    )
+                })
+                .collect::<String>()
+            + ".:53 {\n import z\n}";
+        assert!(err(&bomb).contains("more than"));
         let e = err("(a) {\n import a\n}\n.:53 {\n import a\n}");
         assert!(e.contains("import cycle"), "{e}");
         assert!(err(".:53 {\n import\n}").contains("want one file pattern"));
