@@ -3,7 +3,7 @@
 //! argument rules.
 //!
 //! Three passes, each simple on its own:
-//! 1. [`lex`]: whitespace-separated tokens with their file and line; `"…"` quotes (`\"` inside),
+//! 1. `lex`: whitespace-separated tokens with their file and line; `"…"` quotes (`\"` inside),
 //!    `#` comments, and `{`/`}` as tokens of their own. `;` is *not* special, as in CoreDNS.
 //!    `{$VAR}` and `{%VAR%}` inside a token are replaced by the environment variable.
 //! 2. `expand`: `import PATTERN` (a glob relative to the importing file's directory, or the
@@ -1109,22 +1109,22 @@ fn parse_cache(item: &Item<'_>, block_zones: &[String]) -> Result<cache::Policy,
     let mut policy = cache::Policy::default();
     let mut args = item.arg_texts();
     if let Some(first) = args.first() {
-        if first.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
-            let ttl = parse_seconds(item, first, "TTL")?;
-            if ttl == 0 {
-                return Err(item.error("TTL can not be zero"));
+        // As in CoreDNS: a first argument that is an integer is the TTL, anything else a zone.
+        if let Ok(ttl) = first.parse::<i64>() {
+            if ttl <= 0 {
+                return Err(item.error(format!("TTL {ttl} can not be zero or negative")));
             }
-            policy.success.max_ttl = Duration::from_secs(ttl);
-            policy.denial.max_ttl = Duration::from_secs(ttl);
+            let ttl = Duration::from_secs(ttl.unsigned_abs());
+            policy.success.max_ttl = ttl;
+            policy.denial.max_ttl = ttl;
             args.remove(0);
         }
     }
-    for zone in &args {
-        let zone = normalize_zone(zone).map_err(|m| item.error(m))?;
+    for text in &args {
+        let zone = normalize_zone(text).map_err(|m| item.error(m))?;
         if let Some(uncovered) = block_zones.iter().find(|z| !zone_within(z, &zone)) {
             return Err(item.error(format!(
-                "caching only part of the block (zone {zone}, block zone {uncovered}) is not supported"
-            )));
+                "{text:?} is neither a TTL in seconds nor a zone covering the block's {uncovered} (caching part of a block is not supported)"            )));
         }
     }
     for option in item.block_items() {
@@ -1689,16 +1689,16 @@ mod tests {
         assert_eq!(policy.serve_stale.unwrap().mode, StaleMode::Immediate);
         // Zones that cover the block are fine; narrower ones are not representable.
         one("cluster.local:53 {\n cache 30 cluster.local .\n}");
-        assert!(
-            err("cluster.local:53 {\n cache 30 svc.cluster.local\n}").contains("part of the block")
-        );
+        assert!(err("cluster.local:53 {\n cache 30 svc.cluster.local\n}")
+            .contains("caching part of a block"));
     }
 
     #[test]
     fn cache_errors() {
         for (text, want) in [
-            ("cache 0", "zero"),
-            ("cache 3x", "not a number"),
+            ("cache 0", "zero or negative"),
+            ("cache -5", "zero or negative"),
+            ("cache 3x", "neither a TTL"),
             ("cache {\n success\n}", "CAPACITY"),
             ("cache {\n success abc\n}", "capacity \"abc\""),
             ("cache {\n success 0\n}", "at least 1"),

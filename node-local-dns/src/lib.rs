@@ -5,6 +5,8 @@
 //! serve-stale, prefetch, bounded memory) that takes `now` as an argument and never does I/O.
 //! On top: [`forward`] (upstream queries with random IDs and ports, response validation, TCP
 //! fallback) and [`server`] (UDP/TCP listeners, hits answered inline, single flight for misses).
+//! Configuration: [`template`] renders node-cache's `__PILLAR__` Corefile template and
+//! [`corefile`] parses Corefile text into the typed [`config`] model.
 
 pub mod cache;
 pub mod config;

@@ -66,18 +66,19 @@ fn cache_30() -> cache::Policy {
 }
 
 fn cluster_cache() -> cache::Policy {
-    let mut policy = cache::Policy::default();
-    policy.success = Limits {
-        capacity: 9984,
-        max_ttl: Duration::from_secs(30),
-        min_ttl: cache::DEFAULT_MIN_TTL,
-    };
-    policy.denial = Limits {
-        capacity: 9984,
-        max_ttl: Duration::from_secs(5),
-        min_ttl: cache::DEFAULT_MIN_TTL,
-    };
-    policy
+    cache::Policy {
+        success: Limits {
+            capacity: 9984,
+            max_ttl: Duration::from_secs(30),
+            min_ttl: cache::DEFAULT_MIN_TTL,
+        },
+        denial: Limits {
+            capacity: 9984,
+            max_ttl: Duration::from_secs(5),
+            min_ttl: cache::DEFAULT_MIN_TTL,
+        },
+        ..cache::Policy::default()
+    }
 }
 
 fn zones(config: &Config) -> Vec<&str> {
@@ -326,7 +327,10 @@ fn error_bad_forward_address() {
 fn error_bad_cache_number() {
     let e = error_of(".:53 {\n    cache thirty\n}\n");
     // `thirty` is not a TTL, so CoreDNS reads it as a zone, which here is narrower than `.`.
-    assert!(e.starts_with("Corefile:2: cache: "), "{e}");
+    assert!(
+        e.starts_with("Corefile:2: cache: \"thirty\" is neither a TTL"),
+        "{e}"
+    );
     let e = error_of(".:53 {\n    cache {\n        success 9984x 30\n    }\n}\n");
     assert_eq!(
         e,
@@ -335,7 +339,7 @@ fn error_bad_cache_number() {
     let e = error_of(".:53 {\n    cache 3O\n}\n");
     assert_eq!(
         e,
-        "Corefile:2: cache: TTL \"3O\" is not a number of seconds"
+        "Corefile:2: cache: \"3O\" is neither a TTL in seconds nor a zone covering the block's . (caching part of a block is not supported)"
     );
 }
 
