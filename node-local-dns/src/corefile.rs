@@ -40,7 +40,7 @@ pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_RELOAD_JITTER: Duration = Duration::from_secs(15);
 /// `reload`: the smallest interval CoreDNS accepts.
 pub const MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
-/// `reload`: the smallest jitter CoreDNS accepts.
+/// `reload`: the smallest jitter CoreDNS accepts, other than zero (no jitter).
 pub const MIN_RELOAD_JITTER: Duration = Duration::from_secs(1);
 /// `cache { prefetch AMOUNT }` default window (CoreDNS: 1 minute).
 pub const DEFAULT_PREFETCH_WINDOW: Duration = Duration::from_secs(60);
@@ -1088,7 +1088,8 @@ fn parse_reload(item: &Item<'_>) -> Result<Reload, CorefileError> {
     }
     if let Some(text) = args.get(1) {
         jitter = parse_go_duration(text).map_err(|m| item.error(m))?;
-        if jitter < MIN_RELOAD_JITTER {
+        // Zero turns jitter off; otherwise CoreDNS wants at least a second.
+        if jitter != Duration::ZERO && jitter < MIN_RELOAD_JITTER {
             return Err(item.error(format!(
                 "jitter {text} is below the minimum of {}s",
                 MIN_RELOAD_JITTER.as_secs()
@@ -1850,6 +1851,14 @@ mod tests {
                 jitter: DEFAULT_RELOAD_JITTER
             })
         );
+        assert_eq!(
+            one(".:53 {\n reload 2s 0\n}").reload.unwrap().jitter,
+            Duration::ZERO
+        );
+        assert_eq!(
+            one(".:53 {\n reload 10s\n}").reload.unwrap().jitter,
+            Duration::from_secs(5)
+        );
         let block = one(".:53 {\n prometheus localhost:9153\n reload 4s 10s\n}");
         assert_eq!(block.prometheus, Some(DEFAULT_PROMETHEUS_ADDR));
         assert_eq!(block.reload.unwrap().jitter, Duration::from_secs(2));
@@ -1868,7 +1877,7 @@ mod tests {
             ("health 1.2.3.4:x", "not a listen address"),
             ("health :8080 {\n lameduck\n}", "one duration"),
             ("reload 1s", "minimum"),
-            ("reload 10s 0s", "minimum"),
+            ("reload 10s 500ms", "minimum"),
             ("reload 10", "missing a unit"),
             ("loop now", "no arguments"),
             ("errors {\n bogus\n}", "unknown option"),
