@@ -232,14 +232,10 @@ fn set(flags: &mut Flags, name: &str, value: &str) -> Result<(), FlagError> {
         }
         "syncinterval" => flags.sync_interval = parse_interval(value).map_err(|r| invalid(&r))?,
         "health-port" => {
-            flags.health_port = value
-                .parse()
-                .map_err(|_| invalid("not a port number"))?;
+            flags.health_port = value.parse().map_err(|_| invalid("not a port number"))?;
         }
         "dns.port" => {
-            flags.dns_port = value
-                .parse()
-                .map_err(|_| invalid("not a port number"))?;
+            flags.dns_port = value.parse().map_err(|_| invalid("not a port number"))?;
         }
         "metrics-listen-address" => {
             flags.metrics_listen = parse_listen(value).map_err(|r| invalid(&r))?;
@@ -363,7 +359,10 @@ mod tests {
             ]
         );
         assert_eq!(f.upstream_service, "kube-dns-upstream");
-        assert_eq!(f.pidfile.as_deref(), Some(std::path::Path::new("/tmp/node-cache.pid")));
+        assert_eq!(
+            f.pidfile.as_deref(),
+            Some(std::path::Path::new("/tmp/node-cache.pid"))
+        );
         assert!(f.setup_interface && f.setup_iptables && !f.skip_teardown);
         assert_eq!(f.base_corefile, PathBuf::from(DEFAULT_BASE_COREFILE));
     }
@@ -445,9 +444,18 @@ mod tests {
 
     #[test]
     fn go_durations() {
-        assert_eq!(parse_go_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_go_duration("1h2m3s").unwrap(), Duration::from_secs(3723));
-        assert_eq!(parse_go_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_go_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse_go_duration("1h2m3s").unwrap(),
+            Duration::from_secs(3723)
+        );
+        assert_eq!(
+            parse_go_duration("1.5s").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert!(parse_go_duration("5").is_err());
         assert!(parse_go_duration("5x").is_err());
         assert!(parse_go_duration("").is_err());

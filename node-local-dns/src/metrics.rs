@@ -73,7 +73,9 @@ pub fn rcode_name(rcode: u8) -> &'static str {
     ];
     match RCODES.get(usize::from(rcode)) {
         Some(name) => name,
-        None => MORE.get(usize::from(rcode) - RCODES.len()).unwrap_or(&"RCODE"),
+        None => MORE
+            .get(usize::from(rcode) - RCODES.len())
+            .unwrap_or(&"RCODE"),
     }
 }
 
@@ -119,8 +121,6 @@ pub struct Metrics {
     cache_evictions: IntCounterVec,
     proxy_duration: HistogramVec,
     proxy_healthcheck_failures: IntCounterVec,
-    proxy_conn_cache_hits: IntCounterVec,
-    proxy_conn_cache_misses: IntCounterVec,
     healthcheck_broken: IntCounter,
     max_concurrent_rejects: IntCounter,
     /// Misses that joined an upstream query already in flight (single flight).
@@ -283,18 +283,6 @@ impl Metrics {
                 "Counter of the number of failed healthchecks.",
                 &["proxy_name", "to"],
             )?,
-            proxy_conn_cache_hits: counter_vec(
-                registry,
-                "coredns_proxy_conn_cache_hits_total",
-                "Counter of connection cache hits per upstream and protocol.",
-                &["proxy_name", "to", "proto"],
-            )?,
-            proxy_conn_cache_misses: counter_vec(
-                registry,
-                "coredns_proxy_conn_cache_misses_total",
-                "Counter of connection cache misses per upstream and protocol.",
-                &["proxy_name", "to", "proto"],
-            )?,
             healthcheck_broken: counter(
                 registry,
                 "coredns_forward_healthcheck_broken_total",
@@ -417,33 +405,22 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Sets the forwarder-wide counters from the forwarders' own totals (called at scrape).
+    /// Sets the forward counters from the forwarders' own running totals (at scrape time):
+    /// health-check failures per upstream address, and the forwarder-wide totals.
     pub fn set_forward_totals(
         &self,
         healthcheck_broken: u64,
         max_concurrent_rejects: u64,
-        per_upstream: &[(String, u64, u64, u64)],
+        healthcheck_failures: &[(String, u64)],
     ) {
         set_counter(&self.healthcheck_broken, healthcheck_broken);
         set_counter(&self.max_concurrent_rejects, max_concurrent_rejects);
-        for (to, failures, conn_hits, conn_misses) in per_upstream {
+        for (to, failures) in healthcheck_failures {
             set_counter(
                 &self
                     .proxy_healthcheck_failures
                     .with_label_values(&["forward", to]),
                 *failures,
-            );
-            set_counter(
-                &self
-                    .proxy_conn_cache_hits
-                    .with_label_values(&["forward", to, "tcp"]),
-                *conn_hits,
-            );
-            set_counter(
-                &self
-                    .proxy_conn_cache_misses
-                    .with_label_values(&["forward", to, "tcp"]),
-                *conn_misses,
             );
         }
     }
@@ -545,7 +522,7 @@ impl ZoneMetrics {
                     &self.server,
                     &self.zone,
                     "",
-                    &rcode.to_string(),
+                    rcode_name(rcode),
                     plugin.label(),
                 ])
                 .inc(),
@@ -620,15 +597,29 @@ mod tests {
         zone.request(true, true, 99, 0, true);
         zone.cache(CacheOutcome::Hit { denial: true });
         zone.cache(CacheOutcome::Miss);
-        zone.response(false, rtype::A, 3, Plugin::Cache, 80, Duration::from_micros(50));
-        zone.response(false, rtype::A, 9, Plugin::Forward, 80, Duration::from_micros(50));
+        zone.response(
+            false,
+            rtype::A,
+            3,
+            Plugin::Cache,
+            80,
+            Duration::from_micros(50),
+        );
+        zone.response(
+            false,
+            rtype::A,
+            9,
+            Plugin::Forward,
+            80,
+            Duration::from_micros(50),
+        );
         zone.set_entries(7, 2);
         let t = text(&registry);
         for line in [
             r#"coredns_dns_requests_total{family="1",proto="udp",server="dns://169.254.20.10:53",type="A",view="",zone="cluster.local."} 1"#,
             r#"coredns_dns_requests_total{family="2",proto="tcp",server="dns://169.254.20.10:53",type="other",view="",zone="cluster.local."} 1"#,
             r#"coredns_dns_responses_total{plugin="cache",rcode="NXDOMAIN",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 1"#,
-            r#"coredns_dns_responses_total{plugin="forward",rcode="9",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 1"#,
+            r#"coredns_dns_responses_total{plugin="forward",rcode="NOTAUTH",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 1"#,
             r#"coredns_cache_hits_total{server="dns://169.254.20.10:53",type="denial",view="",zones="cluster.local."} 1"#,
             r#"coredns_cache_misses_total{server="dns://169.254.20.10:53",view="",zones="cluster.local."} 1"#,
             r#"coredns_cache_entries{server="dns://169.254.20.10:53",type="success",view="",zones="cluster.local."} 7"#,

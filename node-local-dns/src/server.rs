@@ -292,8 +292,7 @@ impl Server {
         let Some(served) = zone_for(&zones, &key.as_bytes()[..query.qname().len()]) else {
             return false;
         };
-        let Some((image, ttl)) = cached(&served.zone, packet, &key, served.metrics.as_ref())
-        else {
+        let Some((image, ttl)) = cached(&served.zone, packet, &key, served.metrics.as_ref()) else {
             return false;
         };
         wire::render(&query, &image, ttl, query.udp_limit(), out);
@@ -307,7 +306,14 @@ impl Server {
                 edns.is_some_and(|e| e.dnssec_ok),
             );
             let rcode = out.get(3).map_or(0, |b| b & 0x0F);
-            m.response(false, query.qtype, rcode, Plugin::Cache, out.len(), start.elapsed());
+            m.response(
+                false,
+                query.qtype,
+                rcode,
+                Plugin::Cache,
+                out.len(),
+                start.elapsed(),
+            );
         }
         true
     }
@@ -566,10 +572,12 @@ async fn exchange(zone: &Zone, query: &Query<'_>, key: &Key, client_tcp: bool) -
     } = exchange;
     if let Some(m) = &zone.metrics {
         let rcode = response.get(3).map_or(0, |b| b & 0x0F);
-        m.upstream(&upstream.to_string(), crate::metrics::rcode_name(rcode), elapsed);
+        m.upstream(
+            &upstream.to_string(),
+            crate::metrics::rcode_name(rcode),
+            elapsed,
+        );
     }
-        return Outcome::Failed;
-    };
     let Ok(sent) = wire::parse_query(&upstream_query) else {
         return Outcome::Failed;
     };

@@ -73,7 +73,12 @@ pub fn spawn(
         .spawn(move || worker(&socket, &server, &runtime, &control))
 }
 
-fn worker(socket: &Arc<Socket>, server: &Server, runtime: &tokio::runtime::Handle, control: &Control) {
+fn worker(
+    socket: &Arc<Socket>,
+    server: &Server,
+    runtime: &tokio::runtime::Handle,
+    control: &Control,
+) {
     let mut batch = Batch::new();
     let mut out = Vec::with_capacity(usize::from(wire::OUR_UDP_SIZE));
     loop {
@@ -82,7 +87,12 @@ fn worker(socket: &Arc<Socket>, server: &Server, runtime: &tokio::runtime::Handl
         }
         let received = match batch.receive(socket) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 if control.drain.load(Ordering::Acquire) {
                     return; // steered away and the queue is empty
                 }
@@ -138,7 +148,9 @@ impl Batch {
             // SAFETY: sockaddr_storage is plain old data; all zeroes is a valid value.
             addrs: vec![unsafe { MaybeUninit::zeroed().assume_init() }; BATCH],
             addr_lens: [0; BATCH],
-            replies: vec![Vec::with_capacity(usize::from(wire::OUR_UDP_SIZE)); BATCH],
+            replies: (0..BATCH)
+                .map(|_| Vec::with_capacity(usize::from(wire::OUR_UDP_SIZE)))
+                .collect(),
             reply_to: [0; BATCH],
         }
     }

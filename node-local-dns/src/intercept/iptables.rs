@@ -88,35 +88,155 @@ pub fn rules_for(ip: IpAddr, dns_port: u16, health_port: u16) -> Vec<Rule> {
     let health = health_port.to_string();
     // (table, chain, proto, address flag, port flag, port, target, comment)
     let table: [(&str, &str, &str, &str, &str, &str, &str, &str); 12] = [
-        ("raw", "PREROUTING", "tcp", "-d", "--dport", &dns, "NOTRACK", COMMENT_SKIP_CONNTRACK),
-        ("raw", "PREROUTING", "udp", "-d", "--dport", &dns, "NOTRACK", COMMENT_SKIP_CONNTRACK),
-        ("filter", "INPUT", "tcp", "-d", "--dport", &dns, "ACCEPT", COMMENT_ALLOW_TRAFFIC),
-        ("filter", "INPUT", "udp", "-d", "--dport", &dns, "ACCEPT", COMMENT_ALLOW_TRAFFIC),
-        ("raw", "OUTPUT", "tcp", "-s", "--sport", &dns, "NOTRACK", COMMENT_SKIP_CONNTRACK),
-        ("raw", "OUTPUT", "udp", "-s", "--sport", &dns, "NOTRACK", COMMENT_SKIP_CONNTRACK),
-        ("filter", "OUTPUT", "tcp", "-s", "--sport", &dns, "ACCEPT", COMMENT_ALLOW_TRAFFIC),
-        ("filter", "OUTPUT", "udp", "-s", "--sport", &dns, "ACCEPT", COMMENT_ALLOW_TRAFFIC),
+        (
+            "raw",
+            "PREROUTING",
+            "tcp",
+            "-d",
+            "--dport",
+            &dns,
+            "NOTRACK",
+            COMMENT_SKIP_CONNTRACK,
+        ),
+        (
+            "raw",
+            "PREROUTING",
+            "udp",
+            "-d",
+            "--dport",
+            &dns,
+            "NOTRACK",
+            COMMENT_SKIP_CONNTRACK,
+        ),
+        (
+            "filter",
+            "INPUT",
+            "tcp",
+            "-d",
+            "--dport",
+            &dns,
+            "ACCEPT",
+            COMMENT_ALLOW_TRAFFIC,
+        ),
+        (
+            "filter",
+            "INPUT",
+            "udp",
+            "-d",
+            "--dport",
+            &dns,
+            "ACCEPT",
+            COMMENT_ALLOW_TRAFFIC,
+        ),
+        (
+            "raw",
+            "OUTPUT",
+            "tcp",
+            "-s",
+            "--sport",
+            &dns,
+            "NOTRACK",
+            COMMENT_SKIP_CONNTRACK,
+        ),
+        (
+            "raw",
+            "OUTPUT",
+            "udp",
+            "-s",
+            "--sport",
+            &dns,
+            "NOTRACK",
+            COMMENT_SKIP_CONNTRACK,
+        ),
+        (
+            "filter",
+            "OUTPUT",
+            "tcp",
+            "-s",
+            "--sport",
+            &dns,
+            "ACCEPT",
+            COMMENT_ALLOW_TRAFFIC,
+        ),
+        (
+            "filter",
+            "OUTPUT",
+            "udp",
+            "-s",
+            "--sport",
+            &dns,
+            "ACCEPT",
+            COMMENT_ALLOW_TRAFFIC,
+        ),
         // Locally generated queries (hostNetwork pods, kubernetes/dns PR #319).
-        ("raw", "OUTPUT", "tcp", "-d", "--dport", &dns, "NOTRACK", COMMENT_SKIP_CONNTRACK),
-        ("raw", "OUTPUT", "udp", "-d", "--dport", &dns, "NOTRACK", COMMENT_SKIP_CONNTRACK),
+        (
+            "raw",
+            "OUTPUT",
+            "tcp",
+            "-d",
+            "--dport",
+            &dns,
+            "NOTRACK",
+            COMMENT_SKIP_CONNTRACK,
+        ),
+        (
+            "raw",
+            "OUTPUT",
+            "udp",
+            "-d",
+            "--dport",
+            &dns,
+            "NOTRACK",
+            COMMENT_SKIP_CONNTRACK,
+        ),
         // The liveness probe on the health port (kubernetes/dns PR #352).
-        ("raw", "OUTPUT", "tcp", "-d", "--dport", &health, "NOTRACK", COMMENT_SKIP_CONNTRACK),
-        ("raw", "OUTPUT", "tcp", "-s", "--sport", &health, "NOTRACK", COMMENT_SKIP_CONNTRACK),
+        (
+            "raw",
+            "OUTPUT",
+            "tcp",
+            "-d",
+            "--dport",
+            &health,
+            "NOTRACK",
+            COMMENT_SKIP_CONNTRACK,
+        ),
+        (
+            "raw",
+            "OUTPUT",
+            "tcp",
+            "-s",
+            "--sport",
+            &health,
+            "NOTRACK",
+            COMMENT_SKIP_CONNTRACK,
+        ),
     ];
     table
         .iter()
-        .map(|&(table, chain, proto, addr_flag, port_flag, port, target, comment)| Rule {
-            family,
-            table,
-            chain,
-            spec: [
-                "-p", proto, addr_flag, &ip, port_flag, port, "-m", "comment", "--comment",
-                comment, "-j", target,
-            ]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect(),
-        })
+        .map(
+            |&(table, chain, proto, addr_flag, port_flag, port, target, comment)| Rule {
+                family,
+                table,
+                chain,
+                spec: [
+                    "-p",
+                    proto,
+                    addr_flag,
+                    &ip,
+                    port_flag,
+                    port,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    comment,
+                    "-j",
+                    target,
+                ]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            },
+        )
         .collect()
 }
 
@@ -216,9 +336,9 @@ pub fn count_rules(save_output: &str) -> usize {
 /// Whether `*-save` output has kube-proxy's/kubelet's hint chain, which marks the backend the
 /// node's components chose (kube-proxy's own detection looks for it).
 fn has_hint_chain(save_output: &str) -> bool {
-    save_output.lines().any(|l| {
-        l.starts_with(":KUBE-IPTABLES-HINT ") || l.starts_with(":KUBE-KUBELET-CANARY ")
-    })
+    save_output
+        .lines()
+        .any(|l| l.starts_with(":KUBE-IPTABLES-HINT ") || l.starts_with(":KUBE-KUBELET-CANARY "))
 }
 
 /// The backend choice from what each backend already holds: the hint chain first
@@ -478,8 +598,14 @@ mod tests {
 
     #[test]
     fn version_string_names_the_mode() {
-        assert_eq!(mode_from_version("iptables v1.8.9 (nf_tables)\n"), Mode::Nft);
-        assert_eq!(mode_from_version("iptables v1.8.9 (legacy)\n"), Mode::Legacy);
+        assert_eq!(
+            mode_from_version("iptables v1.8.9 (nf_tables)\n"),
+            Mode::Nft
+        );
+        assert_eq!(
+            mode_from_version("iptables v1.8.9 (legacy)\n"),
+            Mode::Legacy
+        );
         assert_eq!(mode_from_version("iptables v1.6.1\n"), Mode::Legacy);
     }
 }

@@ -298,14 +298,8 @@ impl Netlink {
         let seq = self.seq;
         let bytes = msg.finish(seq);
         // SAFETY: send from a valid buffer of the given length on a valid socket.
-        let sent = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                0,
-            )
-        };
+        let sent =
+            unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -313,9 +307,8 @@ impl Netlink {
         let mut buf = vec![0u8; RECV_BUFFER_BYTES];
         for _ in 0..MAX_REPLIES {
             // SAFETY: recv into a valid buffer of the given length on a valid socket.
-            let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-            };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {

@@ -174,7 +174,9 @@ fn validate(options: &Options) -> Result<(), InterceptError> {
             || name.len() > MAX_IFNAME_LEN
             || name == "."
             || name == ".."
-            || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()))
+            || name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace()))
     {
         return Err(InterceptError::InvalidOptions(format!(
             "interface {name:?} is not a valid link name (1 to {MAX_IFNAME_LEN} bytes, no '/', ':' or spaces)"
@@ -279,8 +281,7 @@ impl Interception {
         };
         let mut brought_up = false;
         if !link.is_up() {
-            nl.set_up(link.index)
-                .map_err(add("set up".to_owned()))?;
+            nl.set_up(link.index).map_err(add("set up".to_owned()))?;
             brought_up = true;
             if !created {
                 info!(interface = %name, kind, "set the listen link up");
@@ -384,9 +385,13 @@ impl Interception {
         let mut added = 0;
         let mut first_error = None;
         for rule in &self.rules {
-            let result = backend
-                .exists(rule)
-                .and_then(|present| if present { Ok(false) } else { backend.prepend(rule).map(|()| true) });
+            let result = backend.exists(rule).and_then(|present| {
+                if present {
+                    Ok(false)
+                } else {
+                    backend.prepend(rule).map(|()| true)
+                }
+            });
             match result {
                 Ok(true) => {
                     added += 1;
@@ -427,7 +432,10 @@ impl Interception {
                     }
                 }
             }
-            info!(backend = backend.mode.as_str(), deleted, "removed nodelocaldns rules");
+            info!(
+                backend = backend.mode.as_str(),
+                deleted, "removed nodelocaldns rules"
+            );
         }
         if self.options.setup_interface {
             if let Err(e) = self.delete_link() {
