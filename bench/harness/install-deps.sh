@@ -1,12 +1,13 @@
 #!/bin/sh
-# Installs the Debian packages the macro benchmark (bench/harness/run.py) needs.
+# Installs the Debian packages the macro benchmark (bench/harness/run.py) and the privileged
+# tests (network namespaces via iproute2, node-local-dns interception via iptables) need.
 # Idempotent and quiet: does nothing when every package is already installed.
 # Never starts or depends on systemd; services that the packages' postinst
 # scripts start are stopped afterwards (the harness runs its own instances on
 # random high ports).
 set -eu
 
-PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux"
+PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux iptables iproute2"
 
 missing=""
 for p in $PKGS; do

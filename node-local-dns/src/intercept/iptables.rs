@@ -79,164 +79,112 @@ impl std::fmt::Display for Rule {
     }
 }
 
+/// Which side of the packet a rule matches the listen IP and port on.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// `-d IP --dport PORT`: traffic to the listener.
+    To,
+    /// `-s IP --sport PORT`: the listener's replies.
+    From,
+}
+
+/// Which port a rule covers.
+#[derive(Debug, Clone, Copy)]
+enum Port {
+    Dns,
+    Health,
+}
+
+/// One line of node-cache's rule table (`initIptables`).
+#[derive(Debug)]
+struct Template {
+    table: &'static str,
+    chain: &'static str,
+    proto: &'static str,
+    side: Side,
+    port: Port,
+    target: &'static str,
+    comment: &'static str,
+}
+
+const fn notrack(chain: &'static str, proto: &'static str, side: Side, port: Port) -> Template {
+    Template {
+        table: "raw",
+        chain,
+        proto,
+        side,
+        port,
+        target: "NOTRACK",
+        comment: COMMENT_SKIP_CONNTRACK,
+    }
+}
+
+const fn accept(chain: &'static str, proto: &'static str, side: Side) -> Template {
+    Template {
+        table: "filter",
+        chain,
+        proto,
+        side,
+        port: Port::Dns,
+        target: "ACCEPT",
+        comment: COMMENT_ALLOW_TRAFFIC,
+    }
+}
+
+/// node-cache's rules per listen IP, in its order.
+const TEMPLATES: [Template; 12] = [
+    notrack("PREROUTING", "tcp", Side::To, Port::Dns),
+    notrack("PREROUTING", "udp", Side::To, Port::Dns),
+    accept("INPUT", "tcp", Side::To),
+    accept("INPUT", "udp", Side::To),
+    notrack("OUTPUT", "tcp", Side::From, Port::Dns),
+    notrack("OUTPUT", "udp", Side::From, Port::Dns),
+    accept("OUTPUT", "tcp", Side::From),
+    accept("OUTPUT", "udp", Side::From),
+    // Locally generated queries (hostNetwork pods, kubernetes/dns PR #319).
+    notrack("OUTPUT", "tcp", Side::To, Port::Dns),
+    notrack("OUTPUT", "udp", Side::To, Port::Dns),
+    // The liveness probe on the health port (kubernetes/dns PR #352).
+    notrack("OUTPUT", "tcp", Side::To, Port::Health),
+    notrack("OUTPUT", "tcp", Side::From, Port::Health),
+];
+
 /// node-cache's 12 rules for one local IP, in node-cache's order (`initIptables`; each is
 /// prepended, so the last one ends up first in its chain).
 pub fn rules_for(ip: IpAddr, dns_port: u16, health_port: u16) -> Vec<Rule> {
     let family = Family::of(ip);
     let ip = ip.to_string();
-    let dns = dns_port.to_string();
-    let health = health_port.to_string();
-    // (table, chain, proto, address flag, port flag, port, target, comment)
-    let table: [(&str, &str, &str, &str, &str, &str, &str, &str); 12] = [
-        (
-            "raw",
-            "PREROUTING",
-            "tcp",
-            "-d",
-            "--dport",
-            &dns,
-            "NOTRACK",
-            COMMENT_SKIP_CONNTRACK,
-        ),
-        (
-            "raw",
-            "PREROUTING",
-            "udp",
-            "-d",
-            "--dport",
-            &dns,
-            "NOTRACK",
-            COMMENT_SKIP_CONNTRACK,
-        ),
-        (
-            "filter",
-            "INPUT",
-            "tcp",
-            "-d",
-            "--dport",
-            &dns,
-            "ACCEPT",
-            COMMENT_ALLOW_TRAFFIC,
-        ),
-        (
-            "filter",
-            "INPUT",
-            "udp",
-            "-d",
-            "--dport",
-            &dns,
-            "ACCEPT",
-            COMMENT_ALLOW_TRAFFIC,
-        ),
-        (
-            "raw",
-            "OUTPUT",
-            "tcp",
-            "-s",
-            "--sport",
-            &dns,
-            "NOTRACK",
-            COMMENT_SKIP_CONNTRACK,
-        ),
-        (
-            "raw",
-            "OUTPUT",
-            "udp",
-            "-s",
-            "--sport",
-            &dns,
-            "NOTRACK",
-            COMMENT_SKIP_CONNTRACK,
-        ),
-        (
-            "filter",
-            "OUTPUT",
-            "tcp",
-            "-s",
-            "--sport",
-            &dns,
-            "ACCEPT",
-            COMMENT_ALLOW_TRAFFIC,
-        ),
-        (
-            "filter",
-            "OUTPUT",
-            "udp",
-            "-s",
-            "--sport",
-            &dns,
-            "ACCEPT",
-            COMMENT_ALLOW_TRAFFIC,
-        ),
-        // Locally generated queries (hostNetwork pods, kubernetes/dns PR #319).
-        (
-            "raw",
-            "OUTPUT",
-            "tcp",
-            "-d",
-            "--dport",
-            &dns,
-            "NOTRACK",
-            COMMENT_SKIP_CONNTRACK,
-        ),
-        (
-            "raw",
-            "OUTPUT",
-            "udp",
-            "-d",
-            "--dport",
-            &dns,
-            "NOTRACK",
-            COMMENT_SKIP_CONNTRACK,
-        ),
-        // The liveness probe on the health port (kubernetes/dns PR #352).
-        (
-            "raw",
-            "OUTPUT",
-            "tcp",
-            "-d",
-            "--dport",
-            &health,
-            "NOTRACK",
-            COMMENT_SKIP_CONNTRACK,
-        ),
-        (
-            "raw",
-            "OUTPUT",
-            "tcp",
-            "-s",
-            "--sport",
-            &health,
-            "NOTRACK",
-            COMMENT_SKIP_CONNTRACK,
-        ),
-    ];
-    table
+    TEMPLATES
         .iter()
-        .map(
-            |&(table, chain, proto, addr_flag, port_flag, port, target, comment)| Rule {
+        .map(|t| {
+            let (addr_flag, port_flag) = match t.side {
+                Side::To => ("-d", "--dport"),
+                Side::From => ("-s", "--sport"),
+            };
+            let port = match t.port {
+                Port::Dns => dns_port,
+                Port::Health => health_port,
+            };
+            Rule {
                 family,
-                table,
-                chain,
-                spec: [
-                    "-p",
-                    proto,
-                    addr_flag,
-                    &ip,
-                    port_flag,
-                    port,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    comment,
-                    "-j",
-                    target,
-                ]
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect(),
-            },
-        )
+                table: t.table,
+                chain: t.chain,
+                spec: vec![
+                    "-p".to_owned(),
+                    t.proto.to_owned(),
+                    addr_flag.to_owned(),
+                    ip.clone(),
+                    port_flag.to_owned(),
+                    port.to_string(),
+                    "-m".to_owned(),
+                    "comment".to_owned(),
+                    "--comment".to_owned(),
+                    t.comment.to_owned(),
+                    "-j".to_owned(),
+                    t.target.to_owned(),
+                ],
+            }
+        })
         .collect()
 }
 

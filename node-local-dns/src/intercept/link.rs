@@ -28,6 +28,11 @@ const NLMSG_HDR_LEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 /// `struct ifaddrmsg`: family u8, prefixlen u8, flags u8, scope u8, index u32.
 const IFADDRMSG_LEN: usize = 8;
+/// `struct rtmsg`: family, dst_len, src_len, tos, table, protocol, scope, type (u8 each), flags
+/// u32.
+const RTMSG_LEN: usize = 12;
+/// Offset of `rtm_type` in `struct rtmsg`.
+const RTMSG_TYPE_OFFSET: usize = 7;
 /// `struct rtattr`: len u16, type u16.
 const RTA_HDR_LEN: usize = 4;
 /// `IFA_FLAGS` (u32 flags attribute; `ifa_flags` in the header is only 8 bits wide).
@@ -59,6 +64,11 @@ impl LinkInfo {
     /// Whether the link is administratively up.
     pub fn is_up(&self) -> bool {
         self.flags & libc::IFF_UP as u32 != 0
+    }
+
+    /// Whether the link is operationally up (`IFF_RUNNING`: up and carrier reported).
+    pub fn is_running(&self) -> bool {
+        self.flags & libc::IFF_RUNNING as u32 != 0
     }
 }
 
@@ -452,6 +462,38 @@ impl Netlink {
             .attr(libc::IFA_ADDRESS, &bytes)
             .attr(IFA_FLAGS, &ifa_flags.to_ne_bytes());
         self.request(msg, false).map(drop)
+    }
+}
+
+impl Netlink {
+    /// Whether the kernel's route lookup for `ip` (`ip route get`) answers `local`, i.e. a
+    /// packet to it is delivered to a socket on this host.
+    pub fn routes_locally(&mut self, ip: IpAddr) -> io::Result<bool> {
+        let (family, len, bytes) = match ip {
+            IpAddr::V4(v4) => (libc::AF_INET, 32u8, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (libc::AF_INET6, 128u8, v6.octets().to_vec()),
+        };
+        let mut msg = Message::new(libc::RTM_GETROUTE, libc::NLM_F_REQUEST as u16);
+        let mut rtmsg = [0u8; RTMSG_LEN];
+        rtmsg[0] = family as u8;
+        rtmsg[1] = len;
+        msg.fixed(&rtmsg).attr(libc::RTA_DST, &bytes);
+        match self.request(msg, false) {
+            Ok(replies) => Ok(replies
+                .first()
+                .and_then(|p| p.get(RTMSG_TYPE_OFFSET))
+                .is_some_and(|&t| t == libc::RTN_LOCAL)),
+            // No route at all (ENETUNREACH, EHOSTUNREACH): not local.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -33,6 +33,7 @@ pub mod link;
 
 use std::io;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -45,6 +46,11 @@ pub const DEFAULT_INTERFACE: &str = "nodelocaldns";
 /// others need no peer device and hold local addresses just as well, for kernels built
 /// without `CONFIG_DUMMY`. `veth` comes last because it creates a second device.
 pub const LINK_KINDS: [&str; 4] = ["dummy", "ifb", "bridge", "veth"];
+/// How long [`Interception::ensure_link`] waits for a link it set up to become operational
+/// (carrier reported) before adding addresses.
+pub const LINK_READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Poll interval of that wait.
+const LINK_READY_POLL: Duration = Duration::from_millis(10);
 /// Suffix of the veth peer's name (`nodelocaldns-p`).
 const VETH_PEER_SUFFIX: &str = "-p";
 
@@ -146,6 +152,7 @@ pub struct Interception {
     options: Options,
     backend: Option<Backend>,
     rules: Vec<Rule>,
+    link_kinds: Vec<&'static str>,
 }
 
 /// Maps a kernel link kind to a static name for reports.
@@ -225,7 +232,34 @@ impl Interception {
             options,
             backend,
             rules,
+            link_kinds: LINK_KINDS.to_vec(),
         })
+    }
+
+    /// Restricts the kinds tried when the link has to be created to `kinds`, in that order
+    /// (default: all of [`LINK_KINDS`]). Each must be one of [`LINK_KINDS`].
+    pub fn with_link_kinds(mut self, kinds: &[&str]) -> Result<Interception, InterceptError> {
+        let mut chosen = Vec::with_capacity(kinds.len());
+        for kind in kinds {
+            let known = LINK_KINDS
+                .iter()
+                .copied()
+                .find(|k| k == kind)
+                .ok_or_else(|| {
+                    InterceptError::InvalidOptions(format!(
+                        "link kind {kind:?} is not one of {}",
+                        LINK_KINDS.join(", ")
+                    ))
+                })?;
+            chosen.push(known);
+        }
+        if chosen.is_empty() {
+            return Err(InterceptError::InvalidOptions(
+                "no link kind to try".to_owned(),
+            ));
+        }
+        self.link_kinds = chosen;
+        Ok(self)
     }
 
     /// The options this instance was built from.
@@ -297,6 +331,9 @@ impl Interception {
                 }
             }
         }
+        if brought_up {
+            self.wait_running(&mut nl)?;
+        }
         let present = nl.addresses(link.index).map_err(check)?;
         let mut addresses_added = 0;
         for ip in &self.options.local_ips {
@@ -317,6 +354,9 @@ impl Interception {
                 Err(e) => return Err(add(format!("add {ip}"))(e)),
             }
         }
+        if addresses_added > 0 || brought_up {
+            self.wait_usable(&mut nl, link.index)?;
+        }
         Ok(LinkReport {
             kind,
             created,
@@ -325,11 +365,77 @@ impl Interception {
         })
     }
 
+    /// Waits (at most [`LINK_READY_TIMEOUT`]) until every listen IP is on the link, not
+    /// tentative, and routed `local`. Even with `IFA_F_NODAD` the kernel finishes an IPv6
+    /// address in a work queue: until then it is tentative and has no local route, and
+    /// datagrams to it leave through the link instead of reaching the socket. On timeout this logs and returns; the next sync checks
+    /// again.
+    fn wait_usable(&self, nl: &mut Netlink, index: u32) -> Result<(), InterceptError> {
+        let name = &self.options.interface;
+        let deadline = std::time::Instant::now() + LINK_READY_TIMEOUT;
+        loop {
+            let present = nl
+                .addresses(index)
+                .map_err(|source| InterceptError::InterfaceCheck {
+                    interface: name.clone(),
+                    source,
+                })?;
+            let mut pending = Vec::new();
+            for &ip in &self.options.local_ips {
+                let usable = present.iter().any(|a| a.addr == ip && a.is_usable())
+                    && nl
+                        .routes_locally(ip)
+                        .map_err(|source| InterceptError::InterfaceCheck {
+                            interface: name.clone(),
+                            source,
+                        })?;
+                if !usable {
+                    pending.push(ip);
+                }
+            }
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                warn!(interface = %name, pending = ?pending, timeout = ?LINK_READY_TIMEOUT, "listen addresses not usable yet");
+                return Ok(());
+            }
+            std::thread::sleep(LINK_READY_POLL);
+        }
+    }
+
+    /// Waits (at most [`LINK_READY_TIMEOUT`]) until the link is operationally up. The kernel
+    /// reports carrier asynchronously (linkwatch); an IPv6 address added before that moment
+    /// was seen to drop local datagrams for a while, so addresses are added after it. A link
+    /// that never gets there (a kind that keeps its carrier off) is logged and used anyway:
+    /// IPv4 local delivery does not need it.
+    fn wait_running(&self, nl: &mut Netlink) -> Result<(), InterceptError> {
+        let name = &self.options.interface;
+        let deadline = std::time::Instant::now() + LINK_READY_TIMEOUT;
+        loop {
+            let running = nl
+                .link_by_name(name)
+                .map_err(|source| InterceptError::InterfaceCheck {
+                    interface: name.clone(),
+                    source,
+                })?
+                .is_some_and(|l| l.is_running());
+            if running {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                warn!(interface = %name, timeout = ?LINK_READY_TIMEOUT, "listen link is up but not running; adding addresses anyway");
+                return Ok(());
+            }
+            std::thread::sleep(LINK_READY_POLL);
+        }
+    }
+
     /// Creates the link with the first kind the kernel supports.
     fn create_link(&self, nl: &mut Netlink) -> Result<(LinkInfo, &'static str), InterceptError> {
         let name = &self.options.interface;
         let mut last = None;
-        for kind in LINK_KINDS {
+        for &kind in &self.link_kinds {
             let peer = (kind == "veth").then(|| veth_peer_name(name));
             match nl.create_link(name, kind, peer.as_deref()) {
                 Ok(()) => {}
@@ -365,7 +471,7 @@ impl Interception {
         }
         Err(InterceptError::InterfaceAdd {
             interface: name.clone(),
-            action: format!("create (tried {})", LINK_KINDS.join(", ")),
+            action: format!("create (tried {})", self.link_kinds.join(", ")),
             source: last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
         })
     }
