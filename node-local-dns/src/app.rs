@@ -457,6 +457,11 @@ impl Agent {
     /// Installs or repairs the interface and the rules (start-up, then every
     /// `-syncinterval`); failures are logged and counted by node-cache's error types.
     pub fn ensure_interception(&self) {
+        // Netlink round trips and iptables processes: keep them off the runtime's workers.
+        tokio::task::block_in_place(|| self.ensure_interception_blocking());
+    }
+
+    fn ensure_interception_blocking(&self) {
         let Some(interception) = &self.interception else {
             return;
         };
@@ -535,7 +540,7 @@ impl Agent {
         self.ready.store(false, Ordering::Release);
         if !self.flags.skip_teardown {
             if let Some(i) = &self.interception {
-                match i.teardown() {
+                match tokio::task::block_in_place(|| i.teardown()) {
                     Ok(()) => info!("interception removed"),
                     Err(e) => error!(error = %e, "teardown failed"),
                 }
