@@ -158,22 +158,28 @@ async fn check_renders_the_template_and_reports_the_blocks() {
     );
 }
 
-/// Clients that each send `per_client` queries one after another (1 s timeout each) over
-/// `names`; returns (answered, lost).
+/// `clients` clients that each send queries one after another (1 s timeout each, about one
+/// per millisecond) over `names` names, from before `during` starts until it has finished;
+/// returns (answered, lost).
 async fn load(
     server: SocketAddr,
     clients: usize,
-    per_client: usize,
     names: usize,
     during: impl std::future::Future<Output = ()>,
 ) -> (usize, usize) {
+    /// Bounds each client even if `during` never finishes.
+    const MAX_PER_CLIENT: usize = 20_000;
     let answered = Arc::new(AtomicUsize::new(0));
     let lost = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (answered, lost) = (Arc::clone(&answered), Arc::clone(&lost));
+        let (answered, lost, done) = (Arc::clone(&answered), Arc::clone(&lost), Arc::clone(&done));
         tasks.push(tokio::spawn(async move {
-            for i in 0..per_client {
+            for i in 0..MAX_PER_CLIENT {
+                if done.load(Ordering::SeqCst) {
+                    break;
+                }
                 let name = format!("n{}.load.test", (c * 7919 + i) % names);
                 let id = (i as u16).wrapping_mul(31).wrapping_add(c as u16);
                 match ask(server, &query(id, &name, rtype::A), Duration::from_secs(1)).await {
@@ -184,10 +190,12 @@ async fn load(
                         lost.fetch_add(1, Ordering::SeqCst);
                     }
                 }
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }));
     }
     during.await;
+    done.store(true, Ordering::SeqCst);
     for t in tasks {
         t.await.unwrap();
     }
@@ -216,7 +224,7 @@ async fn a_surge_restart_under_load_loses_no_query() {
     let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let dir2 = dir.clone();
     let args2: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    let (answered, lost) = load(server, 8, 600, 400, async move {
+    let (answered, lost) = load(server, 8, 400, async move {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let refs: Vec<&str> = args2.iter().map(String::as_str).collect();
         let mut new = Agent::start(&dir2, &refs);
@@ -230,7 +238,10 @@ async fn a_surge_restart_under_load_loses_no_query() {
     })
     .await;
     assert_eq!(lost, 0, "{answered} answered, {lost} lost");
-    assert_eq!(answered, 8 * 600);
+    assert!(
+        answered > 300,
+        "{answered} answered: the load must span the restart"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,7 +278,7 @@ async fn corefile_changes_apply_without_losing_queries() {
         rcode::REFUSED,
         "other.test is not served yet"
     );
-    let (answered, lost) = load(server, 4, 800, 300, async {
+    let (answered, lost) = load(server, 4, 300, async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         write(&format!(
             "other.test:{port} {{\n    cache 30\n    bind 127.0.0.1\n    forward . {}\n}}\n",
@@ -287,6 +298,8 @@ async fn corefile_changes_apply_without_losing_queries() {
             assert!(tokio::time::Instant::now() < deadline, "reload not applied");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // And a while after it.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     })
     .await;
     assert_eq!(lost, 0, "{answered} answered, {lost} lost");
