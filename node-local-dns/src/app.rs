@@ -402,6 +402,7 @@ impl Agent {
         let before_scrape: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
             let mut broken = 0;
             let mut rejects = 0;
+            let mut dropped = 0;
             let mut upstreams = Vec::new();
             for (zone, children) in lock(&zones).iter() {
                 let (success, denial) = {
@@ -417,11 +418,12 @@ impl Agent {
                 let stats = zone.forwarder().stats();
                 broken += stats.healthcheck_broken;
                 rejects += stats.max_concurrent_rejects;
+                dropped += stats.dropped;
                 for u in stats.upstreams {
                     upstreams.push((u.addr.to_string(), u.healthcheck_failures));
                 }
             }
-            m.set_forward_totals(broken, rejects, &upstreams);
+            m.set_forward_totals(broken, rejects, dropped, &upstreams);
         });
         Endpoints {
             metrics: metrics.then(|| (self.registry.clone(), before_scrape)),

@@ -411,8 +411,10 @@ impl Metrics {
         &self,
         healthcheck_broken: u64,
         max_concurrent_rejects: u64,
+        dropped: u64,
         healthcheck_failures: &[(String, u64)],
     ) {
+        set_counter(&self.upstream_dropped, dropped);
         set_counter(&self.healthcheck_broken, healthcheck_broken);
         set_counter(&self.max_concurrent_rejects, max_concurrent_rejects);
         for (to, failures) in healthcheck_failures {
