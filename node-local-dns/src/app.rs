@@ -711,17 +711,20 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
         .reload_interval
         .map(|i| tokio::time::Instant::now() + i);
     let mut fatal = None;
+    let mut checks_running = true;
     loop {
         let reload_at = next_reload;
         tokio::select! {
             () = shutdown.stopping() => break,
-            message = fatal_rx.recv(), if fatal.is_none() => {
-                if let Some(message) = message {
+            message = fatal_rx.recv(), if checks_running => match message {
+                Some(message) => {
                     error!("{message}");
                     fatal = Some(message);
                     break;
                 }
-            }
+                // The loop checks are done and found nothing.
+                None => checks_running = false,
+            },
             _ = sync.tick() => agent.ensure_interception(),
             _ = ready_tick.tick() => {
                 let ok = agent.self_test().await;

@@ -520,10 +520,12 @@ impl Cache {
     /// if serve-stale allows one, with its TTL. Also records the failure, so background
     /// refreshes wait for the failure-recheck time.
     pub fn stale_on_failure(&mut self, key: &Key, now: Instant) -> Option<(Arc<WireImage>, u32)> {
-        let s = self.policy.serve_stale?;
+        let stale = self.policy.serve_stale;
         let kind = self.find(key)?;
         let entry = self.sieve(kind).get_mut(key)?;
+        // Also without serve-stale: a failed prefetch must not block the next one.
         entry.refreshing = false;
+        let s = stale?;
         entry.recheck_after = now + s.failure_recheck;
         let expires = entry.expires();
         if now < expires {
@@ -989,6 +991,12 @@ mod tests {
             "2 hits within the window, 9 s of 100 left"
         );
         assert!(!prefetch(&mut cache, 92), "once");
+        // The prefetch failed (no serve-stale here): the next hit may try again.
+        assert_eq!(
+            cache.stale_on_failure(&k, t0 + Duration::from_secs(93)),
+            None
+        );
+        assert!(prefetch(&mut cache, 94), "again after a failed prefetch");
         // A cold entry (one hit after a long gap) is not prefetched.
         let q2 = query("cold.s1.test", rtype::A, None);
         store(

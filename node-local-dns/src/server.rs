@@ -547,6 +547,11 @@ async fn fetch(zone: Arc<Zone>, packet: Vec<u8>, key: Key, client_tcp: bool) {
         Ok(query) => exchange(&zone, &query, &key, client_tcp).await,
         Err(_) => Outcome::Failed,
     };
+    if matches!(outcome, Outcome::Failed) {
+        // Tell the entry, also when nobody waits (a prefetch or stale refresh): else it stays
+        // "refreshing" and is never refreshed again (RFC 8767 failure recheck).
+        lock(&zone.cache).stale_on_failure(&key, Instant::now());
+    }
     let waiters = lock(&zone.inflight).remove(&key).unwrap_or_default();
     for waiter in waiters {
         let _ = waiter.send(outcome.clone());
@@ -603,22 +608,9 @@ fn deliver(
             wire::render(query, &image, ttl, limit, out);
             Plugin::Forward
         }
-        Outcome::Uncached(response)
-            if response.len() <= limit && response.len() >= 12 + query.question.len() =>
-        {
-            // The upstream's packet with the client's ID and exact question bytes (same
-            // length: only the case may differ).
-            out.clear();
-            out.extend_from_slice(&response);
-            out[..2].copy_from_slice(&query.id.to_be_bytes());
-            out[12..12 + query.question.len()].copy_from_slice(query.question);
-            Plugin::Forward
-        }
-        Outcome::Uncached(_) => {
-            wire::render_error(query, u16::from(wire::rcode::SERVFAIL), out);
-            if let Some(flags) = out.get_mut(2) {
-                *flags |= 0x02; // TC: too large for this transport, ask again over TCP
-            }
+        Outcome::Uncached(response) => {
+            // Rendered like a cache entry: the client's header bits and OPT, not the upstream's.
+            wire::render_uncached(query, &response, limit, out);
             Plugin::Forward
         }
         Outcome::Overloaded => {

@@ -122,7 +122,9 @@ pub enum WireError {
     /// The message is not valid DNS (or a response does not match its query).
     #[error("malformed: {0}")]
     Malformed(&'static str),
-    /// A valid message that is not a standard query we answer (QR, opcode, TC or counts).
+    /// A message that is not a query we implement: a response (QR=1) or an opcode other than
+    /// QUERY. (A QUERY with the wrong counts or TC set is Malformed: FORMERR, RFC 9619 and
+    /// RFC 6891 §6.1.1.)
     #[error("not a standard query")]
     NotQuery,
 }
@@ -226,8 +228,9 @@ impl<'a> Query<'a> {
 
 /// Parses a query. Accepts only: QR=0, OPCODE=0 (QUERY), TC=0, QDCOUNT=1, ANCOUNT=0,
 /// NSCOUNT=0, ARCOUNT<=1 where the additional record, if any, is an OPT with owner root
-/// (another record: Malformed). Anything else: NotQuery (QR, opcode, TC, counts) or
-/// Malformed/Short. Trailing bytes after the last record: Malformed. EDNS version > 0 is
+/// (another record: Malformed). QR=1 or another opcode: NotQuery (the caller drops or answers
+/// NOTIMP). A QUERY with TC set or other counts: Malformed, so FORMERR (RFC 9619: QDCOUNT must
+/// be 1; RFC 6891 §6.1.1: a second OPT is FORMERR). Anything else unreadable: Malformed/Short. Trailing bytes after the last record: Malformed. EDNS version > 0 is
 /// parsed (the caller answers BADVERS); options are skipped (cookies, padding are fine) but
 /// must fill the OPT RDATA exactly.
 pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, WireError> {
@@ -242,8 +245,14 @@ pub fn parse_query(packet: &[u8]) -> Result<Query<'_>, WireError> {
         be16(packet, 8)?,
         be16(packet, 10)?,
     ];
-    if flags & (FLAG_QR | FLAG_OPCODE | FLAG_TC) != 0 || counts[..3] != [1, 0, 0] || counts[3] > 1 {
+    if flags & (FLAG_QR | FLAG_OPCODE) != 0 {
         return Err(WireError::NotQuery);
+    }
+    if flags & FLAG_TC != 0 {
+        return Err(WireError::Malformed("TC set in a query"));
+    }
+    if counts[..3] != [1, 0, 0] || counts[3] > 1 {
+        return Err(WireError::Malformed("query counts are not 1/0/0/0-1"));
     }
     if packet.len() > MAX_MESSAGE {
         return Err(WireError::Malformed("message too long"));
@@ -708,6 +717,32 @@ pub fn render(
         push_opt(query, 0, out);
     }
     Rendered::Full
+}
+
+/// Renders a reply to `query` from an upstream `response` that the cache did not keep
+/// (REFUSED, a negative answer without SOA, SERVFAIL when those are not cached): as
+/// [`render`] does from a cache entry, with every TTL set to the response's smallest. The
+/// client so gets its own ID, RD and CD, question bytes and OPT (none if it sent none,
+/// RFC 6891 §7), never the upstream's. A response that cannot be imaged (truncated, signed, a
+/// record after its OPT) or that is not for this question gets SERVFAIL.
+pub fn render_uncached(
+    query: &Query<'_>,
+    response: &[u8],
+    limit: usize,
+    out: &mut Vec<u8>,
+) -> Rendered {
+    // The upstream answered our own query, with its own ID: check it against that.
+    let as_sent = Query {
+        id: be16(response, 0).unwrap_or(!query.id),
+        ..*query
+    };
+    match parse_response(&as_sent, response) {
+        Ok((info, Some(image))) => render(query, &image, info.min_ttl.unwrap_or(0), limit, out),
+        _ => {
+            render_error(query, u16::from(rcode::SERVFAIL), out);
+            Rendered::Full
+        }
+    }
 }
 
 /// Renders a header-only reply (question echoed, OPT iff the query had one) with `rcode`:
@@ -1321,7 +1356,10 @@ mod tests {
     fn rfc1035_query_rejects_truncated_flag() {
         let mut bytes = query_bytes(1, "a.test", rtype::A, None);
         bytes[2] |= 0x02;
-        assert_eq!(parse_query(&bytes).unwrap_err(), WireError::NotQuery);
+        assert_eq!(
+            parse_query(&bytes).unwrap_err(),
+            WireError::Malformed("TC set in a query")
+        );
     }
 
     #[test]
@@ -1331,7 +1369,7 @@ mod tests {
             bytes[at] = value;
             assert_eq!(
                 parse_query(&bytes).unwrap_err(),
-                WireError::NotQuery,
+                WireError::Malformed("query counts are not 1/0/0/0-1"),
                 "count byte {at} = {value}"
             );
         }
@@ -2333,6 +2371,55 @@ mod tests {
         render_error(&q, u16::from(rcode::SERVFAIL), &mut out);
         assert_eq!(flags(&out) & 0xF, u16::from(rcode::SERVFAIL));
         assert_eq!(out[out.len() - 6], 0);
+    }
+
+    #[test]
+    fn rfc6891_render_uncached_rebuilds_header_and_opt_for_the_client() {
+        let upstream_q = query_bytes(0x7777, "gone.test", rtype::A, Some(EDNS_DO));
+        let resp = ResponseBuilder::new(&upstream_q)
+            .rcode(rcode::NXDOMAIN)
+            .answer(
+                "gone.test",
+                rtype::CNAME,
+                90,
+                &ResponseBuilder::name_rdata("x.test"),
+            )
+            .opt(4096)
+            .build();
+        let mut client = query_bytes(5, "GoNe.TeSt", rtype::A, None);
+        client[2] &= !0x01; // RD=0
+        let q = parse_query(&client).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(render_uncached(&q, &resp, 512, &mut out), Rendered::Full);
+        assert_eq!(be16(&out, 0).unwrap(), 5);
+        assert_eq!(flags(&out) & 0x0100, 0, "RD copied from the client");
+        assert_eq!(flags(&out) & 0xF, u16::from(rcode::NXDOMAIN));
+        assert_eq!(
+            counts(&out),
+            [1, 1, 0, 0],
+            "no OPT for a client without one"
+        );
+        assert_eq!(&out[12..12 + q.question.len()], q.question);
+        let ttls: Vec<_> = records(&out).into_iter().map(|r| r.2).collect();
+        assert_eq!(ttls, [90]);
+
+        let client = query_bytes(6, "gone.test", rtype::A, Some(EDNS0));
+        let q = parse_query(&client).unwrap();
+        render_uncached(&q, &resp, 512, &mut out);
+        assert_eq!(counts(&out), [1, 1, 0, 1]);
+        let opt = &out[out.len() - OPT_RR_LEN..];
+        assert_eq!(opt, [0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
+
+        // Another question, or a truncated response: SERVFAIL.
+        let other = query_bytes(7, "other.test", rtype::A, None);
+        let q = parse_query(&other).unwrap();
+        render_uncached(&q, &resp, 512, &mut out);
+        assert_eq!(flags(&out) & 0xF, u16::from(rcode::SERVFAIL));
+        let truncated = ResponseBuilder::new(&upstream_q).truncated(true).build();
+        let q = parse_query(&client).unwrap();
+        render_uncached(&q, &truncated, 512, &mut out);
+        assert_eq!(flags(&out) & 0xF, u16::from(rcode::SERVFAIL));
+        assert_eq!(counts(&out), [1, 0, 0, 1]);
     }
 
     #[test]

@@ -161,12 +161,12 @@ async fn check_renders_the_template_and_reports_the_blocks() {
 /// `clients` clients that each send queries one after another (1 s timeout each, about one
 /// per millisecond) over `names` names, from before `during` starts until it has finished;
 /// returns (answered, lost).
-async fn load(
+async fn load<T>(
     server: SocketAddr,
     clients: usize,
     names: usize,
-    during: impl std::future::Future<Output = ()>,
-) -> (usize, usize) {
+    during: impl std::future::Future<Output = T>,
+) -> (usize, usize, T) {
     /// Bounds each client even if `during` never finishes.
     const MAX_PER_CLIENT: usize = 20_000;
     let answered = Arc::new(AtomicUsize::new(0));
@@ -194,12 +194,16 @@ async fn load(
             }
         }));
     }
-    during.await;
+    let result = during.await;
     done.store(true, Ordering::SeqCst);
     for t in tasks {
         t.await.unwrap();
     }
-    (answered.load(Ordering::SeqCst), lost.load(Ordering::SeqCst))
+    (
+        answered.load(Ordering::SeqCst),
+        lost.load(Ordering::SeqCst),
+        result,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -224,7 +228,7 @@ async fn a_surge_restart_under_load_loses_no_query() {
     let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let dir2 = dir.clone();
     let args2: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    let (answered, lost) = load(server, 8, 400, async move {
+    let (answered, lost, _new) = load(server, 8, 400, async move {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let refs: Vec<&str> = args2.iter().map(String::as_str).collect();
         let mut new = Agent::start(&dir2, &refs);
@@ -233,8 +237,7 @@ async fn a_surge_restart_under_load_loses_no_query() {
         let status = old.terminate().await;
         assert!(status.success(), "{}", old.log());
         tokio::time::sleep(Duration::from_millis(800)).await;
-        // Keep the new instance for the rest of the load.
-        std::mem::forget(new);
+        new
     })
     .await;
     assert_eq!(lost, 0, "{answered} answered, {lost} lost");
@@ -278,7 +281,7 @@ async fn corefile_changes_apply_without_losing_queries() {
         rcode::REFUSED,
         "other.test is not served yet"
     );
-    let (answered, lost) = load(server, 4, 300, async {
+    let (answered, lost, ()) = load(server, 4, 300, async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         write(&format!(
             "other.test:{port} {{\n    cache 30\n    bind 127.0.0.1\n    forward . {}\n}}\n",
