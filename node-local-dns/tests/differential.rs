@@ -839,19 +839,25 @@ fn differences(
             ));
         }
     }
-    match (ours.opt, theirs.opt) {
-        (Some(a), Some(b)) => {
-            if (a.dnssec_ok, a.version, a.extended_rcode)
-                != (b.dnssec_ok, b.version, b.extended_rcode)
-            {
+    for (who, m) in [("node-local-dns", ours), ("unbound", theirs)] {
+        if let (Some(o), Some(q)) = (m.opt, query_edns) {
+            if o.dnssec_ok != q.dnssec_ok {
                 diffs.push(format!(
-                    "OPT: node-local-dns DO={} version={} ext-rcode={}, unbound DO={} version={} ext-rcode={}",
-                    a.dnssec_ok, a.version, a.extended_rcode, b.dnssec_ok, b.version, b.extended_rcode
+                    "{who}: DO={} in the reply, {} in the query (RFC 3225 §3: copied)",
+                    o.dnssec_ok, q.dnssec_ok
                 ));
             }
         }
-        (None, None) => {}
-        _ => {} // reported above
+    }
+    // A missing or extra OPT is reported above; here the fields of two OPTs.
+    if let (Some(a), Some(b)) = (ours.opt, theirs.opt) {
+        if (a.dnssec_ok, a.version, a.extended_rcode) != (b.dnssec_ok, b.version, b.extended_rcode)
+        {
+            diffs.push(format!(
+                "OPT: node-local-dns DO={} version={} ext-rcode={}, unbound DO={} version={} ext-rcode={}",
+                a.dnssec_ok, a.version, a.extended_rcode, b.dnssec_ok, b.version, b.extended_rcode
+            ));
+        }
     }
     if !full {
         return diffs;
