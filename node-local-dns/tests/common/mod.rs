@@ -24,9 +24,19 @@ pub struct Authority {
 
 impl Authority {
     pub async fn start(addr: SocketAddr, ttl: u32) -> Authority {
-        let udp = Arc::new(UdpSocket::bind(addr).await.unwrap());
+        let udp = std::net::UdpSocket::bind(addr).unwrap();
+        let tcp = std::net::TcpListener::bind(udp.local_addr().unwrap()).unwrap();
+        Authority::from_std(udp, tcp, ttl)
+    }
+
+    /// Serves on sockets bound elsewhere (for example by a thread inside a network namespace:
+    /// a socket stays in the namespace it was created in). Needs a tokio runtime.
+    pub fn from_std(udp: std::net::UdpSocket, tcp: std::net::TcpListener, ttl: u32) -> Authority {
+        udp.set_nonblocking(true).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let udp = Arc::new(UdpSocket::from_std(udp).unwrap());
         let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
+        let tcp = TcpListener::from_std(tcp).unwrap();
         let queries = Arc::new(AtomicUsize::new(0));
         let q = Arc::clone(&queries);
         let udp_task = tokio::spawn(async move {
@@ -201,9 +211,26 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path, args: &[&str]) -> Agent {
+        let mut command = Command::new(binary());
+        command.args(args);
+        Agent::spawn(dir, command)
+    }
+
+    /// The binary with `args`, run in the network namespace `netns` (`ip netns exec`, which
+    /// execs the binary itself, so the child's pid is the agent's).
+    pub fn start_in_netns(dir: &Path, netns: &str, args: &[&str]) -> Agent {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", netns])
+            .arg(binary())
+            .args(args);
+        Agent::spawn(dir, command)
+    }
+
+    /// Runs `command` in `dir`, stderr to a log file there.
+    pub fn spawn(dir: &Path, mut command: Command) -> Agent {
         let stderr = dir.join(format!("stderr-{}.log", rand::random::<u32>()));
-        let child = Command::new(env!("CARGO_BIN_EXE_node-local-dns"))
-            .args(args)
+        let child = command
             .current_dir(dir)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -262,6 +289,11 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The agent binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_node-local-dns")
 }
 
 /// The flags of the example, with the listen IP and health port given.
