@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use node_local_dns::cache::{Policy, ServeStale, StaleMode};
 use node_local_dns::config::Forward;
-use node_local_dns::forward::Forwarder;
+use node_local_dns::forward::{Forwarder, ATTEMPTS_PER_UPSTREAM};
 use node_local_dns::server::{bind, Server, Zone};
 use node_local_dns::wire::{build_query, parse_query, rcode, rtype, Edns, ResponseBuilder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -507,7 +507,7 @@ async fn rfc8767_s5_verify_mode_asks_the_upstream_first() {
         "verify: waited for the upstream ({:?})",
         asked.elapsed()
     );
-    assert_eq!(up.count(), 3);
+    assert_eq!(up.count(), 2 + ATTEMPTS_PER_UPSTREAM);
     assert_eq!(a_rdata(&reply), [vec![10, 0, 0, 2]]);
     assert_eq!(ttls(&reply), [30]);
 }
@@ -554,7 +554,11 @@ async fn rfc8767_s5_failure_recheck_no_upstream_storm_while_down() {
         assert_eq!(ttls(&reply), [30]);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(up.count(), 2, "one fill, one failed refresh, then quiet");
+    assert_eq!(
+        up.count(),
+        1 + ATTEMPTS_PER_UPSTREAM,
+        "one fill, one failed refresh (its attempts), then quiet"
+    );
 }
 
 #[tokio::test]
@@ -570,8 +574,9 @@ async fn rfc8767_s5_refresh_is_retried_after_the_failure_recheck_time() {
     tokio::time::sleep(ONE_SECOND_AND_A_BIT).await;
     // Stale; its refresh times out after ATTEMPT_TIMEOUT.
     assert_eq!(ttls(&ask_udp(dns.udp, &q).await), [30]);
-    tokio::time::sleep(ATTEMPT_TIMEOUT + Duration::from_millis(200)).await;
-    assert_eq!(up.count(), 2);
+    tokio::time::sleep(ATTEMPT_TIMEOUT * ATTEMPTS_PER_UPSTREAM as u32 + Duration::from_millis(200))
+        .await;
+    assert_eq!(up.count(), 1 + ATTEMPTS_PER_UPSTREAM);
     alive.store(true, Ordering::SeqCst);
     // Past the recheck time: the next stale answer starts a refresh, which now succeeds.
     tokio::time::sleep(recheck).await;
@@ -587,7 +592,7 @@ async fn rfc8767_s5_refresh_is_retried_after_the_failure_recheck_time() {
     }
     let fresh = fresh.expect("the refresh after the recheck time replaced the stale entry");
     assert_eq!(a_rdata(&fresh), [vec![10, 0, 0, 2]]);
-    assert_eq!(up.count(), 3);
+    assert_eq!(up.count(), 2 + ATTEMPTS_PER_UPSTREAM);
 }
 
 // ---- RFC 1035 §4.2.1 and RFC 6891 §6.2.5: truncation ----
@@ -929,7 +934,8 @@ async fn cache_key_separates_do_cd_and_qclass() {
     with_cd[3] |= 0x10;
     let mut chaos = plain.clone();
     let class_at = chaos.len() - 2;
-    chaos[class_at..].copy_from_slice(&3u16.to_be_bytes()); // CH
+    // HS: CH is answered by the agent itself (id.server., RFC 4892), never forwarded.
+    chaos[class_at..].copy_from_slice(&4u16.to_be_bytes());
     let variants = [plain, with_do, with_cd, chaos];
     for (n, q) in variants.iter().enumerate() {
         ask_udp(dns.udp, q).await;
@@ -946,5 +952,5 @@ async fn cache_key_separates_do_cd_and_qclass() {
     let sent: Vec<_> = seen.iter().map(|p| parse_query(p).unwrap()).collect();
     assert!(sent[1].edns.unwrap().dnssec_ok);
     assert!(sent[2].checking_disabled);
-    assert_eq!(sent[3].qclass, 3);
+    assert_eq!(sent[3].qclass, 4);
 }
