@@ -1,12 +1,14 @@
 #!/bin/sh
-# Installs the Debian packages the macro benchmark (bench/harness/run.py) needs.
+# Installs the Debian packages the macro benchmarks need: bench/harness/run.py
+# (sni-proxy) and bench/harness/dns.py (node-local-dns).
 # Idempotent and quiet: does nothing when every package is already installed.
 # Never starts or depends on systemd; services that the packages' postinst
 # scripts start are stopped afterwards (the harness runs its own instances on
 # random high ports).
 set -eu
 
-PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux"
+PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux
+      knot dnsperf unbound pdns-recursor knot-resolver dnsmasq"
 
 missing=""
 for p in $PKGS; do
@@ -37,9 +39,15 @@ apt-get update -qq >/dev/null
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
 
 # In case something started anyway (no systemd here: SysV scripts or nothing).
-for svc in nginx haproxy sniproxy; do
+# The DNS servers matter most: one left on port 53 would break the test suite.
+for svc in nginx haproxy sniproxy knot unbound pdns-recursor dnsmasq kresd; do
     if [ -x "/etc/init.d/$svc" ]; then
         service "$svc" stop >/dev/null 2>&1 || "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
     fi
 done
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    for unit in knot unbound pdns-recursor dnsmasq kresd@1 kres-cache-gc; do
+        systemctl disable --now "$unit" >/dev/null 2>&1 || true
+    done
+fi
 exit 0
