@@ -348,13 +348,13 @@ def percentile(sorted_vals: list[float], p: float) -> float:
 
 
 class Load:
-    def __init__(self, upstream: Upstream, clients: int, outstanding: int):
-        self.up, self.clients, self.outstanding = upstream, clients, outstanding
+    def __init__(self, upstream: Upstream, clients: int, outstanding: int, timeout_s: int):
+        self.up, self.clients, self.outstanding, self.timeout_s = upstream, clients, outstanding, timeout_s
 
     def dnsperf(self, port: int, names: Path, extra: list[str], timeout: float,
                 server: Server | None, verbose: bool = False) -> tuple[dict[str, Any], list[float]]:
         argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names), "-T", "1",
-                "-c", str(self.clients), "-t", "2"] + extra + (["-v"] if verbose else [])
+                "-c", str(self.clients), "-t", str(self.timeout_s)] + extra + (["-v"] if verbose else [])
         u0 = self.up.queries()
         meter = Meter(server, self.up.srv)
         p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -797,7 +797,7 @@ def svg_cpu(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     by = {r["row"]: r for r in results}
     ub = g(by.get(BASELINE), "hits", "cpu_us_per_query")
     return _svg("Server CPU per cache-hit query and memory per 100,000 cached names — lower is better",
-                f"/proc/PID/stat utime+stime of the server's process tree; RSS (VmRSS) growth; "
+                f"/proc/PID/stat utime+stime of the server's process tree; RSS (VmRSS) filled − baseline instance; "
                 f"{meta['mode']} run {meta['date']}",
                 [("CPU per answered query", "µs / query", _items(results, "hits", "cpu_us_per_query"),
                   T_CPU_VS_UNBOUND * ub if ub else None,
@@ -940,7 +940,7 @@ def main() -> int:
         up = Upstream(ksrv, kconf)
         probe(kport, f"h0.{ZONE}")
         log(f"knot on 127.0.0.1:{kport} (upstream query counter: {up.queries()})")
-        ctx = Ctx(args, tmp, runner, Load(up, args.clients, args.outstanding), up, binary, duration,
+        ctx = Ctx(args, tmp, runner, Load(up, args.clients, args.outstanding, 1 if smoke else 2), up, binary, duration,
                   lat_duration, lat_rate, mem_names, hit_file, mem_file)
         rounds: list[list[dict[str, Any]]] = []
         for rnd in range(args.repeat):
