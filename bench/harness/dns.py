@@ -26,7 +26,6 @@ import resource
 import shutil
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -396,7 +395,7 @@ class Load:
     def throughput(self, port: int, names: Path, duration: int, server: Server) -> dict[str, Any]:
         r, _ = self.dnsperf(port, names, ["-l", str(duration), "-q", str(self.outstanding)],
                             duration + 60, server)
-        wall = r["run_s"] or r["wall_s"]
+        wall = r["wall_s"]  # dnsperf's whole life, incl. waiting for the last answers (run_s is not)
         r["cpu_us_per_query"] = r["server_cpu_s"] * 1e6 / r["completed"]
         r["server_busy"] = r["server_cpu_s"] / wall
         r["load_busy"] = r["load_cpu_s"] / wall
@@ -577,10 +576,9 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             if cands:
                 res[k] = cands[(len(cands) - 1) // 2]
                 res["rounds"][k] = [m[f] for m in cands]
-        if hits := res["rounds"].get("hits"):
+        if res["rounds"].get("hits"):
             res["rounds"]["cpu_us_per_query"] = sorted(r["hits"]["cpu_us_per_query"] for r in runs
                                                        if isinstance(r.get("hits"), dict))
-            del hits
         if first["status"] != "missing":
             needed = ["warm", "hits", "latency"] + (["memory"] if "memory" in first or "memory" in first.get(
                 "failed_measures", []) else [])
