@@ -297,7 +297,11 @@ def ours_conf(tmp: Path, binary: Path, port: int, up: int, entries: int) -> tupl
 """)
     argv = [str(binary), "-localip", "127.0.0.1", "-conf", str(conf), "-setupinterface=false",
             "-setupiptables=false", "-health-port", str(health)]
-    return argv, {"RUST_LOG": os.environ.get("BENCH_RUST_LOG", "warn")}
+    p = subprocess.run(argv + ["-check"], capture_output=True, text=True, timeout=30)
+    if p.returncode != 0:
+        raise BenchError(f"node-local-dns -check rejected the Corefile: {(p.stderr or p.stdout).strip()[-600:]}")
+    # one runtime worker: with the UDP hit thread, everything shares the one pinned core anyway
+    return argv, {"RUST_LOG": os.environ.get("BENCH_RUST_LOG", "warn"), "TOKIO_WORKER_THREADS": "1"}
 
 
 def peer_missing(row: str) -> str | None:
