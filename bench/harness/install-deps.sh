@@ -1,13 +1,14 @@
 #!/bin/sh
-# Installs the Debian packages the macro benchmarks need: bench/harness/run.py
-# (sni-proxy) and bench/harness/dns.py (node-local-dns).
+# Installs the Debian packages the macro benchmarks (bench/harness/run.py for sni-proxy,
+# bench/harness/dns.py for node-local-dns) and the privileged tests (network namespaces
+# via iproute2, node-local-dns interception via iptables) need.
 # Idempotent and quiet: does nothing when every package is already installed.
 # Never starts or depends on systemd; services that the packages' postinst
 # scripts start are stopped afterwards (the harness runs its own instances on
 # random high ports).
 set -eu
 
-PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux
+PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux iptables iproute2
       knot dnsperf unbound pdns-recursor knot-resolver dnsmasq"
 
 missing=""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the Helm chart tests (charts/tests/test_chart.py) in their own venv.
+# Runs the Helm chart tests (charts/tests/test_*.py: sni-proxy, node-local-dns) in their own venv.
 #
 #   charts/tests/run.sh [PYTEST ARGS...]
 #
@@ -7,6 +7,8 @@
 # PYTHON      interpreter that creates the venv (default: python3)
 # SNI_PROXY_BIN  sni-proxy binary for the --check tests (default: <repo>/target/debug/sni-proxy);
 #             missing binary: the tests fail, unless neither SNI_PROXY_BIN nor CI is set (skip).
+# NODE_LOCAL_DNS_BIN  node-local-dns binary for the -check tests (default:
+#             <target>/debug/node-local-dns when it exists); unset: those tests are skipped.
 #
 # Needs only PyPI: helm-python-sdk ships Helm's Go SDK as a prebuilt shared library inside its
 # wheel, and kubernetes-validate ships the Kubernetes schemas.
@@ -32,5 +34,11 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
 fi
 
 cd "$repo"
+if [ -z "${NODE_LOCAL_DNS_BIN:-}" ]; then
+    nld_default="${CARGO_TARGET_DIR:-$repo/target}/debug/node-local-dns"
+    if [ -x "$nld_default" ]; then
+        export NODE_LOCAL_DNS_BIN="$nld_default"
+    fi
+fi
 export PYTHONDONTWRITEBYTECODE=1
 exec "$venv/bin/python" -m pytest "$here" -rs -p no:cacheprovider "$@"

@@ -1,13 +1,27 @@
 //! node-local-dns: the DNS cache that runs on every shoot node, a drop-in for
-//! k8s-dns-node-cache. This crate is being built bottom-up. Its sans-IO core:
-//! [`wire`], which reads queries and turns upstream responses into cacheable wire images and
-//! back into replies, and [`cache`], the cache policy (RFC 2308 negative caching, RFC 8767
-//! serve-stale, prefetch, bounded memory) that takes `now` as an argument and never does I/O.
-//! On top: [`forward`] (upstream queries with random IDs and ports, response validation, TCP
-//! fallback) and [`server`] (UDP/TCP listeners, hits answered inline, single flight for misses).
+//! k8s-dns-node-cache (NodeLocal DNSCache).
+//!
+//! The sans-IO core: [`wire`] reads queries and turns upstream responses into cacheable wire
+//! images and back into replies; [`cache`] is the cache policy (RFC 2308 negative caching,
+//! RFC 8767 serve-stale, prefetch, SIEVE eviction, bounded memory), which takes `now` as an
+//! argument and never does I/O. Configuration: [`flags`] parses node-cache's command line,
+//! [`template`] renders its `__PILLAR__` Corefile template, [`corefile`] parses Corefile text
+//! into the typed [`config`] model. On the network: [`forward`] (pooled, pipelined, health
+//! checked upstreams), [`server`] (zones, single flight for misses, TCP), [`udp`] (the
+//! batched UDP hot path and the port hand-over), [`http`] and [`metrics`] (CoreDNS's metric
+//! names), [`intercept`] (the `nodelocaldns` link and the iptables rules). [`app`] ties them
+//! into the agent's life: start, intercept, serve, reload, repair, hand over.
 
+pub mod app;
 pub mod cache;
 pub mod config;
+pub mod corefile;
+pub mod flags;
 pub mod forward;
+pub mod http;
+pub mod intercept;
+pub mod metrics;
 pub mod server;
+pub mod template;
+pub mod udp;
 pub mod wire;

@@ -5,16 +5,20 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use arc_swap::ArcSwap;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use crate::cache::{Cache, Key, Lookup, Policy};
-use crate::forward::Forwarder;
+use crate::cache::{Cache, Key, Kind, Lookup, Policy};
+use crate::forward::{self, ForwardError, Forwarder};
+use crate::metrics::{CacheOutcome, Metrics, Plugin, ZoneMetrics};
 use crate::wire::{self, Query, WireImage};
 
 /// Waiters on one in-flight key, at most; more get SERVFAIL instead of queueing forever.
@@ -25,9 +29,11 @@ pub const MAX_WAITERS_PER_KEY: usize = 4096;
 pub struct Zone {
     /// The zone in lower-case wire form (`[0]` for the root).
     name: Vec<u8>,
-    cache: Mutex<Cache>,
+    cache: Arc<Mutex<Cache>>,
     forwarder: Forwarder,
     inflight: Mutex<HashMap<Key, Vec<oneshot::Sender<Outcome>>>>,
+    /// Where upstream exchanges are counted.
+    metrics: Option<Metrics>,
 }
 
 /// The result of one upstream exchange, shared by every waiter of the single flight.
@@ -39,23 +45,38 @@ enum Outcome {
     Uncached(Arc<Vec<u8>>),
     /// No upstream answered.
     Failed,
+    /// `max_concurrent` upstream queries are in flight: answered REFUSED at once.
+    Overloaded,
 }
 
 impl Zone {
     /// A zone (`"."` or `"cluster.local."`) with its cache policy and upstreams.
     pub fn new(zone: &str, policy: Policy, forwarder: Forwarder) -> Self {
+        Zone::with_cache(zone, Arc::new(Mutex::new(Cache::new(policy))), forwarder)
+    }
+
+    /// A zone using an existing cache: a reload that keeps a block's cache policy keeps its
+    /// entries.
+    pub fn with_cache(zone: &str, cache: Arc<Mutex<Cache>>, forwarder: Forwarder) -> Self {
         let mut name = Vec::new();
         wire::encode_name(&zone.to_ascii_lowercase(), &mut name);
         Zone {
             name,
-            cache: Mutex::new(Cache::new(policy)),
+            cache,
             forwarder,
             inflight: Mutex::new(HashMap::new()),
+            metrics: None,
         }
     }
 
-    /// The cache (for metrics and the kernel mirror).
-    pub fn cache(&self) -> &Mutex<Cache> {
+    /// Counts this zone's upstream exchanges in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The cache (for metrics, reloads and the kernel mirror).
+    pub fn cache(&self) -> &Arc<Mutex<Cache>> {
         &self.cache
     }
 
@@ -65,30 +86,110 @@ impl Zone {
     }
 }
 
-/// The zones served on one set of sockets; a query goes to the most specific zone.
+/// A zone as one listener serves it: the zone and the metric children of this listener.
 #[derive(Debug, Clone)]
-pub struct Server {
-    zones: Arc<Vec<Arc<Zone>>>,
+pub struct Served {
+    /// The zone (shared by every listener of its server block).
+    pub zone: Arc<Zone>,
+    /// Its metrics on this listener, if metrics are kept.
+    pub metrics: Option<ZoneMetrics>,
 }
 
+/// The zones served on one set of sockets; a query goes to the most specific zone. Cheap to
+/// clone; [`Server::replace`] swaps the zones for every clone at once (a reload).
+#[derive(Debug, Clone)]
+pub struct Server {
+    zones: Arc<ArcSwap<Vec<Served>>>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    metrics: Option<Metrics>,
+    /// The listener is IPv6 (the `family` label).
+    v6: bool,
+    /// Set while a loop-detection probe is out: its lower-case wire qname and how often it
+    /// came back.
+    loop_probe: Mutex<Option<(Vec<u8>, usize)>>,
+    loop_armed: AtomicBool,
+    /// Open TCP client connections.
+    tcp_open: AtomicUsize,
+}
+
+/// CoreDNS's `loop`: the probe seen this often means the query came back to us.
+pub const LOOP_THRESHOLD: usize = 2;
+
 impl Server {
-    /// Serves `zones` (any order).
-    pub fn new(mut zones: Vec<Arc<Zone>>) -> Self {
-        zones.sort_by_key(|z| std::cmp::Reverse(z.name.len()));
+    /// Serves `zones` (any order), without metrics.
+    pub fn new(zones: Vec<Arc<Zone>>) -> Self {
+        let served = zones
+            .into_iter()
+            .map(|zone| Served {
+                zone,
+                metrics: None,
+            })
+            .collect();
+        Server::with_metrics(served, None, false)
+    }
+
+    /// Serves `zones` with their metrics; `v6` says whether the listener is IPv6.
+    pub fn with_metrics(zones: Vec<Served>, metrics: Option<Metrics>, v6: bool) -> Self {
         Server {
-            zones: Arc::new(zones),
+            zones: Arc::new(ArcSwap::from_pointee(sorted(zones))),
+            shared: Arc::new(Shared {
+                metrics,
+                v6,
+                ..Shared::default()
+            }),
         }
     }
 
-    /// The most specific zone containing the lower-case wire qname.
-    fn zone_for(&self, qname: &[u8]) -> Option<&Arc<Zone>> {
-        self.zones.iter().find(|z| is_subdomain(qname, &z.name))
+    /// Replaces the zones (a reload): queries already in flight finish with the zones they
+    /// started with, the next query sees the new ones.
+    pub fn replace(&self, zones: Vec<Served>) {
+        self.zones.store(Arc::new(sorted(zones)));
+    }
+
+    /// The zones now served.
+    pub fn zones(&self) -> Arc<Vec<Served>> {
+        self.zones.load_full()
+    }
+
+    /// Arms loop detection for the probe name `qname` (any case).
+    pub fn arm_loop_probe(&self, qname: &str) {
+        let mut wire_name = Vec::new();
+        wire::encode_name(&qname.to_ascii_lowercase(), &mut wire_name);
+        *lock(&self.shared.loop_probe) = Some((wire_name, 0));
+        self.shared.loop_armed.store(true, Ordering::Release);
+    }
+
+    /// Disarms loop detection; returns how often the probe came back.
+    pub fn disarm_loop_probe(&self) -> usize {
+        self.shared.loop_armed.store(false, Ordering::Release);
+        lock(&self.shared.loop_probe)
+            .take()
+            .map_or(0, |(_, seen)| seen)
+    }
+
+    fn note_loop_probe(&self, key: &Key, name_len: usize) {
+        if !self.shared.loop_armed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some((probe, seen)) = lock(&self.shared.loop_probe).as_mut() {
+            if key.as_bytes()[..name_len] == probe[..] {
+                *seen += 1;
+                if let Some(m) = &self.shared.metrics {
+                    m.loop_probes.inc();
+                }
+            }
+        }
     }
 
     /// Answers one query packet into `out` (cleared); over UDP the reply fits what the client
     /// accepts (else TC=1), over TCP up to 65535 bytes. Returns false when nothing should be
     /// sent (the packet was not even a DNS header).
     pub async fn answer(&self, packet: &[u8], udp: bool, out: &mut Vec<u8>) -> bool {
+        let start = Instant::now();
         let query = match wire::parse_query(packet) {
             Ok(q) => q,
             Err(wire::WireError::NotQuery) => {
@@ -105,25 +206,53 @@ impl Server {
             wire::render_error(&query, wire::rcode::BADVERS, out);
             return true;
         }
+        if query.qclass == CLASS_CHAOS {
+            answer_chaos(&query, out);
+            return true;
+        }
         let key = Key::of(&query);
         let name_len = query.qname().len();
-        let Some(zone) = self.zone_for(&key.as_bytes()[..name_len]).cloned() else {
+        let zones = self.zones.load();
+        let Some(served) = zone_for(&zones, &key.as_bytes()[..name_len]).cloned() else {
             wire::render_error(&query, u16::from(wire::rcode::REFUSED), out);
             return true;
         };
-        match cached(&zone, packet, &key) {
+        drop(zones);
+        let metrics = served.metrics.as_ref();
+        if let Some(m) = metrics {
+            let edns = query.edns;
+            m.request(
+                !udp,
+                self.shared.v6,
+                query.qtype,
+                edns.map_or(wire::CLASSIC_UDP_SIZE, |e| e.udp_size),
+                edns.is_some_and(|e| e.dnssec_ok),
+            );
+        }
+        self.note_loop_probe(&key, name_len);
+        let zone = &served.zone;
+        let plugin = match cached(zone, packet, &key, metrics) {
             Some((image, ttl)) => {
                 wire::render(&query, &image, ttl, limit, out);
+                Plugin::Cache
             }
             None => {
-                let outcome = resolve(&zone, packet, key.clone()).await;
-                deliver(&zone, &query, &key, outcome, limit, out);
+                if let Some(m) = metrics {
+                    m.cache(CacheOutcome::Miss);
+                }
+                let outcome = resolve(zone, packet, key.clone(), !udp, &self.shared).await;
+                deliver(zone, &query, &key, outcome, limit, out)
             }
+        };
+        if let Some(m) = metrics {
+            let rcode = out.get(3).map_or(0, |b| b & 0x0F);
+            m.response(!udp, query.qtype, rcode, plugin, out.len(), start.elapsed());
         }
         true
     }
 
-    /// Serves UDP on `socket` until the task is dropped.
+    /// Serves UDP on `socket` until the task is dropped (the tokio path; the agent's own
+    /// listeners use the batched [`crate::udp`] workers).
     pub async fn serve_udp(self, socket: Arc<UdpSocket>) {
         let mut buf = vec![0u8; wire::MAX_MESSAGE];
         let mut out = Vec::with_capacity(1232);
@@ -134,10 +263,8 @@ impl Server {
             let packet = &buf[..n];
             // Hits are answered right here; a miss gets its own task so one slow upstream
             // does not hold up the socket.
-            if let Some(done) = self.try_cached(packet, &mut out) {
-                if done {
-                    let _ = socket.send_to(&out, peer).await;
-                }
+            if self.try_cached(packet, &mut out) {
+                let _ = socket.send_to(&out, peer).await;
                 continue;
             }
             let (server, socket, packet) = (self.clone(), Arc::clone(&socket), packet.to_vec());
@@ -150,35 +277,95 @@ impl Server {
         }
     }
 
-    /// Answers synchronously if no upstream is needed: Some(send?) or None for a miss.
-    fn try_cached(&self, packet: &[u8], out: &mut Vec<u8>) -> Option<bool> {
+    /// Answers a UDP query into `out` if no upstream is needed (a live or stale hit) and
+    /// returns true; false for everything else, which [`Server::answer`] handles.
+    pub fn try_cached(&self, packet: &[u8], out: &mut Vec<u8>) -> bool {
+        let start = Instant::now();
         let Ok(query) = wire::parse_query(packet) else {
-            return None; // the full path answers FORMERR/NOTIMP
+            return false; // the full path answers FORMERR/NOTIMP
         };
         if query.edns.is_some_and(|e| e.version > 0) {
-            return None;
+            return false;
         }
         let key = Key::of(&query);
-        let zone = self.zone_for(&key.as_bytes()[..query.qname().len()])?;
-        let (image, ttl) = cached(zone, packet, &key)?;
+        let zones = self.zones.load();
+        let Some(served) = zone_for(&zones, &key.as_bytes()[..query.qname().len()]) else {
+            return false;
+        };
+        let Some((image, ttl)) = cached(&served.zone, packet, &key, served.metrics.as_ref()) else {
+            return false;
+        };
         wire::render(&query, &image, ttl, query.udp_limit(), out);
-        Some(true)
+        if let Some(m) = &served.metrics {
+            let edns = query.edns;
+            m.request(
+                false,
+                self.shared.v6,
+                query.qtype,
+                edns.map_or(wire::CLASSIC_UDP_SIZE, |e| e.udp_size),
+                edns.is_some_and(|e| e.dnssec_ok),
+            );
+            let rcode = out.get(3).map_or(0, |b| b & 0x0F);
+            m.response(
+                false,
+                query.qtype,
+                rcode,
+                Plugin::Cache,
+                out.len(),
+                start.elapsed(),
+            );
+        }
+        true
     }
 
     /// Serves TCP on `listener` until the task is dropped: length-prefixed messages, answered
     /// in order, the connection closed after 10 s without a query.
     pub async fn serve_tcp(self, listener: TcpListener) {
+        self.serve_tcp_shared(Arc::new(listener)).await;
+    }
+
+    /// [`Server::serve_tcp`] on a listener the caller keeps too (to steer and drain it).
+    pub async fn serve_tcp_shared(self, listener: Arc<TcpListener>) {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             };
-            let server = self.clone();
-            tokio::spawn(async move {
-                if let Err(error) = server.tcp_connection(stream).await {
-                    debug!(%error, %peer, "dns tcp connection ended");
-                }
-            });
+            self.spawn_tcp(stream);
         }
+    }
+
+    /// Serves the connections already in `listener`'s accept queue (a leaving instance must
+    /// not reset them) and returns once it is empty.
+    pub fn drain_tcp_backlog(self, listener: &TcpListener) {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        while let std::task::Poll::Ready(Ok((stream, _))) = listener.poll_accept(&mut cx) {
+            self.spawn_tcp(stream);
+        }
+    }
+
+    fn spawn_tcp(&self, stream: TcpStream) {
+        let server = self.clone();
+        server.shared.tcp_open.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(async move {
+            let peer = stream.peer_addr().ok();
+            if let Err(error) = server.tcp_connection(stream).await {
+                debug!(%error, ?peer, "dns tcp connection ended");
+            }
+            server.shared.tcp_open.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// Whether TCP connections are open or upstream queries are in flight (a leaving
+    /// instance waits for them).
+    pub fn busy(&self) -> bool {
+        self.shared.tcp_open.load(Ordering::Acquire) > 0
+            || self
+                .zones
+                .load()
+                .iter()
+                .any(|z| !lock(&z.zone.inflight).is_empty())
     }
 
     async fn tcp_connection(&self, mut stream: TcpStream) -> std::io::Result<()> {
@@ -223,24 +410,89 @@ fn is_subdomain(name: &[u8], zone: &[u8]) -> bool {
     false
 }
 
+/// The most specific zone containing the lower-case wire qname.
+fn zone_for<'a>(zones: &'a [Served], qname: &[u8]) -> Option<&'a Served> {
+    zones.iter().find(|z| is_subdomain(qname, &z.zone.name))
+}
+
+/// Most specific zone first.
+fn sorted(mut zones: Vec<Served>) -> Vec<Served> {
+    zones.sort_by_key(|z| std::cmp::Reverse(z.zone.name.len()));
+    zones
+}
+
+/// QCLASS CH (RFC 1035 §3.2.4).
+const CLASS_CHAOS: u16 = 3;
+
+/// Answers `id.server.` and `version.server.` in class CH (RFC 4892) with who we are, which
+/// the readiness self-test uses to prove the listener answers without asking any upstream;
+/// other CH names are REFUSED.
+fn answer_chaos(query: &Query<'_>, out: &mut Vec<u8>) {
+    let name = query.qname_text().to_ascii_lowercase();
+    let text: &str = match name.as_str() {
+        "id.server." | "hostname.bind." => "node-local-dns",
+        "version.server." | "version.bind." => env!("CARGO_PKG_VERSION"),
+        _ => {
+            wire::render_error(query, u16::from(wire::rcode::REFUSED), out);
+            return;
+        }
+    };
+    if query.qtype != wire::rtype::TXT && query.qtype != wire::rtype::ANY {
+        wire::render_error(query, 0, out);
+        return;
+    }
+    // The header of an empty NOERROR reply, then one TXT record whose owner points at the
+    // question's name (offset 12).
+    wire::render_error(query, 0, out);
+    let at = usize::from(12 + query.question.len() as u16);
+    let mut record = Vec::with_capacity(16 + text.len());
+    record.extend_from_slice(&[0xC0, 12]);
+    record.extend_from_slice(&wire::rtype::TXT.to_be_bytes());
+    record.extend_from_slice(&CLASS_CHAOS.to_be_bytes());
+    record.extend_from_slice(&0u32.to_be_bytes());
+    record.extend_from_slice(&(text.len() as u16 + 1).to_be_bytes());
+    record.push(text.len() as u8);
+    record.extend_from_slice(text.as_bytes());
+    out.splice(at..at, record);
+    out[7] = 1; // ANCOUNT
+}
+
 /// A usable cache entry for `key` (live, or stale in immediate mode) with its TTL; starts the
-/// background refresh the cache asks for. None on a miss.
-fn cached(zone: &Arc<Zone>, packet: &[u8], key: &Key) -> Option<(Arc<WireImage>, u32)> {
+/// background refresh the cache asks for. None on a miss. Counts the hit.
+fn cached(
+    zone: &Arc<Zone>,
+    packet: &[u8],
+    key: &Key,
+    metrics: Option<&ZoneMetrics>,
+) -> Option<(Arc<WireImage>, u32)> {
     let lookup = lock(&zone.cache).lookup(key, Instant::now());
-    let (image, ttl, refresh_now) = match lookup {
+    let (image, ttl, refresh_now, outcome) = match lookup {
         Lookup::Hit {
             image,
             ttl,
             prefetch,
-            ..
-        } => (image, ttl, prefetch),
+            kind,
+        } => (
+            image,
+            ttl,
+            prefetch,
+            CacheOutcome::Hit {
+                denial: kind == Kind::Denial,
+            },
+        ),
         Lookup::Stale {
             image,
             ttl,
             refresh,
-        } => (image, ttl, refresh),
+        } => (image, ttl, refresh, CacheOutcome::Stale),
         Lookup::Miss => return None,
     };
+    if let Some(m) = metrics {
+        m.cache(outcome);
+        if refresh_now && matches!(outcome, CacheOutcome::Hit { .. }) {
+            m.prefetched();
+        }
+    }
     if refresh_now {
         refresh(zone, packet, key.clone());
     }
@@ -248,7 +500,13 @@ fn cached(zone: &Arc<Zone>, packet: &[u8], key: &Key) -> Option<(Arc<WireImage>,
 }
 
 /// Joins (or starts) the single flight for `key`.
-async fn resolve(zone: &Arc<Zone>, packet: &[u8], key: Key) -> Outcome {
+async fn resolve(
+    zone: &Arc<Zone>,
+    packet: &[u8],
+    key: Key,
+    client_tcp: bool,
+    shared: &Shared,
+) -> Outcome {
     let (tx, rx) = oneshot::channel();
     let start = {
         let mut inflight = lock(&zone.inflight);
@@ -256,6 +514,9 @@ async fn resolve(zone: &Arc<Zone>, packet: &[u8], key: Key) -> Outcome {
             Some(waiters) if waiters.len() >= MAX_WAITERS_PER_KEY => return Outcome::Failed,
             Some(waiters) => {
                 waiters.push(tx);
+                if let Some(m) = &shared.metrics {
+                    m.coalesced.inc();
+                }
                 false
             }
             None => {
@@ -266,7 +527,7 @@ async fn resolve(zone: &Arc<Zone>, packet: &[u8], key: Key) -> Outcome {
     };
     if start {
         // The fetch runs on its own task: a waiter that goes away cannot strand the others.
-        tokio::spawn(fetch(Arc::clone(zone), packet.to_vec(), key));
+        tokio::spawn(fetch(Arc::clone(zone), packet.to_vec(), key, client_tcp));
     }
     rx.await.unwrap_or(Outcome::Failed)
 }
@@ -278,12 +539,12 @@ fn refresh(zone: &Arc<Zone>, packet: &[u8], key: Key) {
         return;
     }
     inflight.insert(key.clone(), Vec::new());
-    tokio::spawn(fetch(Arc::clone(zone), packet.to_vec(), key));
+    tokio::spawn(fetch(Arc::clone(zone), packet.to_vec(), key, false));
 }
 
-async fn fetch(zone: Arc<Zone>, packet: Vec<u8>, key: Key) {
+async fn fetch(zone: Arc<Zone>, packet: Vec<u8>, key: Key, client_tcp: bool) {
     let outcome = match wire::parse_query(&packet) {
-        Ok(query) => exchange(&zone, &query, &key).await,
+        Ok(query) => exchange(&zone, &query, &key, client_tcp).await,
         Err(_) => Outcome::Failed,
     };
     let waiters = lock(&zone.inflight).remove(&key).unwrap_or_default();
@@ -292,10 +553,31 @@ async fn fetch(zone: Arc<Zone>, packet: Vec<u8>, key: Key) {
     }
 }
 
-async fn exchange(zone: &Zone, query: &Query<'_>, key: &Key) -> Outcome {
-    let Ok((response, upstream_query)) = zone.forwarder.forward(query).await else {
-        return Outcome::Failed;
+async fn exchange(zone: &Zone, query: &Query<'_>, key: &Key, client_tcp: bool) -> Outcome {
+    let exchange = match zone.forwarder.forward(query, client_tcp).await {
+        Ok(exchange) => exchange,
+        Err(ForwardError::Overloaded) => {
+            if let Some(m) = &zone.metrics {
+                m.overloaded.inc();
+            }
+            return Outcome::Overloaded;
+        }
+        Err(ForwardError::NoAnswer) => return Outcome::Failed,
     };
+    let forward::Exchange {
+        response,
+        query: upstream_query,
+        upstream,
+        elapsed,
+    } = exchange;
+    if let Some(m) = &zone.metrics {
+        let rcode = response.get(3).map_or(0, |b| b & 0x0F);
+        m.upstream(
+            &upstream.to_string(),
+            crate::metrics::rcode_name(rcode),
+            elapsed,
+        );
+    }
     let Ok(sent) = wire::parse_query(&upstream_query) else {
         return Outcome::Failed;
     };
@@ -315,10 +597,11 @@ fn deliver(
     outcome: Outcome,
     limit: usize,
     out: &mut Vec<u8>,
-) {
+) -> Plugin {
     match outcome {
         Outcome::Cached(image, ttl) => {
             wire::render(query, &image, ttl, limit, out);
+            Plugin::Forward
         }
         Outcome::Uncached(response)
             if response.len() <= limit && response.len() >= 12 + query.question.len() =>
@@ -329,18 +612,28 @@ fn deliver(
             out.extend_from_slice(&response);
             out[..2].copy_from_slice(&query.id.to_be_bytes());
             out[12..12 + query.question.len()].copy_from_slice(query.question);
+            Plugin::Forward
         }
         Outcome::Uncached(_) => {
             wire::render_error(query, u16::from(wire::rcode::SERVFAIL), out);
             if let Some(flags) = out.get_mut(2) {
                 *flags |= 0x02; // TC: too large for this transport, ask again over TCP
             }
+            Plugin::Forward
+        }
+        Outcome::Overloaded => {
+            wire::render_error(query, u16::from(wire::rcode::REFUSED), out);
+            Plugin::Server
         }
         Outcome::Failed => match lock(&zone.cache).stale_on_failure(key, Instant::now()) {
             Some((image, ttl)) => {
                 wire::render(query, &image, ttl, limit, out);
+                Plugin::Cache
             }
-            None => wire::render_error(query, u16::from(wire::rcode::SERVFAIL), out),
+            None => {
+                wire::render_error(query, u16::from(wire::rcode::SERVFAIL), out);
+                Plugin::Server
+            }
         },
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use node_local_dns::cache::{Policy, ServeStale, StaleMode};
+use node_local_dns::config::Forward;
 use node_local_dns::forward::Forwarder;
 use node_local_dns::server::{bind, Server, Zone};
 use node_local_dns::wire::{build_query, parse_query, rcode, rtype, ResponseBuilder};
@@ -83,7 +84,10 @@ async fn serve(upstream: SocketAddr, policy: Policy) -> Dns {
     let zone = Arc::new(Zone::new(
         ".",
         policy,
-        Forwarder::new(vec![upstream], false, Duration::from_secs(1)),
+        Forwarder::new(&Forward {
+            attempt_timeout: Duration::from_secs(1),
+            ..Forward::new(".".into(), vec![upstream])
+        }),
     ));
     let server = Server::new(vec![Arc::clone(&zone)]);
     let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -236,7 +240,7 @@ async fn spoofed_and_stray_responses_are_dropped() {
         reply.windows(4).any(|w| w == [10, 0, 0, 1]),
         "the genuine answer"
     );
-    assert_eq!(dns.zone.forwarder().dropped.load(Ordering::Relaxed), 2);
+    assert_eq!(dns.zone.forwarder().stats().dropped, 2);
 }
 
 #[tokio::test]
