@@ -704,15 +704,21 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
         .reload_interval
         .map(|i| tokio::time::Instant::now() + i);
     let mut fatal = None;
+    // Closed once every loop check is done (at once when there is none): from then on recv()
+    // is ready forever and must leave the select, or this loop spins on a core.
+    let mut fatal_open = true;
     loop {
         let reload_at = next_reload;
         tokio::select! {
             () = shutdown.stopping() => break,
-            message = fatal_rx.recv(), if fatal.is_none() => {
-                if let Some(message) = message {
-                    error!("{message}");
-                    fatal = Some(message);
-                    break;
+            message = fatal_rx.recv(), if fatal_open => {
+                match message {
+                    Some(message) => {
+                        error!("{message}");
+                        fatal = Some(message);
+                        break;
+                    }
+                    None => fatal_open = false,
                 }
             }
             _ = sync.tick() => agent.ensure_interception(),
