@@ -1,14 +1,16 @@
 #!/bin/sh
-# Installs the Debian packages the macro benchmark (bench/harness/run.py) and the privileged
-# tests (network namespaces via iproute2, node-local-dns interception via iptables, unbound for
-# node-local-dns's differential test) need.
+# Installs the Debian packages the macro benchmarks (bench/harness/run.py for sni-proxy,
+# bench/harness/dns.py for node-local-dns) and the privileged tests (network namespaces
+# via iproute2, node-local-dns interception via iptables, unbound for its differential test)
+# need.
 # Idempotent and quiet: does nothing when every package is already installed.
 # Never starts or depends on systemd; services that the packages' postinst
 # scripts start are stopped afterwards (the harness runs its own instances on
 # random high ports).
 set -eu
 
-PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux iptables iproute2 unbound"
+PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux iptables iproute2
+      knot dnsperf unbound pdns-recursor knot-resolver dnsmasq"
 
 missing=""
 for p in $PKGS; do
@@ -39,17 +41,20 @@ apt-get update -qq >/dev/null
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
 
 # In case something started anyway (no systemd here: SysV scripts or nothing).
-# unbound's package would otherwise be a resolver on port 53 of the host: stop it and keep it
-# from starting at boot (tests run their own unbound on a random port of 127.0.0.1).
-for svc in nginx haproxy sniproxy unbound; do
+# The DNS servers matter most: one left on port 53 would break the test suite.
+for svc in nginx haproxy sniproxy knot unbound pdns-recursor dnsmasq kresd; do
     if [ -x "/etc/init.d/$svc" ]; then
         service "$svc" stop >/dev/null 2>&1 || "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
     fi
 done
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-    systemctl disable --now unbound.service >/dev/null 2>&1 || true
+    for unit in knot unbound pdns-recursor dnsmasq kresd@1 kres-cache-gc; do
+        systemctl disable --now "$unit" >/dev/null 2>&1 || true
+    done
 fi
-if command -v update-rc.d >/dev/null 2>&1 && [ -x /etc/init.d/unbound ]; then
-    update-rc.d unbound disable >/dev/null 2>&1 || true
+if command -v update-rc.d >/dev/null 2>&1; then
+    for svc in knot unbound pdns-recursor dnsmasq; do
+        [ -x "/etc/init.d/$svc" ] && update-rc.d "$svc" disable >/dev/null 2>&1 || true
+    done
 fi
 exit 0
