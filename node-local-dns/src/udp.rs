@@ -79,6 +79,9 @@ fn worker(
     runtime: &tokio::runtime::Handle,
     control: &Control,
 ) {
+    // Cache hits answered here may start a background refresh (prefetch, serve-stale),
+    // which spawns onto the runtime: this thread must be inside its context.
+    let _runtime = runtime.enter();
     let mut batch = Batch::new();
     let mut out = Vec::with_capacity(usize::from(wire::OUR_UDP_SIZE));
     loop {
