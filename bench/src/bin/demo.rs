@@ -292,6 +292,8 @@ mod dns {
     const REFRESH_SETTLE: Duration = Duration::from_millis(500);
     /// How long stopping the zone server waits for its tasks to end.
     const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Pause after a failed accept, so that a persistent error does not spin.
+    const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
     /// EDNS UDP size the zone server advertises.
     const ZONE_UDP_SIZE: u16 = 1232;
     /// Bounded pointer hops when reading a compressed name.
@@ -530,7 +532,10 @@ mod dns {
                 () = token.cancelled() => return,
                 r = tcp.accept() => match r {
                     Ok((stream, _)) => stream,
-                    Err(_) => continue,
+                    Err(_) => {
+                        tokio::time::sleep(ACCEPT_BACKOFF).await; // out of descriptors, say
+                        continue;
+                    }
                 },
             };
             let token = token.clone();
@@ -967,7 +972,7 @@ mod dns {
         /// The commands to try by hand.
         pub fn print_commands(&self) {
             let (ip, port) = (self.dns.ip(), self.dns.port());
-            println!("  dig @{ip} -p {port} kubernetes.default.svc.cluster.local");
+            println!("  dig @{ip} -p {port} kubernetes.default.svc.cluster.local   # past its TTL: stale (TTL 30) while a refresh runs");
             println!(
                 "  dig @{ip} -p {port} +tcp SRV _https._tcp.kubernetes.default.svc.cluster.local"
             );
