@@ -1,6 +1,8 @@
 //! The demo: two fake shoot kube-apiservers behind sni-proxy, kubectl-like traffic through
-//! both listeners, a table of what happened, and the commands to try by hand. Runs until
-//! Ctrl-C (or exits after the table with `--once`). Needs no root.
+//! both listeners; then node-local-dns in front of a small `cluster.local` zone, with cache
+//! hits, misses and a stale answer served while the zone's server is down. Tables of what
+//! happened, and the commands to try by hand. Runs until Ctrl-C (or exits after the tables
+//! with `--once`). Needs no root.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -14,7 +16,8 @@ use sni_proxy::{Config, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Runs sni-proxy in front of two fake shoot kube-apiservers.
+/// Runs sni-proxy in front of two fake shoot kube-apiservers, and node-local-dns in front of
+/// a small cluster.local zone.
 #[derive(Debug, Parser)]
 struct Args {
     /// Print the table and exit instead of serving until Ctrl-C.
@@ -163,6 +166,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let all_ok = rows.iter().all(|(_, _, ok, total, _)| ok == total);
 
+    let mut dns = dns::Demo::start(&dir, &shutdown).await?;
+    let dns_ok = dns.script().await?;
+
     println!("\nTry it by hand:");
     println!(
         "  curl --cacert {} --resolve api.s1.test:{}:127.0.0.1 https://api.s1.test:{}/version",
@@ -180,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
         config_path.display(),
         std::process::id()
     );
+    dns.print_commands();
 
     if args.once {
         shutdown.stop_accepting();
@@ -187,9 +194,11 @@ async fn main() -> anyhow::Result<()> {
         println!("\nserving until Ctrl-C");
     }
     running.await?;
+    dns.finish().await?;
     std::fs::remove_dir_all(&dir).ok();
     drop((s1, s2a, s2b));
     anyhow::ensure!(all_ok, "some demo traffic failed");
+    anyhow::ensure!(dns_ok, "some DNS answers were not what the demo expected");
     Ok(())
 }
 
@@ -238,4 +247,752 @@ async fn unknown_sni(addr: SocketAddr) -> anyhow::Result<String> {
         [] => "closed".into(),
         other => format!("{other:?}"),
     })
+}
+
+mod dns {
+    //! The node-local-dns half of the demo: a small authoritative `cluster.local` zone on
+    //! 127.0.0.1 (the stand-in for the cluster's CoreDNS, which can be stopped and started),
+    //! node-local-dns run in-process in front of it with node-cache's flags, and a scripted
+    //! sequence of queries whose table shows, for each answer, where it came from: derived
+    //! from the zone server's query counter and the TTL, not assumed.
+
+    use std::io;
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use agentkit::Shutdown;
+    use anyhow::Context as _;
+    use node_local_dns::metrics::rcode_name;
+    use node_local_dns::wire::{self, rcode, rtype, ResponseBuilder};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream, UdpSocket};
+    use tokio::task::JoinHandle;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    /// The zone served.
+    const ZONE: &str = "cluster.local.";
+    /// TTL of every record and of the SOA (so also of negative answers), in seconds. Short,
+    /// so that entries expire and staleness shows within the demo.
+    const ZONE_TTL: u32 = 5;
+    /// The TTL node-local-dns gives stale answers, in seconds (RFC 8767's recommendation).
+    const STALE_TTL: u32 = node_local_dns::cache::DEFAULT_STALE_TTL;
+    /// Deadline of one demo query (and of one read on the zone server's TCP connections).
+    const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+    /// How long the agent gets to answer its first query after start.
+    const START_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Between a miss and the hit after it, so that the TTL visibly counts down.
+    const HIT_DELAY: Duration = Duration::from_millis(1500);
+    /// Waited after stopping the zone server: one second past [`ZONE_TTL`].
+    const EXPIRY_WAIT: Duration = Duration::from_secs(ZONE_TTL as u64 + 1);
+    /// Waited after the stale answer before the zone server comes back.
+    const REFRESH_SETTLE: Duration = Duration::from_millis(500);
+    /// How long stopping the zone server waits for its tasks to end.
+    const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Pause after a failed accept, so that a persistent error does not spin.
+    const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+    /// EDNS UDP size the zone server advertises.
+    const ZONE_UDP_SIZE: u16 = 1232;
+    /// Bounded pointer hops when reading a compressed name.
+    const MAX_POINTER_HOPS: usize = 32;
+
+    /// RDATA of the zone's records.
+    enum Data {
+        A([u8; 4]),
+        Srv {
+            priority: u16,
+            weight: u16,
+            port: u16,
+            target: &'static str,
+        },
+    }
+
+    /// What the zone holds (names lowercase, absolute).
+    const RECORDS: &[(&str, Data)] = &[
+        (
+            "kubernetes.default.svc.cluster.local.",
+            Data::A([10, 96, 0, 1]),
+        ),
+        (
+            "kube-dns.kube-system.svc.cluster.local.",
+            Data::A([10, 96, 0, 10]),
+        ),
+        (
+            "metrics-server.kube-system.svc.cluster.local.",
+            Data::A([10, 96, 0, 20]),
+        ),
+        (
+            "_https._tcp.kubernetes.default.svc.cluster.local.",
+            Data::Srv {
+                priority: 0,
+                weight: 100,
+                port: 443,
+                target: "kubernetes.default.svc.cluster.local.",
+            },
+        ),
+        (
+            "_dns._udp.kube-dns.kube-system.svc.cluster.local.",
+            Data::Srv {
+                priority: 0,
+                weight: 100,
+                port: 53,
+                target: "kube-dns.kube-system.svc.cluster.local.",
+            },
+        ),
+        (
+            "_dns-tcp._tcp.kube-dns.kube-system.svc.cluster.local.",
+            Data::Srv {
+                priority: 0,
+                weight: 100,
+                port: 53,
+                target: "kube-dns.kube-system.svc.cluster.local.",
+            },
+        ),
+    ];
+
+    /// The zone server's answer to `packet`, and whether the question was in the zone (the
+    /// forwarder's health probes, `. IN NS`, are not: they get REFUSED).
+    fn answer(packet: &[u8]) -> Option<(Vec<u8>, bool)> {
+        let query = wire::parse_query(packet).ok()?;
+        let asked = query.qname_text();
+        let name = asked.to_ascii_lowercase();
+        let mut b = ResponseBuilder::new(packet).compress(true);
+        if query.edns.is_some() {
+            b = b.opt(ZONE_UDP_SIZE);
+        }
+        if name != ZONE && !name.ends_with(".cluster.local.") {
+            return Some((b.rcode(rcode::REFUSED).build(), false));
+        }
+        let soa = ResponseBuilder::soa_rdata(
+            "ns.dns.cluster.local.",
+            "hostmaster.cluster.local.",
+            ZONE_TTL,
+        );
+        let below = format!(".{name}");
+        let mut exists = name == ZONE;
+        let mut answered = false;
+        if name == ZONE && matches!(query.qtype, rtype::SOA | rtype::ANY) {
+            b = b.answer(&asked, rtype::SOA, ZONE_TTL, &soa);
+            answered = true;
+        }
+        for (owner, data) in RECORDS {
+            if owner.ends_with(&below) {
+                exists = true; // an empty non-terminal: NODATA, not NXDOMAIN
+            }
+            if *owner != name {
+                continue;
+            }
+            exists = true;
+            let any = query.qtype == rtype::ANY;
+            match data {
+                Data::A(ip) if any || query.qtype == rtype::A => {
+                    b = b.answer(&asked, rtype::A, ZONE_TTL, ip);
+                    answered = true;
+                }
+                Data::Srv {
+                    priority,
+                    weight,
+                    port,
+                    target,
+                } if any || query.qtype == rtype::SRV => {
+                    let mut rdata = Vec::new();
+                    for field in [priority, weight, port] {
+                        rdata.extend_from_slice(&field.to_be_bytes());
+                    }
+                    wire::encode_name(target, &mut rdata);
+                    b = b.answer(&asked, rtype::SRV, ZONE_TTL, &rdata);
+                    answered = true;
+                }
+                _ => {}
+            }
+        }
+        if !answered {
+            b = b.authority(ZONE, rtype::SOA, ZONE_TTL, &soa);
+            if !exists {
+                b = b.rcode(rcode::NXDOMAIN);
+            }
+        }
+        Some((b.build(), true))
+    }
+
+    /// Queries the zone server received.
+    #[derive(Debug, Default)]
+    struct Counters {
+        /// Questions in `cluster.local`.
+        zone: AtomicUsize,
+        /// Anything else (the forwarder's health probes).
+        other: AtomicUsize,
+    }
+
+    impl Counters {
+        fn count(&self, in_zone: bool) {
+            let c = if in_zone { &self.zone } else { &self.other };
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The authoritative `cluster.local` server (UDP and TCP on one port).
+    #[derive(Debug)]
+    struct Authority {
+        addr: SocketAddr,
+        counters: Arc<Counters>,
+        running: Option<(CancellationToken, TaskTracker)>,
+    }
+
+    impl Authority {
+        async fn start(addr: SocketAddr) -> io::Result<Authority> {
+            let mut authority = Authority {
+                addr,
+                counters: Arc::default(),
+                running: None,
+            };
+            authority.listen().await?;
+            Ok(authority)
+        }
+
+        /// Binds `self.addr` (the port chosen the first time is kept) and serves.
+        async fn listen(&mut self) -> io::Result<()> {
+            let udp = UdpSocket::bind(self.addr).await?;
+            self.addr = udp.local_addr()?;
+            let tcp = TcpListener::bind(self.addr).await?;
+            let token = CancellationToken::new();
+            let tracker = TaskTracker::new();
+            tracker.spawn(serve_udp(udp, token.clone(), Arc::clone(&self.counters)));
+            tracker.spawn(serve_tcp(
+                tcp,
+                token.clone(),
+                tracker.clone(),
+                Arc::clone(&self.counters),
+            ));
+            self.running = Some((token, tracker));
+            Ok(())
+        }
+
+        /// Closes the sockets, open TCP connections included, as a crashed server would.
+        async fn stop(&mut self) {
+            if let Some((token, tracker)) = self.running.take() {
+                token.cancel();
+                tracker.close();
+                let _ = tokio::time::timeout(STOP_TIMEOUT, tracker.wait()).await;
+            }
+        }
+
+        async fn restart(&mut self) -> io::Result<()> {
+            self.stop().await;
+            self.listen().await
+        }
+
+        /// Questions in the zone received so far.
+        fn queries(&self) -> usize {
+            self.counters.zone.load(Ordering::SeqCst)
+        }
+
+        /// Other questions (health probes) received so far.
+        fn probes(&self) -> usize {
+            self.counters.other.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for Authority {
+        fn drop(&mut self) {
+            if let Some((token, _)) = self.running.take() {
+                token.cancel();
+            }
+        }
+    }
+
+    async fn serve_udp(udp: UdpSocket, token: CancellationToken, counters: Arc<Counters>) {
+        let mut buf = vec![0u8; wire::MAX_MESSAGE];
+        loop {
+            let (n, peer) = tokio::select! {
+                () = token.cancelled() => return,
+                r = udp.recv_from(&mut buf) => match r {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                },
+            };
+            if let Some((reply, in_zone)) = buf.get(..n).and_then(answer) {
+                counters.count(in_zone);
+                let _ = udp.send_to(&reply, peer).await;
+            }
+        }
+    }
+
+    async fn serve_tcp(
+        tcp: TcpListener,
+        token: CancellationToken,
+        tracker: TaskTracker,
+        counters: Arc<Counters>,
+    ) {
+        loop {
+            let stream = tokio::select! {
+                () = token.cancelled() => return,
+                r = tcp.accept() => match r {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        tokio::time::sleep(ACCEPT_BACKOFF).await; // out of descriptors, say
+                        continue;
+                    }
+                },
+            };
+            let token = token.clone();
+            let counters = Arc::clone(&counters);
+            tracker.spawn(async move {
+                tokio::select! {
+                    () = token.cancelled() => {}
+                    () = serve_connection(stream, &counters) => {}
+                }
+            });
+        }
+    }
+
+    /// Answers length-prefixed queries until the peer closes (idle connections stay open
+    /// until the peer's pool closes them or the server stops).
+    async fn serve_connection(mut stream: TcpStream, counters: &Counters) {
+        while let Ok(len) = stream.read_u16().await {
+            let mut packet = vec![0u8; usize::from(len)];
+            match tokio::time::timeout(QUERY_TIMEOUT, stream.read_exact(&mut packet)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let Some((reply, in_zone)) = answer(&packet) else {
+                return;
+            };
+            counters.count(in_zone);
+            let Ok(len) = u16::try_from(reply.len()) else {
+                return;
+            };
+            let mut framed = len.to_be_bytes().to_vec();
+            framed.extend_from_slice(&reply);
+            if stream.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A port free on 127.0.0.1 for both UDP and TCP: `preferred` if it is, else any.
+    fn dns_port(preferred: u16) -> anyhow::Result<u16> {
+        let both = |port: u16| -> io::Result<u16> {
+            let udp = std::net::UdpSocket::bind(("127.0.0.1", port))?;
+            let port = udp.local_addr()?.port();
+            std::net::TcpListener::bind(("127.0.0.1", port))?;
+            Ok(port)
+        };
+        if let Ok(port) = both(preferred) {
+            return Ok(port);
+        }
+        for _ in 0..20 {
+            if let Ok(port) = both(0) {
+                return Ok(port);
+            }
+        }
+        anyhow::bail!("no port free for both UDP and TCP on 127.0.0.1")
+    }
+
+    static NEXT_ID: AtomicU16 = AtomicU16::new(0x4a00);
+
+    /// One query to `server`, over TCP or UDP, bounded by [`QUERY_TIMEOUT`].
+    async fn ask(server: SocketAddr, query: &[u8], tcp: bool) -> anyhow::Result<Vec<u8>> {
+        let exchange = async {
+            if tcp {
+                let mut s = TcpStream::connect(server).await?;
+                let len = u16::try_from(query.len())?;
+                let mut framed = len.to_be_bytes().to_vec();
+                framed.extend_from_slice(query);
+                s.write_all(&framed).await?;
+                let len = s.read_u16().await?;
+                let mut reply = vec![0u8; usize::from(len)];
+                s.read_exact(&mut reply).await?;
+                return Ok(reply);
+            }
+            let s = UdpSocket::bind("127.0.0.1:0").await?;
+            s.send_to(query, server).await?;
+            let mut buf = vec![0u8; wire::MAX_MESSAGE];
+            loop {
+                let n = s.recv(&mut buf).await?;
+                if buf.get(..2) == query.get(..2) {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+            }
+        };
+        tokio::time::timeout(QUERY_TIMEOUT, exchange)
+            .await
+            .context("no answer")?
+    }
+
+    /// A name at `pos` in `msg` (compression followed) and the position after it.
+    fn read_name(msg: &[u8], mut pos: usize) -> Option<(String, usize)> {
+        let mut name = String::new();
+        let mut end = None;
+        for _ in 0..MAX_POINTER_HOPS {
+            let len = *msg.get(pos)?;
+            if len & 0xC0 == 0xC0 {
+                let target = usize::from(u16::from_be_bytes([len & 0x3F, *msg.get(pos + 1)?]));
+                end.get_or_insert(pos + 2);
+                pos = target;
+                continue;
+            }
+            if len == 0 {
+                if name.is_empty() {
+                    name.push('.');
+                }
+                return Some((name, end.unwrap_or(pos + 1)));
+            }
+            let label = msg.get(pos + 1..pos + 1 + usize::from(len))?;
+            name.push_str(&String::from_utf8_lossy(label));
+            name.push('.');
+            pos += 1 + usize::from(len);
+        }
+        None
+    }
+
+    fn be16(msg: &[u8], pos: usize) -> Option<u16> {
+        Some(u16::from_be_bytes([*msg.get(pos)?, *msg.get(pos + 1)?]))
+    }
+
+    /// What a reply says, for the table.
+    struct Reply {
+        rcode: u8,
+        /// The answer records' data, or what the authority section holds.
+        answer: String,
+        /// The first record's TTL (the SOA's for a negative answer).
+        ttl: Option<u32>,
+        /// The question came back byte for byte as sent (case included).
+        echoed: bool,
+    }
+
+    fn read_reply(query: &[u8], reply: &[u8]) -> Option<Reply> {
+        let question = wire::parse_query(query).ok()?.question;
+        let echoed = reply.get(12..12 + question.len()) == Some(question);
+        let (ancount, nscount) = (be16(reply, 6)?, be16(reply, 8)?);
+        let (_, mut pos) = read_name(reply, 12)?;
+        pos += 4;
+        let mut answers = Vec::new();
+        let mut ttl = None;
+        for i in 0..(ancount + nscount) {
+            let (_, after) = read_name(reply, pos)?;
+            let rtype = be16(reply, after)?;
+            let rr_ttl = u32::from_be_bytes(reply.get(after + 4..after + 8)?.try_into().ok()?);
+            let rdlen = usize::from(be16(reply, after + 8)?);
+            let rdata = after + 10;
+            ttl.get_or_insert(rr_ttl);
+            let text = match rtype {
+                rtype::A => {
+                    let ip: [u8; 4] = reply.get(rdata..rdata + 4)?.try_into().ok()?;
+                    std::net::Ipv4Addr::from(ip).to_string()
+                }
+                rtype::SRV => format!(
+                    "SRV {} {} {} {}",
+                    be16(reply, rdata)?,
+                    be16(reply, rdata + 2)?,
+                    be16(reply, rdata + 4)?,
+                    read_name(reply, rdata + 6)?.0
+                ),
+                rtype::SOA => format!("SOA {}", read_name(reply, rdata)?.0),
+                other => format!("type {other}"),
+            };
+            if i < ancount || answers.is_empty() {
+                answers.push(if i < ancount {
+                    text
+                } else {
+                    format!("(authority) {text}")
+                });
+            }
+            pos = rdata + rdlen;
+        }
+        Some(Reply {
+            rcode: *reply.get(3)? & 0x0F,
+            answer: answers.join(", "),
+            ttl,
+            echoed,
+        })
+    }
+
+    /// Where an answer came from, judged from what was observed: the zone server saw the
+    /// question (upstream); it did not and the TTL is above anything the zone hands out
+    /// (stale); it did not and the TTL is within the zone's (cache).
+    fn served_from(upstream_delta: usize, ttl: Option<u32>) -> &'static str {
+        match (upstream_delta, ttl) {
+            (1.., _) => "upstream",
+            (0, Some(ttl)) if ttl > ZONE_TTL => "stale",
+            (0, _) => "cache",
+        }
+    }
+
+    /// node-local-dns in front of the zone, and the scripted queries.
+    #[derive(Debug)]
+    pub struct Demo {
+        authority: Authority,
+        agent: JoinHandle<anyhow::Result<()>>,
+        dns: SocketAddr,
+        metrics: SocketAddr,
+        health: SocketAddr,
+        corefile: PathBuf,
+        ok: bool,
+    }
+
+    impl Demo {
+        /// Starts the zone server and node-local-dns (in-process, node-cache's flags, no
+        /// interface or iptables), and waits until the agent answers.
+        pub async fn start(dir: &Path, shutdown: &Shutdown) -> anyhow::Result<Demo> {
+            let authority = Authority::start("127.0.0.1:0".parse()?).await?;
+            let dns_port = dns_port(5300)?;
+            let metrics_port = super::port_or_any(9253);
+            let health_port = super::port_or_any(18080);
+            let setup_metrics_port = super::port_or_any(9353);
+            let corefile = dir.join("Corefile");
+            std::fs::write(
+                &corefile,
+                format!(
+                    "cluster.local:{dns_port} {{\n    errors\n    cache {{\n        success 9984 {ZONE_TTL}\n        denial 9984 {ZONE_TTL}\n        serve_stale 1h immediate\n    }}\n    bind 127.0.0.1\n    forward . {} {{\n        force_tcp\n    }}\n    prometheus 127.0.0.1:{metrics_port}\n    health 127.0.0.1:{health_port}\n}}\n",
+                    authority.addr
+                ),
+            )?;
+            let conf = corefile.display().to_string();
+            let base = dir.join("Corefile.base").display().to_string();
+            let health = health_port.to_string();
+            let setup_metrics = format!("127.0.0.1:{setup_metrics_port}");
+            let flags = node_local_dns::flags::parse([
+                "-localip",
+                "127.0.0.1",
+                "-conf",
+                &conf,
+                "-basecorefile",
+                &base,
+                "-setupinterface=false",
+                "-setupiptables=false",
+                "-health-port",
+                &health,
+                "-metrics-listen-address",
+                &setup_metrics,
+            ])?;
+            let agent = tokio::spawn(node_local_dns::app::run(flags, shutdown.clone()));
+            let dns = SocketAddr::from(([127, 0, 0, 1], dns_port));
+            let deadline = Instant::now() + START_TIMEOUT;
+            let mut probe = Vec::new();
+            loop {
+                anyhow::ensure!(!agent.is_finished(), "node-local-dns exited at start");
+                wire::build_query(0, "id.server.", rtype::TXT, None, &mut probe);
+                let at = probe.len() - 2;
+                probe[at..].copy_from_slice(&3u16.to_be_bytes()); // class CH
+                let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+                probe[..2].copy_from_slice(&id.to_be_bytes());
+                if ask(dns, &probe, false).await.is_ok() {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "node-local-dns not answering after {START_TIMEOUT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(Demo {
+                authority,
+                agent,
+                dns,
+                metrics: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+                health: SocketAddr::from(([127, 0, 0, 1], health_port)),
+                corefile,
+                ok: true,
+            })
+        }
+
+        /// Runs the scripted sequence, printing a row per query as it happens, then the
+        /// agent's cache metrics. Returns whether every row went as expected.
+        pub async fn script(&mut self) -> anyhow::Result<bool> {
+            println!("\nnode-local-dns demo: a node-local cache in front of cluster.local\n");
+            println!(
+                "  zone server (the cluster's DNS)  {}  TTL {ZONE_TTL} s, UDP and TCP",
+                self.authority.addr
+            );
+            println!(
+                "  node-local-dns                   {}  cache success/denial {ZONE_TTL} s, serve_stale 1h immediate, forward force_tcp",
+                self.dns
+            );
+            println!(
+                "  metrics http://{}/metrics, health http://{}/health\n",
+                self.metrics, self.health
+            );
+            println!(
+                "{:<3} {:<56} {:<4} {:<9} {:>4}  {:<9} {:>8} {:>8}  answer",
+                "#", "query", "via", "rcode", "ttl", "from", "upstream", "latency"
+            );
+            println!("{}", "-".repeat(130));
+            let kubernetes = "kubernetes.default.svc.cluster.local";
+            self.row(1, rtype::A, kubernetes, false, "upstream").await;
+            tokio::time::sleep(HIT_DELAY).await;
+            self.row(2, rtype::A, kubernetes, false, "cache").await;
+            self.row(
+                3,
+                rtype::A,
+                "KuBeRnEtEs.Default.SVC.cluster.local",
+                false,
+                "cache",
+            )
+            .await;
+            self.row(
+                4,
+                rtype::SRV,
+                "_https._tcp.kubernetes.default.svc.cluster.local",
+                false,
+                "upstream",
+            )
+            .await;
+            self.row(
+                5,
+                rtype::A,
+                "kube-dns.kube-system.svc.cluster.local",
+                true,
+                "upstream",
+            )
+            .await;
+            self.row(
+                6,
+                rtype::A,
+                "nosuch.default.svc.cluster.local",
+                false,
+                "upstream",
+            )
+            .await;
+            self.row(
+                7,
+                rtype::A,
+                "nosuch.default.svc.cluster.local",
+                false,
+                "cache",
+            )
+            .await;
+            self.authority.stop().await;
+            println!(
+                "    -- zone server stopped; waiting {} s, past the {ZONE_TTL} s TTL --",
+                EXPIRY_WAIT.as_secs()
+            );
+            tokio::time::sleep(EXPIRY_WAIT).await;
+            self.row(8, rtype::A, kubernetes, false, "stale").await;
+            // Let the background refresh the stale answer started fail first, so that the
+            // next row counts only its own question.
+            tokio::time::sleep(REFRESH_SETTLE).await;
+            self.authority.restart().await?;
+            println!(
+                "    -- zone server started again on {} --",
+                self.authority.addr
+            );
+            self.row(
+                9,
+                rtype::SRV,
+                "_dns._udp.kube-dns.kube-system.svc.cluster.local",
+                false,
+                "upstream",
+            )
+            .await;
+            println!(
+                "\n  from: upstream = the zone server saw the question; stale = it did not and the TTL is above its {ZONE_TTL} s; cache = neither."
+            );
+            let probes = self.authority.probes();
+            if probes > 0 {
+                println!("  The zone server also answered {probes} health probe(s) (`. NS`, REFUSED) from the forwarder.");
+            }
+
+            let metrics = super::fetch(self.metrics, "/metrics").await?;
+            println!("\nfrom node-local-dns /metrics (non-zero):");
+            for line in metrics.lines().filter(|l| {
+                [
+                    "coredns_cache_hits_total",
+                    "coredns_cache_misses_total",
+                    "coredns_cache_served_stale_total",
+                    "coredns_dns_requests_total",
+                ]
+                .iter()
+                .any(|m| l.starts_with(m))
+                    && !l.ends_with(" 0")
+            }) {
+                println!("  {line}");
+            }
+            Ok(self.ok)
+        }
+
+        /// One query through node-local-dns and its table row; `expected` is where the
+        /// answer should come from (a mismatch is marked and fails the demo).
+        async fn row(&mut self, step: usize, qtype: u16, name: &str, tcp: bool, expected: &str) {
+            let mut query = Vec::new();
+            wire::build_query(
+                NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                name,
+                qtype,
+                None,
+                &mut query,
+            );
+            let before = self.authority.queries();
+            let t = Instant::now();
+            let result = ask(self.dns, &query, tcp).await;
+            let latency = t.elapsed();
+            let delta = self.authority.queries() - before;
+            let type_name = match qtype {
+                rtype::A => "A",
+                rtype::SRV => "SRV",
+                _ => "?",
+            };
+            let via = if tcp { "tcp" } else { "udp" };
+            let what = format!("{type_name} {name}");
+            let Some(reply) = result.ok().and_then(|r| read_reply(&query, &r)) else {
+                self.ok = false;
+                println!("{step:<3} {what:<56} {via:<4} no answer  (expected {expected})");
+                return;
+            };
+            let from = served_from(delta, reply.ttl);
+            let mut notes = String::new();
+            if from != expected {
+                self.ok = false;
+                notes.push_str(&format!("  << expected {expected}"));
+            }
+            if !reply.echoed {
+                self.ok = false;
+                notes.push_str("  << question not echoed as sent");
+            } else if name.chars().any(|c| c.is_ascii_uppercase()) {
+                notes.push_str("  (question echoed as sent)");
+            }
+            if from == "stale" && reply.ttl != Some(STALE_TTL) {
+                self.ok = false;
+                notes.push_str(&format!("  << stale TTL should be {STALE_TTL}"));
+            }
+            println!(
+                "{step:<3} {what:<56} {via:<4} {:<9} {:>4}  {from:<9} {:>8} {:>6.1}ms  {}{notes}",
+                rcode_name(reply.rcode),
+                reply.ttl.map_or("-".to_owned(), |t| t.to_string()),
+                format!("{} (+{delta})", before + delta),
+                latency.as_secs_f64() * 1e3,
+                reply.answer,
+            );
+        }
+
+        /// The commands to try by hand.
+        pub fn print_commands(&self) {
+            let (ip, port) = (self.dns.ip(), self.dns.port());
+            println!("  dig @{ip} -p {port} kubernetes.default.svc.cluster.local   # past its TTL: stale (TTL 30) while a refresh runs");
+            println!(
+                "  dig @{ip} -p {port} +tcp SRV _https._tcp.kubernetes.default.svc.cluster.local"
+            );
+            println!("  dig @{ip} -p {port} nosuch.default.svc.cluster.local   # NXDOMAIN, then a denial hit");
+            println!(
+                "  curl -s http://{}/metrics | grep coredns_cache",
+                self.metrics
+            );
+            println!(
+                "  edit {} (node-local-dns reloads it on kill -HUP {})",
+                self.corefile.display(),
+                std::process::id()
+            );
+        }
+
+        /// Waits for node-local-dns to stop (after the shutdown fired) and stops the zone.
+        pub async fn finish(mut self) -> anyhow::Result<()> {
+            let result = (&mut self.agent).await;
+            self.authority.stop().await;
+            result.context("node-local-dns task")?
+        }
+    }
 }
