@@ -270,50 +270,12 @@ fn parse_interval(value: &str) -> Result<Duration, String> {
     let d = if let Ok(secs) = value.parse::<u64>() {
         Duration::from_secs(secs)
     } else {
-        parse_go_duration(value)?
+        crate::corefile::parse_go_duration(value)?
     };
     if d.is_zero() {
         return Err("must be above zero".to_owned());
     }
     Ok(d)
-}
-
-/// A Go duration: a sequence of decimal numbers with units `ns us µs ms s m h`.
-pub fn parse_go_duration(value: &str) -> Result<Duration, String> {
-    let bad = || format!("{value:?} is not a duration (like 500ms, 30s, 1m30s)");
-    if value == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let mut rest = value;
-    let mut total = 0f64;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        if digits == 0 {
-            return Err(bad());
-        }
-        let number: f64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        rest = &rest[unit_len..];
-        total += number * scale;
-    }
-    Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 /// `host:port` as Go's net.Listen takes it: `:9353` means every address.
@@ -440,24 +402,5 @@ mod tests {
             FlagError::Positional("false".into())
         );
         assert_eq!(parse(["-h"]).unwrap_err(), FlagError::Help);
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(
-            parse_go_duration("500ms").unwrap(),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            parse_go_duration("1h2m3s").unwrap(),
-            Duration::from_secs(3723)
-        );
-        assert_eq!(
-            parse_go_duration("1.5s").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert!(parse_go_duration("5").is_err());
-        assert!(parse_go_duration("5x").is_err());
-        assert!(parse_go_duration("").is_err());
     }
 }

@@ -118,7 +118,6 @@ pub struct Metrics {
     cache_requests: IntCounterVec,
     cache_prefetch: IntCounterVec,
     cache_served_stale: IntCounterVec,
-    cache_evictions: IntCounterVec,
     proxy_duration: HistogramVec,
     proxy_healthcheck_failures: IntCounterVec,
     healthcheck_broken: IntCounter,
@@ -264,12 +263,6 @@ impl Metrics {
                 "The number of requests served from stale cache entries.",
                 cache_labels,
             )?,
-            cache_evictions: counter_vec(
-                registry,
-                "coredns_cache_evictions_total",
-                "The count of cache evictions.",
-                cache_typed,
-            )?,
             proxy_duration: histogram_vec(
                 registry,
                 "coredns_proxy_request_duration_seconds",
@@ -331,7 +324,6 @@ impl Metrics {
                 h
             },
         };
-        let _ = &metrics.cache_evictions;
         Ok(metrics)
     }
 
