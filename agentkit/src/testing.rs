@@ -380,3 +380,67 @@ mod tests {
         assert!(big.len() > 1500, "{}", big.len());
     }
 }
+
+/// Runs `program` in the calling thread's network namespace and returns its stdout; panics
+/// (naming the command and its stderr) if it is missing or fails.
+pub fn run_command(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace created for one test (`ip netns add`, loopback up), deleted with every
+/// link and rule in it on drop. Privileged tests only.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+static NEXT_NETNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl NetNs {
+    /// A fresh namespace named `<prefix><pid>-<n>`.
+    pub fn create(prefix: &str) -> NetNs {
+        let n = NEXT_NETNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}{}-{n}", std::process::id());
+        run_command("ip", &["netns", "add", &name]);
+        let ns = NetNs { name };
+        run_command("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Its name (for `ip -n NAME` and `ip netns exec NAME`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `f` on a thread that has entered the namespace; processes it spawns start there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd as _;
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on a valid namespace fd; it affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

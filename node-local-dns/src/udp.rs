@@ -1,8 +1,8 @@
 //! The UDP hot path: one thread per listening socket reads queries in batches with
 //! recvmmsg(2), answers cache hits on the spot and sends the replies in one sendmmsg(2); a
 //! miss is handed to the tokio runtime, which answers it from the same socket when the
-//! upstream has. Batching is what makes a cache hit cheaper than unbound's: the syscall and
-//! wake-up costs are paid once per batch, not once per query.
+//! upstream has. Batching pays the syscall and wake-up costs once per batch, not once per
+//! query (bench/harness/dns.py measures the result against unbound).
 //!
 //! Hand-over (a rolling update with `maxSurge`): both instances bind the same address with
 //! SO_REUSEPORT. The leaving one calls [`steer_to_newest`], which attaches a classic BPF

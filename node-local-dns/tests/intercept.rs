@@ -6,12 +6,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use agentkit::testing::require_privileges;
+use agentkit::testing::{require_privileges, run_command as run, NetNs};
 use node_local_dns::intercept::iptables::COMMENT_PREFIX;
 use node_local_dns::intercept::{
     InterceptError, Interception, Options, DEFAULT_INTERFACE, LINK_KINDS,
@@ -27,62 +25,6 @@ const LINK_LOCAL_V6: &str = "fd30:1319:f1e:230b::1";
 const DNS_PORT: u16 = 53;
 const HEALTH_PORT: u16 = 8099;
 const RULES_PER_IP: usize = 12;
-
-/// A network namespace of this test process; deleted (with every link and rule in it) on drop.
-struct NetNs {
-    name: String,
-}
-
-static NEXT_NS: AtomicU32 = AtomicU32::new(0);
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-impl NetNs {
-    fn create() -> NetNs {
-        let name = format!(
-            "nldi{}-{}",
-            std::process::id(),
-            NEXT_NS.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = NetNs { name };
-        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread that has entered the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(path).unwrap();
-            // SAFETY: setns on a valid namespace fd; affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
 
 fn ips() -> Vec<IpAddr> {
     [LINK_LOCAL, CLUSTER_IP, LINK_LOCAL_V6]
@@ -226,7 +168,7 @@ fn setup_creates_link_addresses_and_rules_and_teardown_removes_them() {
     if !require_privileges("setup_creates_link_addresses_and_rules_and_teardown_removes_them") {
         return;
     }
-    let ns = NetNs::create();
+    let ns = NetNs::create("nldi");
     ns.run(|| {
         let i = Interception::new(options()).unwrap();
         let backend = i.backend().unwrap();
@@ -264,7 +206,7 @@ fn ensure_repairs_a_deleted_rule_and_address() {
     if !require_privileges("ensure_repairs_a_deleted_rule_and_address") {
         return;
     }
-    let ns = NetNs::create();
+    let ns = NetNs::create("nldi");
     ns.run(|| {
         let i = Interception::new(options()).unwrap();
         let backend = i.backend().unwrap();
@@ -357,7 +299,7 @@ fn second_ensure_and_a_new_instance_add_nothing() {
     if !require_privileges("second_ensure_and_a_new_instance_add_nothing") {
         return;
     }
-    let ns = NetNs::create();
+    let ns = NetNs::create("nldi");
     ns.run(|| {
         let first = Interception::new(options()).unwrap();
         let backend = first.backend().unwrap();
@@ -394,7 +336,7 @@ fn an_existing_link_of_another_kind_is_reused_and_set_up() {
     if !require_privileges("an_existing_link_of_another_kind_is_reused_and_set_up") {
         return;
     }
-    let ns = NetNs::create();
+    let ns = NetNs::create("nldi");
     ns.run(|| {
         run("ip", &["link", "add", DEFAULT_INTERFACE, "type", "bridge"]);
         let i = Interception::new(Options {
@@ -421,7 +363,7 @@ fn legacy_backend_is_chosen_when_it_holds_rules_and_gardener_cleanup_finds_none_
     ) {
         return;
     }
-    let ns = NetNs::create();
+    let ns = NetNs::create("nldi");
     ns.run(|| {
         // Someone (kube-proxy in legacy mode) already has rules in the legacy backend.
         run(
@@ -471,7 +413,7 @@ fn teardown_removes_rules_added_twice() {
     if !require_privileges("teardown_removes_rules_added_twice") {
         return;
     }
-    let ns = NetNs::create();
+    let ns = NetNs::create("nldi");
     ns.run(|| {
         let i = Interception::new(options()).unwrap();
         let backend = i.backend().unwrap();
@@ -511,7 +453,7 @@ fn every_fallback_kind_creates_a_working_link() {
         return;
     }
     for kind in LINK_KINDS {
-        let ns = NetNs::create();
+        let ns = NetNs::create("nldi");
         ns.run(move || {
             let i = Interception::new(Options {
                 setup_iptables: false,

@@ -12,13 +12,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use agentkit::testing::require_privileges;
+use agentkit::testing::{require_privileges, run_command as run, NetNs};
 use common::{query, rcode_of, Agent, Authority};
 use node_local_dns::intercept::iptables::COMMENT_PREFIX;
 use node_local_dns::intercept::{DEFAULT_INTERFACE, LINK_KINDS};
@@ -39,52 +37,19 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 /// The upstream's TTL.
 const TTL: u32 = 300;
 
-/// A network namespace of this test process; deleted (with every link and rule in it) on drop.
-struct NetNs {
-    name: String,
-}
+/// A test's network namespace with the helpers these tests use inside it.
+struct Ns(NetNs);
 
-static NEXT_NS: AtomicU32 = AtomicU32::new(0);
-
-/// Runs `program` (in the calling thread's namespace) and returns its stdout; panics on failure.
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-impl NetNs {
-    fn create() -> NetNs {
-        let name = format!(
-            "nld-{}-{}",
-            std::process::id(),
-            NEXT_NS.fetch_add(1, Ordering::Relaxed)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = NetNs { name };
-        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
+impl std::ops::Deref for Ns {
+    type Target = NetNs;
+    fn deref(&self) -> &NetNs {
+        &self.0
     }
+}
 
-    /// Runs `f` on a thread that has entered the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(path).unwrap();
-            // SAFETY: setns on a valid namespace fd; affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
+impl Ns {
+    fn create() -> Ns {
+        Ns(NetNs::create("nld-"))
     }
 
     /// An upstream on 127.0.0.1 inside the namespace.
@@ -206,14 +171,6 @@ impl NetNs {
     }
 }
 
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// The value of `field=` in the first log line containing `message` (quotes stripped).
 fn log_field(log: &str, message: &str, field: &str) -> Option<String> {
     let line = log.lines().find(|l| l.contains(message))?;
@@ -264,7 +221,7 @@ fn backend_of(agent: &Agent) -> String {
 }
 
 /// Asserts 12 rules per listen IP in each family, each once, with node-cache's comments.
-fn assert_rules(ns: &NetNs, backend: &str, context: &str) {
+fn assert_rules(ns: &Ns, backend: &str, context: &str) {
     for (family, ip, prefix) in [("ip", LINK_LOCAL, "/32"), ("ip6", LINK_LOCAL_V6, "/128")] {
         let rules = ns.rules(family, backend);
         assert_eq!(rules.len(), RULES_PER_IP, "{context}: {family}: {rules:#?}");
@@ -303,7 +260,7 @@ fn assert_rules(ns: &NetNs, backend: &str, context: &str) {
 }
 
 /// Asserts a query for `name` to port 53 of `ip` is answered with the upstream's A record.
-fn assert_answers(ns: &NetNs, ip: &str, name: &str, id: u16) {
+fn assert_answers(ns: &Ns, ip: &str, name: &str, id: u16) {
     let server = SocketAddr::new(ip.parse().unwrap(), 53);
     let reply = ns
         .ask(server, query(id, name, rtype::A))
@@ -321,7 +278,7 @@ async fn dual_stack_interception_is_set_up_repaired_and_torn_down() {
     if !require_privileges("dual_stack_interception_is_set_up_repaired_and_torn_down") {
         return;
     }
-    let ns = NetNs::create();
+    let ns = Ns::create();
     let upstream = ns.authority();
     let dir = dir_for("netns-lifecycle");
     write_corefile(
@@ -329,7 +286,7 @@ async fn dual_stack_interception_is_set_up_repaired_and_torn_down() {
         &format!("{LINK_LOCAL} {LINK_LOCAL_V6}"),
         upstream.addr,
     );
-    let mut agent = Agent::start_in_netns(&dir, &ns.name, &agent_args(&[]));
+    let mut agent = Agent::start_in_netns(&dir, ns.name(), &agent_args(&[]));
     agent.wait_serving().await;
     let log = agent.log();
 
@@ -412,7 +369,7 @@ async fn skipteardown_leaves_rules_that_the_next_instance_adopts() {
     if !require_privileges("skipteardown_leaves_rules_that_the_next_instance_adopts") {
         return;
     }
-    let ns = NetNs::create();
+    let ns = Ns::create();
     let upstream = ns.authority();
     let dir = dir_for("netns-skipteardown");
     write_corefile(
@@ -421,7 +378,7 @@ async fn skipteardown_leaves_rules_that_the_next_instance_adopts() {
         upstream.addr,
     );
 
-    let mut first = Agent::start_in_netns(&dir, &ns.name, &agent_args(&["-skipteardown"]));
+    let mut first = Agent::start_in_netns(&dir, ns.name(), &agent_args(&["-skipteardown"]));
     first.wait_serving().await;
     let backend = backend_of(&first);
     assert_rules(&ns, &backend, "first instance");
@@ -430,7 +387,7 @@ async fn skipteardown_leaves_rules_that_the_next_instance_adopts() {
     assert_rules(&ns, &backend, "after -skipteardown exit");
     assert!(ns.link_details().is_some(), "the link is gone");
 
-    let mut second = Agent::start_in_netns(&dir, &ns.name, &agent_args(&[]));
+    let mut second = Agent::start_in_netns(&dir, ns.name(), &agent_args(&[]));
     second.wait_serving().await;
     assert_eq!(backend_of(&second), backend);
     assert_rules(&ns, &backend, "second instance adopted");
@@ -457,7 +414,7 @@ async fn a_listener_that_cannot_bind_stops_startup_before_any_rule() {
     if !require_privileges("a_listener_that_cannot_bind_stops_startup_before_any_rule") {
         return;
     }
-    let ns = NetNs::create();
+    let ns = Ns::create();
     let upstream = ns.authority();
     // 127.0.0.1:53 in the namespace, held without SO_REUSEPORT (UDP and TCP): the block that
     // also binds it cannot start.
@@ -473,7 +430,7 @@ async fn a_listener_that_cannot_bind_stops_startup_before_any_rule() {
         &format!("{LINK_LOCAL} {LINK_LOCAL_V6} 127.0.0.1"),
         upstream.addr,
     );
-    let mut agent = Agent::start_in_netns(&dir, &ns.name, &agent_args(&[]));
+    let mut agent = Agent::start_in_netns(&dir, ns.name(), &agent_args(&[]));
     let status = agent.wait_exit(Duration::from_secs(15)).await;
     let log = agent.log();
     assert!(!status.success(), "{status}:\n{log}");

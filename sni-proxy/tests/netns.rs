@@ -6,69 +6,29 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::time::Duration;
 
-use agentkit::testing::{client_hello, padding_alpn, require_privileges, EchoServer};
+use agentkit::testing::{
+    client_hello, padding_alpn, require_privileges, run_command, EchoServer, NetNs,
+};
 use common::*;
 
-/// A network namespace joined to the host by a veth pair; removed on drop.
-struct NetNs {
-    name: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (iproute2) is needed");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl NetNs {
-    fn create(id: u32, host_cidr: &str, ns_cidr: &str) -> NetNs {
-        let (name, host, peer) = (format!("snip{id}"), format!("snh{id}"), format!("snp{id}"));
-        ip(&["netns", "add", &name]);
-        let ns = NetNs { name };
-        ip(&[
-            "link", "add", &host, "mtu", "1500", "type", "veth", "peer", "name", &peer,
-        ]);
-        ip(&["link", "set", &peer, "netns", &ns.name]);
-        ip(&["addr", "add", host_cidr, "dev", &host]);
-        ip(&["link", "set", &host, "up"]);
-        ip(&["-n", &ns.name, "addr", "add", ns_cidr, "dev", &peer]);
-        ip(&["-n", &ns.name, "link", "set", &peer, "up"]);
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread that has entered the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(path).unwrap();
-            // SAFETY: setns on a valid namespace fd; affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        // Deleting the namespace deletes the veth pair with it.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// A network namespace joined to the host by a veth pair (deleted with the namespace).
+fn veth_namespace(id: u32, host_cidr: &str, ns_cidr: &str) -> NetNs {
+    let ns = NetNs::create("snip");
+    let (host, peer) = (format!("snh{id}"), format!("snp{id}"));
+    let ip = |args: &[&str]| {
+        run_command("ip", args);
+    };
+    ip(&[
+        "link", "add", &host, "mtu", "1500", "type", "veth", "peer", "name", &peer,
+    ]);
+    ip(&["link", "set", &peer, "netns", ns.name()]);
+    ip(&["addr", "add", host_cidr, "dev", &host]);
+    ip(&["link", "set", &host, "up"]);
+    ip(&["-n", ns.name(), "addr", "add", ns_cidr, "dev", &peer]);
+    ip(&["-n", ns.name(), "link", "set", &peer, "up"]);
+    ns
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +40,7 @@ async fn post_quantum_hello_from_another_namespace_over_a_veth() {
     // 198.18.0.0/15 is reserved for benchmarking networks: our own test hosts only.
     let third = (id % 250) as u8;
     let (host_ip, ns_ip) = (format!("198.18.{third}.1"), format!("198.18.{third}.2"));
-    let ns = NetNs::create(id, &format!("{host_ip}/24"), &format!("{ns_ip}/24"));
+    let ns = veth_namespace(id, &format!("{host_ip}/24"), &format!("{ns_ip}/24"));
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
