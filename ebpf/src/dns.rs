@@ -1,0 +1,1 @@
+//! DNS cache hits answered in the kernel (being written).
