@@ -53,6 +53,13 @@ struct {
 	__type(value, __u64);
 } dns_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2 * DNS_ZONES_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} dns_zone_hits SEC(".maps");
+
 #define DNS_HEADER_LEN 12
 #define DNS_OPT_LEN 11
 #define DNS_TYPE_OPT 41
@@ -135,6 +142,17 @@ static __always_inline void count(__u32 stat)
 
 	if (value)
 		*value += 1;
+}
+
+/* A hit: counted overall and for the entry's zone and cache (success or denial). */
+static __always_inline void count_hit(const struct dns_entry *e)
+{
+	__u32 slot = 2 * (e->zone % DNS_ZONES_MAX) + (e->denial ? 1 : 0);
+	__u64 *value = bpf_map_lookup_elem(&dns_zone_hits, &slot);
+
+	if (value)
+		*value += 1;
+	count(DNS_STAT_HIT);
 }
 
 static __always_inline __u16 load16(const __u8 *p)
@@ -511,14 +529,14 @@ int dns_xdp(struct xdp_md *ctx)
 	data_end = (void *)(long)ctx->data_end;
 	if (turn_around(data, data_end, &s->q, s->r.dns_len))
 		goto drop;
-	count(DNS_STAT_HIT);
+	count_hit(e);
 	return XDP_TX;
 drop:
 	count(DNS_STAT_ERROR);
 	return XDP_DROP;
 }
 
-SEC("tc")
+SEC("classifier")
 int dns_tc(struct __sk_buff *skb)
 {
 	struct scratch *s;
@@ -578,7 +596,7 @@ int dns_tc(struct __sk_buff *skb)
 	data_end = (void *)(long)skb->data_end;
 	if (turn_around(data, data_end, &s->q, s->r.dns_len))
 		goto drop;
-	count(DNS_STAT_HIT);
+	count_hit(e);
 	/* Out of the interface it came in on: back into the pod's veth. */
 	return bpf_redirect(skb->ifindex, 0);
 drop:

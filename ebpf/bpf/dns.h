@@ -15,6 +15,9 @@
 #define DNS_BODY_MAX 512
 /* Most records per mirrored response (one TTL field each). */
 #define DNS_TTLS_MAX 32
+/* Zones whose hits are counted apart (`dns_zone_hits` holds a success and a denial counter
+ * per zone, at 2 * zone + denial). */
+#define DNS_ZONES_MAX 64
 
 /* The cache key, as node-local-dns's cache::Key: the lower-cased qname, qtype, qclass and the
  * DO and CD bits. Unused name bytes are zero. */
@@ -39,7 +42,8 @@ struct dns_entry {
 	__u16 question_len;     /* qname + qtype + qclass, must equal the query's */
 	__u16 body_len;         /* bytes of `body` in use, 1..=DNS_BODY_MAX */
 	__u16 ttl_count;        /* entries of `ttl_offsets` in use */
-	__u16 pad;
+	__u8 zone;              /* the owner's zone index (< DNS_ZONES_MAX): where hits are counted */
+	__u8 denial;            /* 1 for NXDOMAIN/NODATA (the owner's denial cache), else 0 */
 	__u16 ttl_offsets[DNS_TTLS_MAX]; /* offset of each TTL field in `body` */
 	__u8 body[DNS_BODY_MAX];
 };

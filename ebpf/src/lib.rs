@@ -4,12 +4,14 @@
 //!
 //! - [`dns`]: DNS cache hits answered at XDP or tc ingress, from a map node-local-dns fills.
 //! - [`test_run`]: `BPF_PROG_TEST_RUN`, for tests and the nanoseconds-per-packet benchmark.
+//! - [`frame`]: Ethernet/IP/UDP frames built and checked in userspace, for both.
 //!
 //! Attachments are bpf links owned by the handle that made them: dropping the handle detaches
 //! them, and so does the kernel when the process dies, so a crash never leaves a program
 //! answering from a map that nobody keeps up to date.
 
 pub mod dns;
+pub mod frame;
 pub mod test_run;
 
 /// What can go wrong loading, attaching or feeding a program.

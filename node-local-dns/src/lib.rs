@@ -16,6 +16,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod corefile;
+pub mod fast_path;
 pub mod flags;
 pub mod forward;
 pub mod http;
