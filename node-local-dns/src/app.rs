@@ -27,7 +27,7 @@ use crate::http::{self, Endpoints};
 use crate::intercept::{self, Interception};
 use crate::metrics::{Metrics, SetupMetrics};
 use crate::server::{Served, Server, Zone, LOOP_THRESHOLD};
-use crate::{corefile, template, udp, wire};
+use crate::{corefile, fast_path, template, udp, wire};
 
 /// How often node-cache re-renders the Corefile from its template and the kube-dns ConfigMap.
 pub const TEMPLATE_SYNC_INTERVAL: Duration = Duration::from_secs(10);
@@ -213,6 +213,12 @@ pub struct Agent {
     text: String,
     reload_interval: Option<Duration>,
     runtime: tokio::runtime::Handle,
+    /// The kernel fast path, when asked for and loaded.
+    fast_path: Option<fast_path::Mirror>,
+    /// Its options from the Corefile's `fastpath` (the flags win).
+    fast_path_config: Option<crate::config::FastPath>,
+    /// The kernel counters already added to the metrics.
+    fast_path_reported: ebpf::dns::Stats,
 }
 
 impl std::fmt::Debug for Agent {
@@ -291,6 +297,9 @@ impl Agent {
             text: String::new(),
             reload_interval: None,
             runtime: tokio::runtime::Handle::current(),
+            fast_path: None,
+            fast_path_config: None,
+            fast_path_reported: ebpf::dns::Stats::default(),
         };
         agent.apply(loaded, true)?;
         Ok(agent)
@@ -386,6 +395,18 @@ impl Agent {
         }
         *lock(&self.zones) = gauges;
         self.caches = plan.caches;
+        self.fast_path_config = loaded
+            .config
+            .blocks
+            .iter()
+            .find_map(|b| b.fast_path.clone());
+        if self.fast_path.is_some() {
+            let (_, zones) = self.fast_path_plan();
+            if let Some(mirror) = &mut self.fast_path {
+                let report = mirror.set_zones(zones);
+                self.metrics.fast_path_skipped.inc_by(report.skipped as u64);
+            }
+        }
         self.reload_interval = loaded
             .config
             .blocks
@@ -491,6 +512,130 @@ impl Agent {
         }
     }
 
+    /// The fast path's options: the flags, else the Corefile's `fastpath`; None when off.
+    fn fast_path_options(&self) -> Option<fast_path::Options> {
+        let (interfaces, mode) = if !self.flags.fast_path_interfaces.is_empty() {
+            (
+                self.flags.fast_path_interfaces.clone(),
+                self.flags.fast_path_mode,
+            )
+        } else {
+            let c = self.fast_path_config.as_ref()?;
+            (c.interfaces.clone(), c.mode)
+        };
+        Some(fast_path::Options {
+            interfaces,
+            mode,
+            capacity: self.flags.fast_path_capacity,
+        })
+    }
+
+    /// The addresses the kernel answers for and the zones it mirrors: the listeners on a
+    /// specific address (not a wildcard) that serve the most common set of zones, so that
+    /// whatever the kernel answers on any of them is what that listener would answer.
+    fn fast_path_plan(&self) -> (Vec<SocketAddr>, Vec<Arc<Zone>>) {
+        let mut groups: Vec<(Vec<Arc<Zone>>, Vec<SocketAddr>)> = Vec::new();
+        for (addr, listener) in &self.dns {
+            if addr.ip().is_unspecified() {
+                continue;
+            }
+            let zones: Vec<Arc<Zone>> = listener
+                .server
+                .zones()
+                .iter()
+                .map(|s| Arc::clone(&s.zone))
+                .collect();
+            let same = |g: &&mut (Vec<Arc<Zone>>, Vec<SocketAddr>)| {
+                g.0.len() == zones.len() && g.0.iter().zip(&zones).all(|(a, b)| Arc::ptr_eq(a, b))
+            };
+            match groups.iter_mut().find(|g| same(g)) {
+                Some(g) => g.1.push(*addr),
+                None => groups.push((zones, vec![*addr])),
+            }
+        }
+        groups.sort_by_key(|g| std::cmp::Reverse(g.1.len()));
+        match groups.into_iter().next() {
+            Some((zones, mut addrs)) => {
+                addrs.sort();
+                (addrs, zones)
+            }
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Loads and attaches the kernel fast path if the flags or the Corefile ask for it. A
+    /// failure is logged and DNS is served from userspace alone.
+    pub fn start_fast_path(&mut self) {
+        let Some(options) = self.fast_path_options() else {
+            return;
+        };
+        let (locals, zones) = self.fast_path_plan();
+        if locals.is_empty() {
+            error!("fast path: no listener on a specific address (bind one); serving from userspace only");
+            return;
+        }
+        let started =
+            tokio::task::block_in_place(|| fast_path::Mirror::start(options.clone(), &locals));
+        match started {
+            Ok(mut mirror) => {
+                let report = mirror.set_zones(zones);
+                self.metrics.fast_path_skipped.inc_by(report.skipped as u64);
+                self.metrics
+                    .fast_path_attached
+                    .set(mirror.attached().len() as i64);
+                info!(
+                    mode = options.mode.as_str(),
+                    interfaces = ?options.interfaces,
+                    ?locals,
+                    mirrored = report.inserted,
+                    "fast path loaded"
+                );
+                self.fast_path = Some(mirror);
+            }
+            Err(e) => error!(error = %e, "fast path not loaded; serving from userspace only"),
+        }
+    }
+
+    /// Applies the caches' changes to the kernel map; with `report`, also retries pending
+    /// attachments and brings the metrics up to date with the kernel's counters.
+    pub fn sync_fast_path(&mut self, report: bool) {
+        let Some(mirror) = &mut self.fast_path else {
+            return;
+        };
+        let sync = mirror.sync(Instant::now());
+        self.metrics.fast_path_skipped.inc_by(sync.skipped as u64);
+        if !report {
+            return;
+        }
+        mirror.retry_attach();
+        self.metrics
+            .fast_path_attached
+            .set(mirror.attached().len() as i64);
+        if let Ok(now) = mirror.stats() {
+            let before = self.fast_path_reported.by_result();
+            for ((result, n), (_, was)) in now.by_result().into_iter().zip(before) {
+                self.metrics
+                    .fast_path_packets
+                    .with_label_values(&[result])
+                    .inc_by(n.saturating_sub(was));
+            }
+            self.fast_path_reported = now;
+        }
+        let hits = mirror.new_hits();
+        if !hits.is_empty() {
+            let gauges = lock(&self.zones);
+            for (zone, success, denial) in hits {
+                let first = gauges
+                    .iter()
+                    .find(|(z, _)| Arc::ptr_eq(z, &zone))
+                    .and_then(|(_, children)| children.first());
+                if let Some(m) = first {
+                    m.kernel_hits(success, denial);
+                }
+            }
+        }
+    }
+
     /// Re-reads the Corefile (re-rendering the template) and applies it if it changed.
     pub fn reload(&mut self) {
         let loaded = match load(&self.flags) {
@@ -540,6 +685,11 @@ impl Agent {
     /// connections served for up to [`DRAIN_GRACE`].
     pub async fn stop(mut self) {
         self.ready.store(false, Ordering::Release);
+        // Detach first: from here on every query reaches the sockets, which drain below.
+        if let Some(mirror) = self.fast_path.take() {
+            tokio::task::block_in_place(|| drop(mirror));
+            info!("fast path detached");
+        }
         if !self.flags.skip_teardown {
             if let Some(i) = &self.interception {
                 match tokio::task::block_in_place(|| i.teardown()) {
@@ -687,6 +837,7 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", pidfile.display()))?;
     }
     agent.ensure_interception();
+    agent.start_fast_path();
     info!(addresses = ?agent.dns_addresses(), "node-local-dns serving");
 
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
@@ -707,6 +858,9 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     sync.tick().await;
     let mut ready_tick = tokio::time::interval(READY_INTERVAL);
+    let mut mirror_tick = tokio::time::interval(fast_path::SYNC_INTERVAL);
+    mirror_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut mirror_ticks: u32 = 0;
     let mut next_reload = agent
         .reload_interval
         .map(|i| tokio::time::Instant::now() + i);
@@ -726,6 +880,11 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
                 None => checks_running = false,
             },
             _ = sync.tick() => agent.ensure_interception(),
+            _ = mirror_tick.tick(), if agent.fast_path.is_some() => {
+                mirror_ticks = mirror_ticks.wrapping_add(1);
+                // Counters and re-attach attempts once a second; map updates every tick.
+                tokio::task::block_in_place(|| agent.sync_fast_path(mirror_ticks % 10 == 0));
+            }
             _ = ready_tick.tick() => {
                 let ok = agent.self_test().await;
                 agent.ready.store(ok, Ordering::Release);

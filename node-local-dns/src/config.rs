@@ -59,8 +59,21 @@ pub struct ServerBlock {
     pub loop_detect: bool,
     /// `reload`: re-read the Corefile every `interval` (± `jitter`).
     pub reload: Option<Reload>,
+    /// `fastpath MODE IFACE...` (ours): answer cache hits in the kernel on these interfaces.
+    pub fast_path: Option<FastPath>,
     /// Where the block starts.
     pub location: Location,
+}
+
+/// The `fastpath` directive (ours, not CoreDNS's): `fastpath tc|xdp IFACE...`. It switches
+/// the kernel fast path on for the whole process, like `-fast-path-interfaces` and
+/// `-fast-path-mode` (the flags win when both are given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastPath {
+    /// XDP or tc.
+    pub mode: ebpf::dns::Mode,
+    /// Interfaces to attach to.
+    pub interfaces: Vec<String>,
 }
 
 /// The `reload` plugin's settings.

@@ -849,6 +849,7 @@ fn parse_server_block(cursor: &mut Cursor<'_>) -> Result<ServerBlock, CorefileEr
         log: false,
         loop_detect: false,
         reload: None,
+        fast_path: None,
         location: first.location(),
     };
     let mut seen: Vec<(String, usize)> = Vec::new();
@@ -941,6 +942,7 @@ const ONCE: &[&str] = &[
     "forward",
     "prometheus",
     "health",
+    "fastpath",
 ];
 
 fn apply_directive(
@@ -990,6 +992,25 @@ fn apply_directive(
             block.loop_detect = true;
         }
         "reload" => block.reload = Some(parse_reload(item)?),
+        "fastpath" => {
+            item.no_block()?;
+            let (mode, interfaces) = match item.args.split_first() {
+                Some((mode, interfaces)) if !interfaces.is_empty() => (mode, interfaces),
+                _ => return Err(item.error("want a mode (tc or xdp) and at least one interface")),
+            };
+            let mode = mode.text.parse().map_err(|m: String| item.error(m))?;
+            let interfaces = interfaces
+                .iter()
+                .map(|i| {
+                    if i.text.is_empty() || i.text.len() > 15 || i.text.contains('/') {
+                        Err(item.error(format!("{:?} is not an interface name", i.text)))
+                    } else {
+                        Ok(i.text.clone())
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            block.fast_path = Some(crate::config::FastPath { mode, interfaces });
+        }
         "bind" => {
             item.no_block()?;
             if item.args.is_empty() {
@@ -1041,7 +1062,7 @@ fn apply_directive(
             let hint = if name.ends_with(';') || item.args.iter().any(|a| a.text.ends_with(';')) {
                 " (';' does not separate directives in a Corefile: put each on its own line)"
             } else {
-                " (node-local-dns supports errors, cache, reload, loop, bind, forward, prometheus, health, log, import)"
+                " (node-local-dns supports errors, cache, reload, loop, bind, forward, prometheus, health, log, import, fastpath)"
             };
             return Err(CorefileError::UnknownDirective {
                 location: item.name.location(),
@@ -1893,11 +1914,27 @@ mod tests {
     fn unknown_directives_are_errors() {
         assert_eq!(
             err(".:53 {\n errors\n cache 30\n rewrite name a b\n}"),
-            "Corefile:4: unknown directive \"rewrite\" (node-local-dns supports errors, cache, reload, loop, bind, forward, prometheus, health, log, import)"
+            "Corefile:4: unknown directive \"rewrite\" (node-local-dns supports errors, cache, reload, loop, bind, forward, prometheus, health, log, import, fastpath)"
         );
         let e = err(".:53 { errors; cache 30 }");
         assert!(e.contains("unknown directive \"errors;\""), "{e}");
         assert!(e.contains("';' does not separate directives"), "{e}");
+    }
+
+    #[test]
+    fn fastpath_directive() {
+        let fp = one(".:53 {\n fastpath tc veth1 eth0\n forward . 1.1.1.1\n}")
+            .fast_path
+            .unwrap();
+        assert_eq!(fp.mode, ebpf::dns::Mode::Tc);
+        assert_eq!(fp.interfaces, vec!["veth1", "eth0"]);
+        let e = err(".:53 {\n fastpath xdp\n}");
+        assert!(e.starts_with("Corefile:2: fastpath: want a mode"), "{e}");
+        let e = err(".:53 {\n fastpath afxdp eth0\n}");
+        assert!(
+            e.starts_with("Corefile:2: fastpath: unknown fast path mode"),
+            "{e}"
+        );
     }
 
     #[test]

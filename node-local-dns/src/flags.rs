@@ -55,6 +55,13 @@ pub struct Flags {
     pub pidfile: Option<PathBuf>,
     /// `-dns.port`: CoreDNS's default port for blocks that do not name one.
     pub dns_port: u16,
+    /// `-fast-path-interfaces`: interfaces to attach the kernel fast path to (ours; empty:
+    /// off unless the Corefile's `fastpath` names some).
+    pub fast_path_interfaces: Vec<String>,
+    /// `-fast-path-mode`: `xdp` or `tc` (ours).
+    pub fast_path_mode: ebpf::dns::Mode,
+    /// `-fast-path-capacity`: entries of the kernel map (ours).
+    pub fast_path_capacity: u32,
     /// `-check`: render and parse the Corefile, print a summary and exit (ours).
     pub check: bool,
     /// `-version`.
@@ -78,6 +85,9 @@ impl Default for Flags {
             kube_dns_dir: None,
             pidfile: None,
             dns_port: crate::config::DEFAULT_PORT,
+            fast_path_interfaces: Vec::new(),
+            fast_path_mode: ebpf::dns::Mode::Tc,
+            fast_path_capacity: ebpf::dns::DEFAULT_CAPACITY,
             check: false,
             version: false,
         }
@@ -128,6 +138,9 @@ Usage of node-local-dns (flags of k8s-dns-node-cache; one or two dashes):
   -metrics-listen-address A  address of coredns_nodecache_setup_errors_total (default 0.0.0.0:9353)
   -pidfile FILE              write the process ID here once serving
   -dns.port PORT             port of server blocks that name none (default 53)
+  -fast-path-interfaces IFS  comma-separated interfaces to answer cache hits on in the kernel (ours)
+  -fast-path-mode MODE       tc (default; works on pod veths) or xdp (ours)
+  -fast-path-capacity N      entries of the kernel's cache map (default 10240; ours)
   -check                     render and parse the Corefile, then exit
   -version                   print the version and exit
 ";
@@ -154,7 +167,10 @@ fn kind(name: &str) -> Option<Kind> {
         | "prometheus-listen-address"
         | "kubednscm"
         | "pidfile"
-        | "dns.port" => Kind::Value,
+        | "dns.port"
+        | "fast-path-interfaces"
+        | "fast-path-mode"
+        | "fast-path-capacity" => Kind::Value,
         _ => return None,
     })
 }
@@ -244,6 +260,30 @@ fn set(flags: &mut Flags, name: &str, value: &str) -> Result<(), FlagError> {
         // decides here, so it is accepted and ignored.
         "prometheus-listen-address" | "reloadwithsignal" => {}
         "kubednscm" => flags.kube_dns_dir = Some(PathBuf::from(value)),
+        "fast-path-interfaces" => {
+            flags.fast_path_interfaces = value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    if s.len() > 15 || s.contains(['/', ' ']) {
+                        Err(invalid(&format!("{s:?} is not an interface name")))
+                    } else {
+                        Ok(s.to_owned())
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        "fast-path-mode" => {
+            flags.fast_path_mode = value.parse().map_err(|r: String| invalid(&r))?
+        }
+        "fast-path-capacity" => {
+            flags.fast_path_capacity = value
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| invalid("not a positive number of entries"))?;
+        }
         "pidfile" => flags.pidfile = Some(PathBuf::from(value)),
         "setupinterface" => flags.setup_interface = parse_bool(value).map_err(|r| invalid(&r))?,
         "setupiptables" => flags.setup_iptables = parse_bool(value).map_err(|r| invalid(&r))?,
@@ -363,6 +403,30 @@ mod tests {
         assert_eq!(f.sync_interval, Duration::from_secs(30));
         assert_eq!(f.metrics_listen, "0.0.0.0:19353".parse().unwrap());
         assert_eq!(f.health_port, 8099);
+    }
+
+    #[test]
+    fn fast_path_flags_parse_and_name_bad_values() {
+        let f = parse([
+            "--fast-path-interfaces=veth1, eth0",
+            "-fast-path-mode",
+            "xdp",
+            "-fast-path-capacity=4096",
+        ])
+        .unwrap();
+        assert_eq!(f.fast_path_interfaces, vec!["veth1", "eth0"]);
+        assert_eq!(f.fast_path_mode, ebpf::dns::Mode::Xdp);
+        assert_eq!(f.fast_path_capacity, 4096);
+        assert_eq!(Flags::default().fast_path_mode, ebpf::dns::Mode::Tc);
+        let e = parse(["-fast-path-mode", "afxdp"]).unwrap_err();
+        assert!(
+            e.to_string().contains("-fast-path-mode") && e.to_string().contains("xdp or tc"),
+            "{e}"
+        );
+        let e = parse(["-fast-path-capacity", "0"]).unwrap_err();
+        assert!(e.to_string().contains("-fast-path-capacity"), "{e}");
+        let e = parse(["-fast-path-interfaces", "a-name-far-too-long-for-linux"]).unwrap_err();
+        assert!(e.to_string().contains("not an interface name"), "{e}");
     }
 
     #[test]

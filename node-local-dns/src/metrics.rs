@@ -130,6 +130,12 @@ pub struct Metrics {
     pub overloaded: IntCounter,
     /// Config reloads by result.
     pub reloads: IntCounterVec,
+    /// What the kernel fast path did with packets, by result (`hit`, `miss`, `expired`, ...).
+    pub fast_path_packets: IntCounterVec,
+    /// Interfaces the fast path is attached to.
+    pub fast_path_attached: IntGauge,
+    /// Cache entries the kernel could not hold (name, records or size beyond its limits).
+    pub fast_path_skipped: IntCounter,
     /// Loop-detection probes seen back (a forwarding loop).
     pub loop_probes: IntCounter,
     /// Liveness probe requests.
@@ -306,6 +312,25 @@ impl Metrics {
                 "node_local_dns_reloads_total",
                 "Corefile reloads by result (applied, rejected).",
                 &["result"],
+            )?,
+            fast_path_packets: counter_vec(
+                registry,
+                "node_local_dns_fast_path_packets_total",
+                "Packets seen by the kernel fast path, by result (hit, miss, expired, not_local, unsupported, malformed, too_big, error).",
+                &["result"],
+            )?,
+            fast_path_attached: {
+                let g = IntGauge::new(
+                    "node_local_dns_fast_path_attached_interfaces",
+                    "Interfaces the kernel fast path is attached to.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            fast_path_skipped: counter(
+                registry,
+                "node_local_dns_fast_path_mirror_skipped_total",
+                "Cache entries not mirrored into the kernel (name, records or size beyond its limits).",
             )?,
             loop_probes: counter(
                 registry,
@@ -491,6 +516,14 @@ impl ZoneMetrics {
             CacheOutcome::Miss => self.misses.inc(),
         }
         self.cache_requests.inc();
+    }
+
+    /// Hits answered by the kernel fast path: counted as cache hits and cache requests like
+    /// userspace hits, so hit ratios stay right.
+    pub fn kernel_hits(&self, success: u64, denial: u64) {
+        self.hits[0].inc_by(success);
+        self.hits[1].inc_by(denial);
+        self.cache_requests.inc_by(success + denial);
     }
 
     /// A prefetch started.
