@@ -2,7 +2,8 @@
 # Installs the Debian packages the macro benchmarks (bench/harness/run.py for sni-proxy,
 # bench/harness/dns.py for node-local-dns) and the privileged tests (network namespaces
 # via iproute2, node-local-dns interception via iptables, unbound for its differential test)
-# need.
+# need, and clang/llvm/libbpf-dev for ebpf/build.sh (the objects are in the repository; the
+# test suite only checks that they match a fresh compile).
 # Idempotent and quiet: does nothing when every package is already installed.
 # Never starts or depends on systemd; services that the packages' postinst
 # scripts start are stopped afterwards (the harness runs its own instances on
@@ -10,7 +11,7 @@
 set -eu
 
 PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux iptables iproute2
-      knot dnsperf unbound pdns-recursor knot-resolver dnsmasq"
+      knot dnsperf unbound pdns-recursor knot-resolver dnsmasq clang llvm libbpf-dev"
 
 missing=""
 for p in $PKGS; do
