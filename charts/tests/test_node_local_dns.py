@@ -309,10 +309,15 @@ def test_fast_path_flags() -> None:
     args = container(objs)["args"]
     assert args[-2:] == ["--fast-path-mode=tc", "--fast-path-interfaces=eth0,eth1"]
     assert {a.split("=", 1)[0] for a in args if a.startswith("--")} == FAST_PATH_FLAGS
+    caps = container(objs)["securityContext"]["capabilities"]["add"]
+    assert {"BPF", "PERFMON"} <= set(caps), "loading the program needs CAP_BPF and CAP_PERFMON"
     default_args = container(objects_of("default"))["args"]
     assert not [
         a for a in default_args if a.startswith("--fast-path")
     ], "fast path must default off"
+    assert "--fast-path-mode=tc" in container(
+        render_objs({"fastPath": {"enabled": True, "interfaces": ["eth0"]}})
+    )["args"], "tc is the default mode"
 
 
 def test_extra_args_come_last() -> None:
@@ -539,6 +544,8 @@ def test_capabilities(case: str) -> None:
     expected = {"NET_ADMIN", "NET_BIND_SERVICE"}
     if values_of(case).get("iptables", {}).get("setup", True):
         expected.add("NET_RAW")
+    if values_of(case).get("fastPath", {}).get("enabled", False):
+        expected |= {"BPF", "PERFMON"}
     assert ctx["capabilities"]["drop"] == ["ALL"]
     assert sorted(ctx["capabilities"]["add"]) == sorted(expected)
     assert "SYS_ADMIN" not in ctx["capabilities"]["add"]

@@ -220,6 +220,9 @@ when it manages iptables rules, NET_RAW (the iptables-legacy backend opens a raw
 {{- if .Values.iptables.setup -}}
 {{- $add = append $add "NET_RAW" -}}
 {{- end -}}
+{{- if .Values.fastPath.enabled -}}
+{{- $add = concat $add (list "BPF" "PERFMON") -}}
+{{- end -}}
 {{- toYaml (dict "drop" (list "ALL") "add" $add) -}}
 {{- end -}}
 
