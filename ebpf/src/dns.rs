@@ -648,3 +648,111 @@ pub fn monotonic_ns() -> u64 {
 pub fn expires_after(after: Duration) -> u64 {
     monotonic_ns().saturating_add(u64::try_from(after.as_nanos()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `\x03api\x04test\x00`, qtype A, class IN, and the flags byte.
+    fn cache_key(flags: u8) -> Vec<u8> {
+        let mut k = b"\x03api\x04test\x00".to_vec();
+        k.extend_from_slice(&[0, 1, 0, 1, flags]);
+        k
+    }
+
+    #[test]
+    fn keys_come_from_node_local_dns_cache_keys() {
+        let key = DnsKey::from_cache_key(&cache_key(KEY_DO | KEY_CD)).unwrap();
+        assert_eq!(&key.name[..10], b"\x03api\x04test\x00");
+        assert!(key.name[10..].iter().all(|&b| b == 0), "zero padded");
+        assert_eq!((key.qtype, key.qclass, key.flags), ([0, 1], [0, 1], 3));
+        assert_ne!(
+            key,
+            DnsKey::from_cache_key(&cache_key(0)).unwrap(),
+            "DO/CD are keyed"
+        );
+        assert!(
+            DnsKey::from_cache_key(&[1, 2, 3]).is_none(),
+            "too short for a key"
+        );
+        let long = vec![1u8; NAME_MAX + 1];
+        assert!(
+            DnsKey::new(&long, 1, 1, false, false).is_none(),
+            "longer than mirrored"
+        );
+        assert!(DnsKey::new(&long[..NAME_MAX], 1, 1, false, false).is_some());
+    }
+
+    /// Header (ID 7, QR RD RA AD, 1 question, 1 answer) + question `api.test. A IN` + one A
+    /// record with a compressed owner.
+    fn image() -> (Vec<u8>, usize, Vec<u16>) {
+        let mut m = vec![0, 7, 0x81, 0xa0, 0, 1, 0, 1, 0, 0, 0, 0];
+        m.extend_from_slice(b"\x03api\x04test\x00\x00\x01\x00\x01");
+        let question_len = m.len() - 12;
+        let ttl_at = m.len() + 6;
+        m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1]);
+        (m, question_len, vec![ttl_at as u16])
+    }
+
+    #[test]
+    fn entries_keep_the_records_and_relative_ttl_offsets() {
+        let (m, qlen, ttls) = image();
+        let e = DnsEntry::from_image(&m, qlen, &ttls, 99, 3, false).unwrap();
+        assert_eq!(usize::from(e.body_len), 16);
+        assert_eq!(&e.body[..16], &m[12 + qlen..]);
+        assert_eq!(e.ttl_offsets[0], 6, "relative to the records");
+        assert_eq!((e.ttl_count, e.zone, e.denial, e.expires_ns), (1, 3, 0, 99));
+        assert_eq!(e.flags, 0x81a0);
+        assert_eq!(u16::from_be(e.counts[0]), 1, "ANCOUNT as on the wire");
+    }
+
+    #[test]
+    fn entries_the_kernel_cannot_hold_are_refused_with_the_reason() {
+        let (m, qlen, ttls) = image();
+        let err = |r: Result<DnsEntry>| r.unwrap_err().to_string();
+        assert!(err(DnsEntry::from_image(
+            &m[..12 + qlen],
+            qlen,
+            &[],
+            1,
+            0,
+            false
+        ))
+        .contains("no records"));
+        let mut big = m.clone();
+        big.extend(std::iter::repeat_n(0, BODY_MAX));
+        assert!(err(DnsEntry::from_image(&big, qlen, &ttls, 1, 0, false))
+            .contains("kernel mirrors up to 512"));
+        let many = vec![ttls[0]; TTLS_MAX + 1];
+        assert!(err(DnsEntry::from_image(&m, qlen, &many, 1, 0, false)).contains("33 records"));
+        assert!(err(DnsEntry::from_image(&m, qlen, &[5], 1, 0, false)).contains("not inside"));
+        assert!(err(DnsEntry::from_image(
+            &m,
+            qlen,
+            &ttls,
+            1,
+            ZONES_MAX as u8,
+            false
+        ))
+        .contains("zone index 64"));
+    }
+
+    #[test]
+    fn modes_parse_from_their_flag_values() {
+        assert_eq!("tc".parse::<Mode>(), Ok(Mode::Tc));
+        assert_eq!("xdp".parse::<Mode>(), Ok(Mode::Xdp));
+        assert!("afxdp".parse::<Mode>().unwrap_err().contains("xdp or tc"));
+    }
+
+    #[test]
+    fn locals_of_both_families() {
+        let v4 = DnsLocal::new("169.254.20.10".parse().unwrap(), 53);
+        assert_eq!(
+            (&v4.addr[..4], v4.port, v4.family),
+            (&[169, 254, 20, 10][..], [0, 53], 4)
+        );
+        let v6 = DnsLocal::new("fd00::a".parse().unwrap(), 53);
+        assert_eq!((v6.addr[15], v6.family), (0x0a, 6));
+    }
+}
