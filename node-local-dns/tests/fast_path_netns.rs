@@ -313,3 +313,47 @@ async fn xdp_fast_path_answers_pods_across_expiry_and_restart() {
     }
     fast_path_end_to_end(Mode::Xdp).await;
 }
+
+/// A surge rollout in XDP mode: the new instance cannot attach while the old one's XDP link
+/// holds the interface, serves from its sockets meanwhile, and takes the interface over within
+/// a couple of seconds of the old one leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xdp_interface_is_taken_over_by_a_surge_instance() {
+    if !require_privileges("xdp_interface_is_taken_over_by_a_surge_instance") {
+        return;
+    }
+    let t = Topology::new(Mode::Xdp);
+    let authority = t.authority();
+    let dir = common::temp_dir("fast-path-surge");
+    write_corefile(&dir, authority.addr);
+    let mut old = start_agent(&dir, &t, Mode::Xdp);
+    old.wait_serving().await;
+    let name = "surge.fast.test.";
+    assert_answer(t.ask(name, 1), name, 1, "old instance");
+    wait_kernel_hits(&t, name, 0, "old instance's kernel");
+
+    let mut new = start_agent(&dir, &t, Mode::Xdp);
+    new.wait_serving().await;
+    assert!(
+        new.log().contains("fast path not attached (retrying)"),
+        "{}",
+        new.log()
+    );
+    let status = old.terminate().await;
+    assert!(status.success(), "{status}: {}", old.log());
+    for id in 2..12 {
+        assert_answer(t.ask(name, id), name, id, "during the hand-over");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !new.log().contains("fast path attached") {
+        assert!(
+            Instant::now() < deadline,
+            "the new instance never attached: {}",
+            new.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_kernel_hits(&t, name, 0, "new instance's kernel");
+    let status = new.terminate().await;
+    assert!(status.success(), "{status}: {}", new.log());
+}
