@@ -377,9 +377,15 @@ impl fmt::Debug for DnsFastPath {
 impl DnsFastPath {
     /// Loads both programs (verified, not attached) with room for `capacity` cache entries.
     pub fn load(capacity: u32) -> Result<DnsFastPath> {
+        DnsFastPath::load_object(OBJECT, capacity)
+    }
+
+    /// [`DnsFastPath::load`] from another build of `dns.bpf.o` (for trying a change to the C
+    /// program without rebuilding the Rust side).
+    pub fn load_object(object: &[u8], capacity: u32) -> Result<DnsFastPath> {
         let mut ebpf = EbpfLoader::new()
             .set_max_entries("dns_cache", capacity.max(1))
-            .load(OBJECT)?;
+            .load(object)?;
         for mode in [Mode::Xdp, Mode::Tc] {
             let name = mode.program();
             let program = ebpf
