@@ -577,9 +577,12 @@ def derive(ns: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str
             add(LABELS[row], "node CPU per answered query", goal, None, "not measured")
             continue
         factor = ub / v if v > 0 else float("inf")
+        ins, ub_p = g(by.get(row), "hits", "in_situ"), g(by.get(BASELINE), "hits", "cpu_us_per_query")
+        alone = (f"; the attached program alone {ins['ns_per_run']:.0f} ns vs unbound's process "
+                 f"{ub_p * 1000:.0f} ns = {ub_p * 1000 / ins['ns_per_run']:.1f}x" if ins and ub_p else "")
         add(LABELS[row], "node CPU per answered query", goal, factor >= T_CPU_FACTOR,
             f"{v:.2f} µs vs unbound {ub:.2f} µs = {factor:.1f}x less (whole machine, dnsperf included: "
-            f"{vm:.2f} vs {ub_m:.2f} µs = {ub_m / vm:.1f}x)")
+            f"{vm:.2f} vs {ub_m:.2f} µs = {ub_m / vm:.1f}x{alone})")
     for row in ("xdp", "tc", "userspace"):
         h = g(by.get(row), "hits", "limit")
         goal = "limited by the load generator, not the server"
@@ -632,6 +635,13 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
         for mode, d in derived["ns"].items():
             L.append(f"- dns_{mode}: the timer's per-call overhead (not local, repeat = 1 minus repeat = N) is "
                      f"{d['timer_overhead_ns']:.0f} ns; the hit without it ≈ {d['hit_minus_overhead_ns']:.0f} ns.")
+        for row in FAST:
+            ins, pod = g(by.get(row), "hits", "in_situ"), g(by.get(row), "hits", "pod_pass")
+            if ins:
+                L.append(f"- dns_{FAST[row]} attached, during the end-to-end cache-hit run below (the kernel's run-time "
+                         f"statistics, BPF_ENABLE_STATS): {ins['ns_per_run']:.0f} ns per packet over {ins['runs']:,} "
+                         "packets" + (f"; the pod-side pass program {pod['ns_per_run']:.0f} ns per packet" if pod else "")
+                         + ".")
         us_p, ub_p = g(by.get("userspace"), "hits", "cpu_us_per_query"), g(by.get(BASELINE), "hits", "cpu_us_per_query")
         L.append(f"- For comparison, the process CPU per cache hit in the end-to-end run below: node-local-dns "
                  f"userspace {fmt(us_p and us_p * 1000)} ns, unbound {fmt(ub_p and ub_p * 1000)} ns (their socket "
