@@ -76,6 +76,14 @@ LABELS = {
     "unbound": "unbound",
 }
 FAST = {"xdp": "xdp", "tc": "tc"}  # row -> -fast-path-mode
+PLACEMENTS = ["default", "steered"]
+PLACEMENT_TEXT = {
+    "default": "kernel default placement: the veth's receive, and the fast path, in softirq on the sending "
+               "(dnsperf's) core, as on a pod's core on a node",
+    "steered": "steered: the node side's receive on the server's core (RPS; in XDP mode the veth's NAPI "
+               "threaded and pinned there), as dns.py keeps the server apart from dnsperf",
+}
+SMOKE_STEERED = ["xdp", "tc"]  # smoke: the steered placement only where steering has its own code
 BASELINE = "unbound"
 
 # Targets (benchmarks, not tests), from issue 4.
@@ -111,14 +119,17 @@ class Topology:
     - POD_IF carries a pass-everything XDP program (dns_xdp with no local address, loaded by
       iproute2): a veth peer needs NAPI to receive XDP_TX frames, and an XDP program is what
       enables it. It is there in every row, so every row has the same receive path.
-    - Steering, so that the node side's kernel work runs on the server's core as in dns.py:
-      RPS sends what HOST_IF receives (pod -> node) to SERVER_CORE; in XDP mode the receive
-      runs in HOST_IF's NAPI instead, which the harness makes threaded and pins there
-      (`steer_napi`, after the agent attached). Without this, the veth's receive work would run
-      on the sending (dnsperf's) core.
+    - Placement of the node side's receive work (`set_placement`). "default": the kernel's
+      own; on a veth the receive, and so the XDP or tc fast path, runs in softirq on the
+      *sending* core (dnsperf's), as it runs on a pod's core on a real node. "steered": as in
+      dns.py, the node side's work on the server's core: RPS sends what HOST_IF receives to
+      SERVER_CORE, and in XDP mode (where the receive is HOST_IF's NAPI, which runs XDP before
+      RPS) the harness makes that NAPI threaded and pins its kernel thread there (`steer_napi`,
+      after the agent attached).
     """
 
     def __init__(self) -> None:
+        self.steer = False
         self.node, self.pod = f"fpb-node-{os.getpid()}", f"fpb-pod-{os.getpid()}"
         self.home = os.open("/proc/self/ns/net", os.O_RDONLY)
         self.created: list[str] = []
@@ -143,7 +154,6 @@ class Topology:
             self.pod_xdp = int(m.group(1)) if m else -1
         except BenchError as e:
             log(f"no XDP program on the pod's veth end (the XDP row will get no answers): {e}")
-        self.node_write(f"/sys/class/net/{HOST_IF}/queues/rx-0/rps_cpus", f"{1 << SERVER_CORE:x}")
         fd = os.open(f"/run/netns/{self.node}", os.O_RDONLY)
         try:
             setns(fd, self.node)
@@ -154,14 +164,21 @@ class Topology:
         """Writes a sysfs file of the node namespace (its own /sys: `ip netns exec` mounts it)."""
         sh(["ip", "netns", "exec", self.node, "sh", "-c", f"echo {value} > {path}"], f"writing {path}")
 
+    def set_placement(self, placement: str) -> None:
+        """"default" or "steered" (see the class); call between rows."""
+        self.steer = placement == "steered"
+        mask = f"{1 << SERVER_CORE:x}" if self.steer else "0"
+        self.node_write(f"/sys/class/net/{HOST_IF}/queues/rx-0/rps_cpus", mask)
+
     def in_pod(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.pod] + argv
 
     def steer_napi(self, pin: bool) -> list[int]:
         """If HOST_IF has NAPI (an XDP program is attached), makes it threaded and pins its
-        kernel thread to SERVER_CORE; returns the thread's pids (for CPU accounting)."""
+        kernel thread to SERVER_CORE; returns the thread's pids (for CPU accounting). In the
+        default placement, makes sure it is not threaded (the flag outlives a NAPI instance)."""
         try:
-            self.node_write(f"/sys/class/net/{HOST_IF}/threaded", "1")
+            self.node_write(f"/sys/class/net/{HOST_IF}/threaded", "1" if self.steer else "0")
         except BenchError:
             return []  # no NAPI instance: the receive runs from the RPS backlog
         prefix = f"napi/{HOST_IF}-"[:15]
@@ -172,7 +189,7 @@ class Topology:
                     comm = Path(f"/proc/{name}/comm").read_text().strip()
                 except OSError:
                     continue
-                if comm.startswith(prefix):
+                if comm.startswith(prefix) and self.steer:
                     pids.append(int(name))
         for pid in pids:
             if pin:
@@ -262,17 +279,20 @@ def fast_path_counters(metrics_port: int) -> dict[str, int]:
 # CPU accounting beyond run.py's Meter: per core, and NAPI kernel threads
 
 
-def core_busy() -> dict[int, tuple[float, float, float]]:
-    """core -> (busy, total, irq + softirq) seconds, from the per-core lines of /proc/stat."""
+def core_times() -> dict[int, dict[str, float]]:
+    """core -> seconds by kind, from the per-core lines of /proc/stat: `task` (user + nice +
+    system: processes and kernel threads), `soft` (irq + softirq), `steal`, `busy` (all three),
+    `total` (busy + idle + iowait)."""
     out = {}
     with open("/proc/stat") as f:
         for line in f:
             m = re.match(r"cpu(\d+) (.*)", line)
             if m:
                 user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in m.group(2).split()[:8])
-                busy = user + nice + system + irq + softirq + steal
-                out[int(m.group(1))] = (busy / rh.CLK_TCK, (busy + idle + iowait) / rh.CLK_TCK,
-                                        (irq + softirq) / rh.CLK_TCK)
+                t = {"task": user + nice + system, "soft": irq + softirq, "steal": steal}
+                t["busy"] = t["task"] + t["soft"] + steal
+                t["total"] = t["busy"] + idle + iowait
+                out[int(m.group(1))] = {k: v / rh.CLK_TCK for k, v in t.items()}
     return out
 
 
@@ -289,14 +309,26 @@ def thread_cpu(pids: list[int]) -> float:
 
 @contextlib.contextmanager
 def measured(napi: list[int]) -> Iterator[dict[str, Any]]:
-    """Per-core busy shares and NAPI thread CPU over the block (filled in on exit)."""
-    c0, n0, t0 = core_busy(), thread_cpu(napi), time.monotonic()
+    """Per-core CPU by kind and NAPI thread CPU over the block (filled in on exit).
+
+    The node/client split: this kernel accounts CPU time by tick sampling (no
+    CONFIG_IRQ_TIME_ACCOUNTING on the dev VM), so softirq work done while a task is current is
+    also in that task's utime/stime: process times cannot separate dnsperf from the fast path
+    running in softirq on its core. The per-core categories of /proc/stat can: every tick goes
+    to exactly one. With the server alone on SERVER_CORE, the node's CPU is all of that core
+    plus the irq/softirq time of the others; the client's (dnsperf) is the task time of the others.
+    """
+    c0, n0, t0 = core_times(), thread_cpu(napi), time.monotonic()
     out: dict[str, Any] = {}
     yield out
-    c1, n1 = core_busy(), thread_cpu(napi)
+    c1, n1 = core_times(), thread_cpu(napi)
     out["wall_s"] = time.monotonic() - t0
-    out["core_busy"] = {str(c): (c1[c][0] - c0[c][0]) / max(1e-9, c1[c][1] - c0[c][1]) for c in c1 if c in c0}
-    out["core_softirq"] = {str(c): (c1[c][2] - c0[c][2]) / max(1e-9, c1[c][1] - c0[c][1]) for c in c1 if c in c0}
+    d = {c: {k: c1[c][k] - c0[c][k] for k in c1[c]} for c in c1 if c in c0}
+    out["cores"] = {str(c): v for c, v in d.items()}
+    out["core_busy"] = {str(c): v["busy"] / max(1e-9, v["total"]) for c, v in d.items()}
+    out["core_softirq"] = {str(c): v["soft"] / max(1e-9, v["total"]) for c, v in d.items()}
+    out["node_cpu_s"] = sum(v["busy"] if c == SERVER_CORE else v["soft"] for c, v in d.items())
+    out["client_cpu_s"] = sum(v["task"] for c, v in d.items() if c != SERVER_CORE)
     out["napi_cpu_s"] = n1 - n0
 
 
@@ -367,7 +399,7 @@ class Ctx:
 
 
 def start_row(ctx: Ctx, row: str) -> tuple[Server, int | None]:
-    tmp = ctx.tmp / row
+    tmp = ctx.tmp / f"{row}-{ctx.topo.steer and 'steered' or 'default'}"
     tmp.mkdir()
     env, metrics = None, None
     if row == "unbound":
@@ -375,7 +407,7 @@ def start_row(ctx: Ctx, row: str) -> tuple[Server, int | None]:
                                allow=(f"{NODE_ADDR.rsplit('.', 1)[0]}.0/{PREFIX}",))
     else:
         argv, env, metrics = ours_conf(tmp, ctx.binary, ctx.up.port, FAST.get(row))
-    srv = ctx.runner.start(row, argv, DNS_PORT, SERVER_CORE, env=env, timeout=20)
+    srv = ctx.runner.start(f"{row}-{ctx.topo.steer and 'steered' or 'default'}", argv, DNS_PORT, SERVER_CORE, env=env, timeout=20)
     try:
         dh.probe(DNS_PORT, f"probe.{ZONE}")
     except BenchError as e:
@@ -396,10 +428,12 @@ def start_row(ctx: Ctx, row: str) -> tuple[Server, int | None]:
 
 
 def limit_of(r: dict[str, Any]) -> None:
-    """Which side ran out of CPU: the server's core (node side: the server process and, with
-    steering, the kernel's receive and fast-path work) or dnsperf's thread."""
+    """Which core ran out: the server's (the server process and whatever kernel work is
+    placed there) or dnsperf's. dnsperf's core also carries the softirq work placed there (the
+    whole fast path in the default placement), so the text says how much of it that was."""
     server = r["core_busy"].get(str(SERVER_CORE), 0.0)
-    load = r["load_busy"]
+    load = r["core_busy"].get(str(LOAD_CORE), 0.0)
+    soft = r["core_softirq"].get(str(LOAD_CORE), 0.0)
     if server >= BUSY_LIMIT and load >= BUSY_LIMIT:
         r["limit"] = "both"
     elif server >= BUSY_LIMIT:
@@ -408,8 +442,8 @@ def limit_of(r: dict[str, Any]) -> None:
         r["limit"] = "dnsperf"
     else:
         r["limit"] = "neither"
-    r["limit_text"] = (f"{r['limit']} (server core {server * 100:.0f}% busy, dnsperf {load * 100:.0f}% of its core"
-                       f", dnsperf's core {r['core_busy'].get(str(LOAD_CORE), 0.0) * 100:.0f}% busy)")
+    r["limit_text"] = (f"{r['limit']} (server core {server * 100:.0f}% busy; dnsperf's core {load * 100:.0f}%, "
+                       f"of it softirq {soft * 100:.0f}%)")
 
 
 def throughput(ctx: Ctx, row: str, srv: Server, napi: list[int], metrics: int | None) -> dict[str, Any]:
@@ -431,10 +465,9 @@ def throughput(ctx: Ctx, row: str, srv: Server, napi: list[int], metrics: int | 
     r["foreign_frac"] = r["foreign_s"] / r["busy_s"] if r["busy_s"] > 0 else 0.0
     r["load_busy"] = r["load_cpu_s"] / m["wall_s"]  # run.py's wall (jiffies / cores) runs short on this VM
     r["server_busy"] = r["server_cpu_s"] / m["wall_s"]
-    r["node_cpu_s"] = r["server_cpu_s"] + r["napi_cpu_s"] + r["irq_s"]
     r["machine_us_per_query"] = r["busy_s"] * 1e6 / n
     r["node_us_per_query"] = r["node_cpu_s"] * 1e6 / n
-    r["load_us_per_query"] = r["load_cpu_s"] * 1e6 / n
+    r["client_us_per_query"] = r["client_cpu_s"] * 1e6 / n
     limit_of(r)
     if on:
         r["in_situ"] = in_situ(p0, p1, ctx.topo.pod_xdp)
@@ -451,8 +484,9 @@ def throughput(ctx: Ctx, row: str, srv: Server, napi: list[int], metrics: int | 
     return r
 
 
-def measure_row(ctx: Ctx, row: str) -> dict[str, Any]:
-    res: dict[str, Any] = {"row": row, "label": LABELS[row], "status": "ok", "errors": [], "background": {}}
+def measure_row(ctx: Ctx, row: str, placement: str) -> dict[str, Any]:
+    res: dict[str, Any] = {"row": row, "placement": placement, "label": LABELS[row], "status": "ok", "errors": [],
+                           "background": {}}
     if row != "unbound" and not ctx.binary.exists():
         res["status"] = "missing"
         res["errors"].append(f"{ctx.binary} does not exist (cargo build --release -p node-local-dns)")
@@ -462,9 +496,9 @@ def measure_row(ctx: Ctx, row: str) -> dict[str, Any]:
         res["errors"].append("unbound is not installed (bench/harness/install-deps.sh installs it)")
         return res
 
-    def step(key: str, fn: Callable[[], Any]) -> None:
+    def step(key: str, fn: Callable[[], Any], quiet: bool = True) -> None:
         try:
-            res["background"][key] = round(wait_quiet(ctx.args.idle_wait), 3)
+            res["background"][key] = round(wait_quiet(ctx.args.idle_wait if quiet else 0.0), 3)
             res[key] = fn()
         except BenchError as e:
             res["errors"].append(f"{key}: {e}")
@@ -477,7 +511,7 @@ def measure_row(ctx: Ctx, row: str) -> dict[str, Any]:
         napi = ctx.topo.steer_napi(ctx.pin)
         res["napi_threads"] = len(napi)
         log(f"{row}: warm the cache ({ctx.names:,} names, from the pod)")
-        step("warm", lambda: ctx.load.fill(DNS_PORT, ctx.hit_file, ctx.names, srv))
+        step("warm", lambda: ctx.load.fill(DNS_PORT, ctx.hit_file, ctx.names, srv), quiet=False)
         if "warm" in res:
             if metrics:
                 time.sleep(METRICS_PERIOD_S)  # the mirror syncs every 100 ms; counters publish every 1 s
@@ -549,8 +583,15 @@ def g(r: dict[str, Any] | None, k: str, f: str) -> Any:
     return v.get(f) if isinstance(v, dict) else None
 
 
+def index(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["row"], r.get("placement", "default")): r for r in results}
+
+
 def derive(ns: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str, Any]:
-    by = {r["row"]: r for r in results}
+    """The targets. CPU per query is judged in the default placement (where the kernel puts the
+    work on a real node; the steered figure beside it); the limit in the steered placement, the
+    only one where the server side has a core of its own to run out of (the default beside it)."""
+    by = index(results)
     targets = []
 
     def add(who: str, what: str, goal: str, ok: bool | None, text: str) -> None:
@@ -568,29 +609,37 @@ def derive(ns: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str
         add(f"dns_{mode}", "kernel hit path", goal, worst <= T_HIT_NS,
             ", ".join(f"{s['variant']} {s['mean_ns']:.0f} ns (p50 {s['p50_ns']})" for s in hits)
             + (f"; ≈ {est:.0f} ns without the timer's per-call overhead" if est is not None else ""))
-    ub = g(by.get(BASELINE), "hits", "node_us_per_query")
-    ub_m = g(by.get(BASELINE), "hits", "machine_us_per_query")
+
+    def cpu_text(row: str, placement: str) -> tuple[float | None, str]:
+        r, u = by.get((row, placement)), by.get((BASELINE, placement))
+        v, ub = g(r, "hits", "node_us_per_query"), g(u, "hits", "node_us_per_query")
+        if v is None or ub is None or v <= 0:
+            return None, f"{placement}: not measured"
+        vm, ubm = g(r, "hits", "machine_us_per_query"), g(u, "hits", "machine_us_per_query")
+        return ub / v, (f"{placement}: node {v:.2f} µs vs unbound {ub:.2f} µs = {ub / v:.1f}x less "
+                        f"(whole machine, dnsperf included: {vm:.2f} vs {ubm:.2f} µs = {ubm / vm:.1f}x)")
+
     for row in ("xdp", "tc"):
-        v, vm = g(by.get(row), "hits", "node_us_per_query"), g(by.get(row), "hits", "machine_us_per_query")
         goal = f">= {T_CPU_FACTOR:.0f}x less node CPU per answered query than unbound"
-        if v is None or ub is None:
-            add(LABELS[row], "node CPU per answered query", goal, None, "not measured")
-            continue
-        factor = ub / v if v > 0 else float("inf")
-        ins, ub_p = g(by.get(row), "hits", "in_situ"), g(by.get(BASELINE), "hits", "cpu_us_per_query")
+        factor, text = cpu_text(row, "default")
+        _, other = cpu_text(row, "steered")
+        ins = g(by.get((row, "default")), "hits", "in_situ")
+        ub_p = g(by.get((BASELINE, "default")), "hits", "cpu_us_per_query")
         alone = (f"; the attached program alone {ins['ns_per_run']:.0f} ns vs unbound's process "
                  f"{ub_p * 1000:.0f} ns = {ub_p * 1000 / ins['ns_per_run']:.1f}x" if ins and ub_p else "")
-        add(LABELS[row], "node CPU per answered query", goal, factor >= T_CPU_FACTOR,
-            f"{v:.2f} µs vs unbound {ub:.2f} µs = {factor:.1f}x less (whole machine, dnsperf included: "
-            f"{vm:.2f} vs {ub_m:.2f} µs = {ub_m / vm:.1f}x{alone})")
+        add(LABELS[row], "CPU per answered query", goal, None if factor is None else factor >= T_CPU_FACTOR,
+            f"{text}; {other}{alone}")
     for row in ("xdp", "tc", "userspace"):
-        h = g(by.get(row), "hits", "limit")
-        goal = "limited by the load generator, not the server"
-        if h is None:
-            add(LABELS[row], "end-to-end limit", goal, None, "not measured")
+        goal = "limited by the load generator, not the server (steered placement)"
+        r, d = by.get((row, "steered")), by.get((row, "default"))
+        lim = g(r, "hits", "limit")
+        dtext = (f"; default placement: {g(d, 'hits', 'qps'):,.0f} queries/s, {g(d, 'hits', 'limit_text')}"
+                 if g(d, "hits", "qps") else "")
+        if lim is None:
+            add(LABELS[row], "end-to-end limit", goal, None, "steered placement not measured" + dtext)
             continue
-        add(LABELS[row], "end-to-end limit", goal, h == "dnsperf",
-            f"{g(by.get(row), 'hits', 'qps'):,.0f} queries/s; {g(by.get(row), 'hits', 'limit_text')}")
+        add(LABELS[row], "end-to-end limit", goal, lim == "dnsperf",
+            f"{g(r, 'hits', 'qps'):,.0f} queries/s; {g(r, 'hits', 'limit_text')}{dtext}")
     return {"targets": targets, "ns": nd}
 
 
@@ -602,16 +651,41 @@ def fmt(v: Any, digits: int = 0) -> str:
     return "–" if v is None else f"{v:,.{digits}f}"
 
 
+def main_table(L: list[str], results: list[dict[str, Any]]) -> None:
+    L.append("| server | queries/s | limit | machine µs/q | node µs/q | server process µs/q | client µs/q | "
+             "kernel % | p50 ms | p99 ms |")
+    L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        if r["status"] == "missing":
+            L.append(f"| {r['label']} | missing | | | | | | | | |")
+            continue
+        h, la = (r.get(k) if isinstance(r.get(k), dict) else None for k in ("hits", "latency"))
+        name = r["label"] + ("" if r["status"] == "ok" else f" ({r['status']})")
+        L.append("| " + " | ".join([
+            name if r["row"] == BASELINE else f"**{name}**",
+            fmt(h["qps"]) if h else "failed",
+            h["limit_text"] if h else "–",
+            fmt(h["machine_us_per_query"], 2) if h else "–",
+            fmt(h["node_us_per_query"], 2) if h else "–",
+            fmt(h["cpu_us_per_query"], 2) if h else "–",
+            fmt(h["client_us_per_query"], 2) if h else "–",
+            (f"{h['kernel_hit_share'] * 100:.1f}" if h and "kernel_hit_share" in h else "–"),
+            fmt(la["p50_ms"], 3) if la else "–",
+            fmt(la["p99_ms"], 3) if la else "–",
+        ]) + " |")
+    L.append("")
+
+
 def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dict[str, Any]],
               derived: dict[str, Any]) -> str:
-    by = {r["row"]: r for r in results}
+    by = index(results)
     L = ["# node-local-dns kernel fast path (XDP / tc) benchmark", ""]
     L.append(f"- date: {meta['date']}")
     L.append(f"- commit: `{meta['commit']}`")
     L.append(f"- command: `{meta['command']}`")
     L.append(f"- kernel: `{meta['kernel']}`; CPU: {meta['cpu_model']} ({meta['cores']} cores)")
     L.append(f"- load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; "
-             f"machine busy before the first row: {meta['idle_busy'] * 100:.0f}%")
+             f"machine busy before the first measurement: {meta['idle_busy'] * 100:.0f}%")
     L.append(f"- mode: {meta['mode']}; total run time {meta['elapsed_s']:.0f} s")
     L.append(f"- tools: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}")
     L.append("")
@@ -635,19 +709,21 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
         for mode, d in derived["ns"].items():
             L.append(f"- dns_{mode}: the timer's per-call overhead (not local, repeat = 1 minus repeat = N) is "
                      f"{d['timer_overhead_ns']:.0f} ns; the hit without it ≈ {d['hit_minus_overhead_ns']:.0f} ns.")
-        for row in FAST:
-            ins, pod = g(by.get(row), "hits", "in_situ"), g(by.get(row), "hits", "pod_pass")
-            if ins:
-                L.append(f"- dns_{FAST[row]} attached, during the end-to-end cache-hit run below (the kernel's run-time "
-                         f"statistics, BPF_ENABLE_STATS): {ins['ns_per_run']:.0f} ns per packet over {ins['runs']:,} "
-                         "packets" + (f"; the pod-side pass program {pod['ns_per_run']:.0f} ns per packet" if pod else "")
-                         + ".")
-        us_p, ub_p = g(by.get("userspace"), "hits", "cpu_us_per_query"), g(by.get(BASELINE), "hits", "cpu_us_per_query")
-        L.append(f"- For comparison, the process CPU per cache hit in the end-to-end run below: node-local-dns "
-                 f"userspace {fmt(us_p and us_p * 1000)} ns, unbound {fmt(ub_p and ub_p * 1000)} ns (their socket "
-                 "work included; the kernel's receive path before the socket is not).")
     else:
         L.append("not measured")
+    for row in FAST:
+        for placement in PLACEMENTS:
+            ins, pod = g(by.get((row, placement)), "hits", "in_situ"), g(by.get((row, placement)), "hits", "pod_pass")
+            if ins:
+                L.append(f"- dns_{FAST[row]} attached, during the end-to-end cache-hit run below ({placement} "
+                         f"placement; the kernel's run-time statistics, BPF_ENABLE_STATS): {ins['ns_per_run']:.0f} ns "
+                         f"per packet over {ins['runs']:,} packets"
+                         + (f"; the pod-side pass program {pod['ns_per_run']:.0f} ns" if pod else "") + ".")
+    us_p = g(by.get(("userspace", "default")), "hits", "cpu_us_per_query")
+    ub_p = g(by.get((BASELINE, "default")), "hits", "cpu_us_per_query")
+    L.append(f"- For comparison, the process CPU per cache hit in the end-to-end run below (default placement): "
+             f"node-local-dns userspace {fmt(us_p and us_p * 1000)} ns, unbound {fmt(ub_p and ub_p * 1000)} ns "
+             "(their socket work included; the kernel's receive path before the socket is not).")
     L.append("")
     L.append("## 2. End to end from a pod namespace through a veth")
     L.append("")
@@ -655,32 +731,25 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
              f"namespace, asking `{LOCAL_IP}:{DNS_PORT}` over the veth, cycling over {meta['names']:,} names warmed "
              f"first (every answer a cache hit); p50/p99 from `dnsperf -v -Q {meta['lat_rate']} -l "
              f"{meta['lat_duration_s']}`. Pinning: {meta['pinning']}. **machine µs/q** = the whole machine's busy "
-             "time (/proc/stat, all cores) ÷ answered queries: dnsperf, the server, knot and every softirq. "
-             "**node µs/q** = the server process + the node's kernel work (irq/softirq time on all cores and "
-             "the threaded NAPI of the host-side veth) ÷ answered queries: the machine figure without dnsperf, "
-             "knot and other work. **kernel %** = answers the fast path sent ÷ answered queries.")
+             "time (/proc/stat, all cores) ÷ answered queries: dnsperf, the server, every softirq. "
+             f"**node µs/q** = all of core {SERVER_CORE} (the server alone is pinned there; with its softirq and, "
+             "steered, the veth's NAPI thread) + the irq/softirq time of the other core ÷ answered queries; "
+             "**client µs/q** = the task (user + system) time of the other core: dnsperf. The two add up to the "
+             "machine figure (steal aside); this kernel samples CPU time by tick, so process times would count "
+             "softirq work done on dnsperf's core as dnsperf's. The node figure includes delivering each reply "
+             "into the pod's socket, alike in every row. **server process µs/q** = the server's utime + stime "
+             "(/proc/PID/stat; includes softirq that ran while it was current). "
+             "**kernel %** = answers the fast path sent ÷ answered queries. **limit**: `server` when the "
+             f"server's core was ≥ {BUSY_LIMIT:.0%} busy, `dnsperf` when dnsperf's core was (its softirq share "
+             "shown: in the default placement that is the fast path's own work).")
     L.append("")
-    L.append("| server | queries/s | limit | machine µs/q | node µs/q | server process µs/q | dnsperf µs/q | kernel % | p50 ms | p99 ms |")
-    L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        if r["status"] == "missing":
-            L.append(f"| {r['label']} | missing | | | | | | | | |")
+    for placement in meta.get("placements", PLACEMENTS):
+        rows = [r for r in results if r.get("placement", "default") == placement]
+        if not rows:
             continue
-        h, la = (r.get(k) if isinstance(r.get(k), dict) else None for k in ("hits", "latency"))
-        name = r["label"] + ("" if r["status"] == "ok" else f" ({r['status']})")
-        L.append("| " + " | ".join([
-            name if r["row"] == BASELINE else f"**{name}**",
-            fmt(h["qps"]) if h else "failed",
-            h["limit_text"] if h else "–",
-            fmt(h["machine_us_per_query"], 2) if h else "–",
-            fmt(h["node_us_per_query"], 2) if h else "–",
-            fmt(h["cpu_us_per_query"], 2) if h else "–",
-            fmt(h["load_us_per_query"], 2) if h else "–",
-            (f"{h['kernel_hit_share'] * 100:.1f}" if h and "kernel_hit_share" in h else "–"),
-            fmt(la["p50_ms"], 3) if la else "–",
-            fmt(la["p99_ms"], 3) if la else "–",
-        ]) + " |")
-    L.append("")
+        L.append(f"### {PLACEMENT_TEXT[placement][0].upper() + PLACEMENT_TEXT[placement][1:]}")
+        L.append("")
+        main_table(L, rows)
     L.append("## Targets (issue 4, part E)")
     L.append("")
     for t in derived["targets"]:
@@ -689,17 +758,20 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
     L.append("")
     L.append("## Details")
     L.append("")
-    L.append("| server | hits: sent / answered / lost | core 0 / core 1 busy | irq+softirq s · NAPI thread s · server s · dnsperf s | kernel counters during hits | latency run: answered, p90 / p99.9 / max ms | other work during hits |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| server | placement | hits: sent / answered / lost | core 0 / core 1 busy (softirq) | irq+softirq s · "
+             "NAPI thread s · server process s · dnsperf process s | kernel counters during hits | latency run: "
+             "answered, p90 / p99.9 / max ms | other work during hits |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["status"] == "missing":
             continue
         h, la = (r.get(k) if isinstance(r.get(k), dict) else None for k in ("hits", "latency"))
-        cb = h["core_busy"] if h else {}
+        cb, cs = (h["core_busy"], h["core_softirq"]) if h else ({}, {})
         L.append("| " + " | ".join([
-            r["label"],
+            r["label"], r.get("placement", "default"),
             f"{h['sent']:,} / {h['completed']:,} / {h['lost']:,}" if h else "–",
-            f"{cb.get('0', 0) * 100:.0f}% / {cb.get('1', 0) * 100:.0f}%" if h else "–",
+            (f"{cb.get('0', 0) * 100:.0f}% ({cs.get('0', 0) * 100:.0f}%) / {cb.get('1', 0) * 100:.0f}% "
+             f"({cs.get('1', 0) * 100:.0f}%)" if h else "–"),
             (f"{h['irq_s']:.2f} · {h['napi_cpu_s']:.2f} · {h['server_cpu_s']:.2f} · {h['load_cpu_s']:.2f}"
              if h else "–"),
             (", ".join(f"{k} {v:,}" for k, v in sorted(h.get("kernel", {}).items()) if v) or "–") if h else "–",
@@ -710,22 +782,23 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
     L.append("")
     notes = []
     for r in results:
+        who = f"{r['label']} ({r.get('placement', 'default')})"
         for e in r.get("errors", []):
             first = e.strip().splitlines()
-            notes.append(f"- {r['label']} ({r['status']}): " + (first[0] if first else e))
+            notes.append(f"- {who}, {r['status']}: " + (first[0] if first else e))
         for k, v in r.get("background", {}).items():
             mm = r.get(k)
             ff = mm.get("foreign_frac") if isinstance(mm, dict) else None
-            if v > rh.BG_BUSY_WARN or (ff is not None and ff > rh.FOREIGN_WARN):
-                notes.append(f"- {r['label']} {k}: other work on the machine ({v * 100:.0f}% of all cores busy "
+            if k != "warm" and (v > rh.BG_BUSY_WARN or (ff is not None and ff > rh.FOREIGN_WARN)):
+                notes.append(f"- {who} {k}: other work on the machine ({v * 100:.0f}% of all cores busy "
                              "just before" + (f"; {ff * 100:.0f}% of the busy time during the run was not ours"
                                               if ff is not None else "") + "): its figures are suspect")
         h = r.get("hits")
         if isinstance(h, dict) and h.get("upstream_queries"):
-            notes.append(f"- {r['label']}: {h['upstream_queries']:,} queries reached knot during the cache-hit "
+            notes.append(f"- {who}: {h['upstream_queries']:,} queries reached knot during the cache-hit "
                          "run: not every query was a hit")
         if r["row"] in FAST and isinstance(h, dict) and h.get("kernel_hit_share", 0) < 0.99:
-            notes.append(f"- {r['label']}: only {h.get('kernel_hit_share', 0) * 100:.1f}% of the answers came "
+            notes.append(f"- {who}: only {h.get('kernel_hit_share', 0) * 100:.1f}% of the answers came "
                          "from the kernel")
     if meta.get("ns_error"):
         notes.append(f"- BPF_PROG_TEST_RUN part: {meta['ns_error']}")
@@ -808,7 +881,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16, help="dnsperf -c (sockets)")
     ap.add_argument("--outstanding", type=int, default=200, help="dnsperf -q (queries in flight)")
     ap.add_argument("--idle-wait", type=float, default=None,
-                    help="max seconds to wait for a quiet machine before each run (20; smoke 0)")
+                    help="max seconds to wait for a quiet machine before each measured run (10; smoke 0)")
+    ap.add_argument("--placements", default=",".join(PLACEMENTS),
+                    help="comma-separated: default (the kernel's: fast path on the sending core), steered")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, server logs)")
     ap.add_argument("--from-json", metavar="JSON", help="measure nothing: re-render from a dns-fastpath-latest.json")
     args = ap.parse_args()
@@ -827,12 +902,16 @@ def main() -> int:
     lat_rate = args.lat_rate or (10_000 if smoke else 50_000)
     names = SMOKE_HIT_NAMES if smoke else HIT_NAMES
     if args.idle_wait is None:
-        args.idle_wait = 0.0 if smoke else 20.0
+        args.idle_wait = 0.0 if smoke else 10.0
     rows = [r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad:
         ap.error(f"unknown rows: {bad}")
     rows = [r for r in ROWS if r in rows]
+    placements = [p.strip() for p in args.placements.split(",") if p.strip()]
+    if not placements or any(p not in PLACEMENTS for p in placements):
+        ap.error(f"--placements: a comma-separated subset of {','.join(PLACEMENTS)}")
+    placements = [p for p in PLACEMENTS if p in placements]
 
     if os.geteuid() != 0:
         if os.environ.get("REQUIRE_PRIVILEGED") == "1":
@@ -915,21 +994,25 @@ def main() -> int:
         load = dh.Load(up, args.clients, args.outstanding, 1 if smoke else 2, server_ip=LOCAL_IP,
                        prefix=topo.in_pod([]))
         ctx = Ctx(args, tmp, runner, load, up, topo, binary, duration, lat_duration, lat_rate, hit_file, names, pin)
-        for row in rows:
-            log(f"== {row}")
-            r = measure_row(ctx, row)
-            results.append(r)
-            if r["status"] == "missing":
-                log(f"MISSING {row}: {'; '.join(r['errors'])}")
-            elif r["errors"]:
-                log(f"{row}: {r['status']}: " + " | ".join(e.splitlines()[0] for e in r["errors"]))
-            h = r.get("hits")
-            if isinstance(h, dict):
-                la = r.get("latency") or {}
-                log(f"{row}: {h['qps']:,.0f} q/s, machine {h['machine_us_per_query']:.2f} µs/q, node "
-                    f"{h['node_us_per_query']:.2f} µs/q, limit {h['limit_text']}"
-                    + (f", kernel {h['kernel_hit_share'] * 100:.1f}%" if "kernel_hit_share" in h else "")
-                    + f"; p50/p99 {la.get('p50_ms', float('nan')):.3f}/{la.get('p99_ms', float('nan')):.3f} ms")
+        for placement in placements:
+            topo.set_placement(placement)
+            for row in rows:
+                if smoke and placement == "steered" and row not in SMOKE_STEERED:
+                    continue
+                log(f"== {row} ({placement})")
+                r = measure_row(ctx, row, placement)
+                results.append(r)
+                if r["status"] == "missing":
+                    log(f"MISSING {row}: {'; '.join(r['errors'])}")
+                elif r["errors"]:
+                    log(f"{row}: {r['status']}: " + " | ".join(e.splitlines()[0] for e in r["errors"]))
+                h = r.get("hits")
+                if isinstance(h, dict):
+                    la = r.get("latency") or {}
+                    log(f"{row} ({placement}): {h['qps']:,.0f} q/s, machine {h['machine_us_per_query']:.2f} µs/q, "
+                        f"node {h['node_us_per_query']:.2f} µs/q, limit {h['limit_text']}"
+                        + (f", kernel {h['kernel_hit_share'] * 100:.1f}%" if "kernel_hit_share" in h else "")
+                        + f"; p50/p99 {la.get('p50_ms', float('nan')):.3f}/{la.get('p99_ms', float('nan')):.3f} ms")
     except KeyboardInterrupt:
         log("interrupted: stopping servers")
         return 130
@@ -946,9 +1029,9 @@ def main() -> int:
 
     meta = rh.collect_meta(args, pin)
     meta["versions"] = versions()
-    meta["pinning"] = (f"server on core {SERVER_CORE} (taskset), the host-side veth's receive steered there too (RPS; "
-                       f"in XDP mode its NAPI threaded and pinned); dnsperf, knot and the harness on core {LOAD_CORE}"
+    meta["pinning"] = (f"server on core {SERVER_CORE} (taskset); dnsperf, knot and the harness on core {LOAD_CORE}"
                        if pin else "none (fewer than 2 cores)")
+    meta["placements"] = placements
     meta.update({
         "command": "python3 bench/harness/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "mode": "smoke" if smoke else "full", "duration_s": duration, "lat_duration_s": lat_duration,
