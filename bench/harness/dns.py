@@ -183,12 +183,15 @@ class Upstream:
 # the servers under test
 
 
-def unbound_conf(tmp: Path, port: int, up: int, entries: int) -> list[str]:
+def unbound_conf(tmp: Path, port: int, up: int, entries: int, listen: tuple[str, ...] = ("127.0.0.1",),
+                 allow: tuple[str, ...] = ()) -> list[str]:
+    """unbound's argv and config; `listen` and `allow` (extra client subnets) for dns_fastpath.py."""
     cache = "256m" if entries > MIN_ENTRIES else "1m"  # limits; unbound allocates as it fills
     conf = tmp / "unbound.conf"
+    interfaces = "".join(f"    interface: {a}@{port}\n" for a in listen)
+    extra_acl = "".join(f"    access-control: {a} allow\n" for a in allow)
     conf.write_text(f"""server:
-    interface: 127.0.0.1@{port}
-    port: {port}
+{interfaces}    port: {port}
     do-daemonize: no
     chroot: ""
     username: ""
@@ -213,7 +216,7 @@ def unbound_conf(tmp: Path, port: int, up: int, entries: int) -> list[str]:
     outgoing-range: 8192
     cache-min-ttl: 0
     access-control: 127.0.0.0/8 allow
-    local-zone: "test." nodefault
+{extra_acl}    local-zone: "test." nodefault
     domain-insecure: "{ZONE}"
 forward-zone:
     name: "{ZONE}"
@@ -351,12 +354,17 @@ def percentile(sorted_vals: list[float], p: float) -> float:
 
 
 class Load:
-    def __init__(self, upstream: Upstream, clients: int, outstanding: int, timeout_s: int):
+    """dnsperf runs against one server.  `server_ip` and `prefix` (a command dnsperf runs under, e.g.
+    `ip netns exec POD`) are for dns_fastpath.py, which asks from a pod namespace."""
+
+    def __init__(self, upstream: Upstream, clients: int, outstanding: int, timeout_s: int,
+                 server_ip: str = "127.0.0.1", prefix: list[str] | None = None):
         self.up, self.clients, self.outstanding, self.timeout_s = upstream, clients, outstanding, timeout_s
+        self.server_ip, self.prefix = server_ip, prefix or []
 
     def dnsperf(self, port: int, names: Path, extra: list[str], timeout: float,
                 server: Server | None, verbose: bool = False) -> tuple[dict[str, Any], list[float]]:
-        argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names), "-T", "1",
+        argv = self.prefix + ["dnsperf", "-s", self.server_ip, "-p", str(port), "-d", str(names), "-T", "1",
                 "-c", str(self.clients), "-t", str(self.timeout_s)] + extra + (["-v"] if verbose else [])
         u0 = self.up.queries()
         meter = Meter(server, self.up.srv)

@@ -12,7 +12,7 @@
 //! Bounded size: `dns_cache` is an LRU hash, so when it is full the kernel drops the entry
 //! least recently answered, and hot entries stay.
 
-use std::{fmt, net::IpAddr, time::Duration};
+use std::{fmt, net::IpAddr, os::fd::BorrowedFd, time::Duration};
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
@@ -604,11 +604,16 @@ impl DnsFastPath {
     /// Runs the program of `mode` once on `packet` (an Ethernet frame) with
     /// `BPF_PROG_TEST_RUN`, attached or not.
     pub fn test_run(&self, mode: Mode, packet: &[u8]) -> Result<test_run::Outcome> {
+        test_run::run(self.program_fd(mode)?, packet, 1)
+    }
+
+    /// The loaded program of `mode`, for [`test_run::run`] with repeats (the benchmark).
+    pub fn program_fd(&self, mode: Mode) -> Result<BorrowedFd<'_>> {
         let program = self
             .ebpf
             .program(mode.program())
             .ok_or_else(|| Error::Unsupported(format!("no program {}", mode.program())))?;
-        test_run::run(test_run::program_fd(program)?, packet, 1)
+        test_run::program_fd(program)
     }
 
     fn program_mut<'a, P>(&'a mut self, mode: Mode) -> Result<&'a mut P>
