@@ -441,42 +441,83 @@ static __always_inline int turn_around(void *data, void *data_end, const struct 
 	/* Pseudo-header: the addresses (above), protocol and UDP length; all in wire order. */
 	sum += bpf_htons(IPPROTO_UDP) + bpf_htons(udp_len);
 
-	__u16 *words = (void *)udp;
+	/* Four bytes at a time (the ones' complement sum does not care how it is grouped), then
+	 * the last 0-3 bytes, each in its place of a 32-bit word in wire order. */
+	__u32 *words = (void *)udp;
 #pragma clang loop unroll(disable)
-	for (__u32 i = 0; i < MAX_UDP_WORDS; i++) {
-		if (2 * i + 1 >= udp_len)
+	for (__u32 i = 0; i < MAX_UDP_WORDS / 2; i++) {
+		if (4 * i + 3 >= udp_len)
 			break;
 		if ((void *)(words + i + 1) > data_end)
 			return -1;
 		sum += words[i];
 	}
-	if (udp_len & 1) {
-		__u8 *last = (__u8 *)udp + (udp_len & 0xfff) - 1;
-		if ((void *)(last + 1) > data_end)
+	__u32 rest = udp_len & 3;
+	if (rest) {
+		__u8 *tail = (__u8 *)udp + (udp_len & 0xffc);
+		__u8 last[4] = {};
+		if ((void *)(tail + 1) > data_end)
 			return -1;
-		/* The odd byte is the high half of a word whose low half is zero, in wire order. */
-		__u8 pair[2] = {*last, 0};
-		sum += *(__u16 *)pair;
+		last[0] = tail[0];
+		if (rest > 1) {
+			if ((void *)(tail + 2) > data_end)
+				return -1;
+			last[1] = tail[1];
+		}
+		if (rest > 2) {
+			if ((void *)(tail + 3) > data_end)
+				return -1;
+			last[2] = tail[2];
+		}
+		sum += *(__u32 *)last;
 	}
 	__u16 check = fold(sum);
 	udp->check = check ? check : 0xffff;
 	return 0;
 }
 
-static __always_inline void opt_record(const struct query *q, __u8 opt[DNS_OPT_LEN])
+/*
+ * Writes the reply's header, TTLs and OPT into the packet, whose body the caller has already
+ * copied from the entry, and turns the frame around. Direct writes: one helper call (the
+ * body copy) per reply instead of one per field. Returns 0, or -1 if the packet is not what
+ * we sized it to be.
+ */
+static __always_inline int write_reply(void *data, void *data_end, struct scratch *s,
+				       const struct dns_entry *e, __u64 body_len)
 {
-	/* Owner root, type OPT, class = our UDP size, ext-rcode 0, version 0, DO, rdlength 0. */
-	opt[0] = 0;
-	opt[1] = 0;
-	opt[2] = DNS_TYPE_OPT;
-	opt[3] = OUR_UDP_SIZE >> 8;
-	opt[4] = OUR_UDP_SIZE & 0xff;
-	opt[5] = 0;
-	opt[6] = 0;
-	opt[7] = q->dnssec_ok ? 0x80 : 0;
-	opt[8] = 0;
-	opt[9] = 0;
-	opt[10] = 0;
+	__u8 *header = data + (s->q.dns_off & 0x7f);
+	if ((void *)(header + DNS_HEADER_LEN) > data_end)
+		return -1;
+	__builtin_memcpy(header, s->r.header, DNS_HEADER_LEN);
+
+	__u32 body_off = s->q.dns_off + DNS_HEADER_LEN + s->q.question_len;
+	__u32 ttl_count = e->ttl_count;
+	__u32 ttl = s->r.ttl_be;
+#pragma clang loop unroll(disable)
+	for (__u32 i = 0; i < DNS_TTLS_MAX && i < ttl_count; i++) {
+		__u8 *field = data + ((body_off + e->ttl_offsets[i]) & 0x7ff);
+		if ((void *)(field + 4) > data_end)
+			return -1;
+		__builtin_memcpy(field, &ttl, 4);
+	}
+	if (s->q.edns) {
+		/* Owner root, type OPT, class = our UDP size, ext-rcode 0, version 0, DO, no rdata. */
+		__u8 *opt = data + ((body_off + body_len) & 0x7ff);
+		if ((void *)(opt + DNS_OPT_LEN) > data_end)
+			return -1;
+		opt[0] = 0;
+		opt[1] = 0;
+		opt[2] = DNS_TYPE_OPT;
+		opt[3] = OUR_UDP_SIZE >> 8;
+		opt[4] = OUR_UDP_SIZE & 0xff;
+		opt[5] = 0;
+		opt[6] = 0;
+		opt[7] = s->q.dnssec_ok ? 0x80 : 0;
+		opt[8] = 0;
+		opt[9] = 0;
+		opt[10] = 0;
+	}
+	return turn_around(data, data_end, &s->q, s->r.dns_len);
 }
 
 SEC("xdp")
@@ -510,24 +551,11 @@ int dns_xdp(struct xdp_md *ctx)
 	opaque(body_len);
 	if (body_len == 0 || body_len > DNS_BODY_MAX)
 		goto drop;
-	if (bpf_xdp_store_bytes(ctx, s->q.dns_off, s->r.header, DNS_HEADER_LEN) ||
-	    bpf_xdp_store_bytes(ctx, body_off, e->body, body_len))
+	if (bpf_xdp_store_bytes(ctx, body_off, e->body, body_len))
 		goto drop;
-	__u32 ttl_count = e->ttl_count;
-#pragma clang loop unroll(disable)
-	for (__u32 i = 0; i < DNS_TTLS_MAX && i < ttl_count; i++) {
-		if (bpf_xdp_store_bytes(ctx, body_off + e->ttl_offsets[i], &s->r.ttl_be, 4))
-			goto drop;
-	}
-	if (s->q.edns) {
-		__u8 opt[DNS_OPT_LEN];
-		opt_record(&s->q, opt);
-		if (bpf_xdp_store_bytes(ctx, body_off + body_len, opt, DNS_OPT_LEN))
-			goto drop;
-	}
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
-	if (turn_around(data, data_end, &s->q, s->r.dns_len))
+	if (write_reply(data, data_end, s, e, body_len))
 		goto drop;
 	count_hit(e);
 	return XDP_TX;
@@ -575,26 +603,13 @@ int dns_tc(struct __sk_buff *skb)
 	opaque(body_len);
 	if (body_len == 0 || body_len > DNS_BODY_MAX)
 		goto drop;
-	if (bpf_skb_store_bytes(skb, s->q.dns_off, s->r.header, DNS_HEADER_LEN, 0) ||
-	    bpf_skb_store_bytes(skb, body_off, e->body, body_len, 0))
+	if (bpf_skb_store_bytes(skb, body_off, e->body, body_len, 0))
 		goto drop;
-	__u32 ttl_count = e->ttl_count;
-#pragma clang loop unroll(disable)
-	for (__u32 i = 0; i < DNS_TTLS_MAX && i < ttl_count; i++) {
-		if (bpf_skb_store_bytes(skb, body_off + e->ttl_offsets[i], &s->r.ttl_be, 4, 0))
-			goto drop;
-	}
-	if (s->q.edns) {
-		__u8 opt[DNS_OPT_LEN];
-		opt_record(&s->q, opt);
-		if (bpf_skb_store_bytes(skb, body_off + body_len, opt, DNS_OPT_LEN, 0))
-			goto drop;
-	}
 	if (bpf_skb_pull_data(skb, skb->len))
 		goto drop;
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	if (turn_around(data, data_end, &s->q, s->r.dns_len))
+	if (write_reply(data, data_end, s, e, body_len))
 		goto drop;
 	count_hit(e);
 	/* Out of the interface it came in on: back into the pod's veth. */

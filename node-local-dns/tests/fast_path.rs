@@ -582,3 +582,35 @@ fn replaced_and_removed_entries_take_effect() {
     assert_eq!(verdict, XDP_PASS, "removed: passed");
     assert_ne!(verdict, XDP_DROP);
 }
+
+/// The checksum is summed four bytes at a time: replies of every length modulo 4, in both
+/// families and modes, must carry a right UDP checksum.
+#[test]
+fn checksums_are_right_for_every_reply_length() {
+    if !privileged("checksums_are_right_for_every_reply_length") {
+        return;
+    }
+    let mut path = fast_path();
+    let mut remainders = std::collections::HashSet::new();
+    for (i, label) in ["a", "ab", "abc", "abcd", "abcde"].into_iter().enumerate() {
+        let name = format!("{label}.len.test.");
+        let q = query(70 + i as u16, &name, rtype::A, None);
+        let image = cache(
+            &mut path,
+            &q,
+            &a_response(&q, &name, &[[10, 0, 0, i as u8]]),
+            Duration::from_secs(30),
+        );
+        for mode in [Mode::Xdp, Mode::Tc] {
+            for (client, local) in [(CLIENT4, LOCAL4), (CLIENT6, LOCAL6)] {
+                let reply = assert_kernel_reply(&path, mode, client, local, &q, &image);
+                remainders.insert((8 + reply.len()) % 4);
+            }
+        }
+    }
+    assert_eq!(
+        remainders.len(),
+        4,
+        "every UDP length modulo 4 was covered: {remainders:?}"
+    );
+}
