@@ -3,6 +3,7 @@
 //! that they match the sources), loaded and attached with aya.
 //!
 //! - [`dns`]: DNS cache hits answered at XDP or tc ingress, from a map node-local-dns fills.
+//! - [`sockmap`]: two TCP sockets spliced in the kernel for sni-proxy (sk_skb stream verdict).
 //! - [`test_run`]: `BPF_PROG_TEST_RUN`, for tests and the nanoseconds-per-packet benchmark.
 //!
 //! Attachments are bpf links owned by the handle that made them: dropping the handle detaches
@@ -10,6 +11,7 @@
 //! answering from a map that nobody keeps up to date.
 
 pub mod dns;
+pub mod sockmap;
 pub mod test_run;
 
 /// What can go wrong loading, attaching or feeding a program.
