@@ -388,6 +388,8 @@ impl Pair<'_> {
         if moved == expected {
             return Ok(Flush::Done);
         }
+        // Pending, the source's FIN has not passed the verdict yet (it follows its bytes), so
+        // any error on the target, EPIPE included, is real: the kernel dropped bytes.
         if dst_info.state == TCP_CLOSE || moved > expected || socket_error(dst.fd)? != 0 {
             return Ok(Flush::Broken);
         }
@@ -423,7 +425,9 @@ pub enum Peek {
     Data,
 }
 
-/// Looks at `fd`'s receive side without consuming anything (`MSG_PEEK | MSG_DONTWAIT`).
+/// Looks at `fd`'s receive side without consuming anything (`MSG_PEEK | MSG_DONTWAIT`). An
+/// `EPIPE` left by the kernel when the other direction's FIN passed (see [`broken`]) is
+/// consumed and reported as [`Peek::Empty`].
 pub fn peek(fd: BorrowedFd<'_>) -> io::Result<Peek> {
     let mut byte = 0u8;
     // SAFETY: a one-byte buffer valid for writes, on a descriptor the caller keeps open.
@@ -440,7 +444,7 @@ pub fn peek(fd: BorrowedFd<'_>) -> io::Result<Peek> {
         n if n > 0 => Ok(Peek::Data),
         _ => {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
+            if e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EPIPE) {
                 Ok(Peek::Empty)
             } else {
                 Err(e)
@@ -449,10 +453,20 @@ pub fn peek(fd: BorrowedFd<'_>) -> io::Result<Peek> {
     }
 }
 
-/// Whether a socket is closed or has a pending error: after EOF a peek no longer reports a
-/// reset, so the caller watching a half-closed target asks this instead.
+/// Whether a spliced socket was reset or failed while one direction still runs: it is closed
+/// (a connection still half open only closes that way), or has a pending error other than
+/// `EPIPE`. After EOF a peek no longer reports a reset, so the caller watching a half-closed
+/// socket asks this instead. Reading the error clears it.
+///
+/// `EPIPE` is no failure: when a source's FIN passes the verdict, the kernel redirects it as
+/// an empty skb, and the peer's sender reports "sent nothing" as `EPIPE` on the peer (and
+/// stops sending to it, which is right: that source has nothing more).
 pub fn broken(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(TcpInfo::read(fd)?.state == TCP_CLOSE || socket_error(fd)? != 0)
+    if TcpInfo::read(fd)?.state == TCP_CLOSE {
+        return Ok(true);
+    }
+    let error = socket_error(fd)?;
+    Ok(error != 0 && error != libc::EPIPE)
 }
 
 /// The fields of `struct tcp_info` the flush accounting needs.
@@ -524,7 +538,7 @@ fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(n.max(0) as u64)
 }
 
-/// `SO_ERROR` without clearing anything we need: the value, 0 if none.
+/// `SO_ERROR`: the pending error, 0 if none; reading it clears it.
 fn socket_error(fd: BorrowedFd<'_>) -> io::Result<i32> {
     let mut err: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -664,7 +678,13 @@ mod self_test {
 
     /// Waits until `from`'s EOF reached the proxy side and its bytes are flushed to the
     /// other socket, then passes the FIN on.
-    fn pass_eof(pair: &Pair<'_>, from: Side, source: &TcpStream, target: &TcpStream, deadline: Instant) -> io::Result<()> {
+    fn pass_eof(
+        pair: &Pair<'_>,
+        from: Side,
+        source: &TcpStream,
+        target: &TcpStream,
+        deadline: Instant,
+    ) -> io::Result<()> {
         loop {
             if Instant::now() > deadline {
                 return Err(fail(format!("no flushed EOF on side {from:?} in time")));
@@ -740,7 +760,9 @@ mod self_test {
         let mut got = vec![0u8; head.len() + EARLY];
         (&server).read_exact(&mut got)?;
         if got != [&head[..], &early_up].concat() {
-            return Err(fail("bytes forwarded or queued before the splice arrived wrong"));
+            return Err(fail(
+                "bytes forwarded or queued before the splice arrived wrong",
+            ));
         }
         let mut got = vec![0u8; EARLY];
         (&client).read_exact(&mut got)?;
@@ -751,9 +773,7 @@ mod self_test {
         let up = pattern(4, BULK);
         let down = pattern(5, BULK);
         let (server_got, client_got) = std::thread::scope(|scope| -> io::Result<_> {
-            let server_side = scope.spawn(|| -> io::Result<Vec<u8>> {
-                read_all(&server, BULK)
-            });
+            let server_side = scope.spawn(|| -> io::Result<Vec<u8>> { read_all(&server, BULK) });
             let client_reader = scope.spawn(|| read_all(&client, BULK));
             let server_writer = scope.spawn(|| -> io::Result<()> {
                 (&server).write_all(&down)?;
@@ -763,10 +783,14 @@ mod self_test {
             client.shutdown(Shutdown::Write)?;
             pass_eof(&pair, Side::A, &proxy_client, &proxy_backend, deadline)?;
             let server_got = server_side.join().map_err(|_| fail("reader panicked"))??;
-            server_writer.join().map_err(|_| fail("writer panicked"))??;
+            server_writer
+                .join()
+                .map_err(|_| fail("writer panicked"))??;
             server.shutdown(Shutdown::Write)?;
             pass_eof(&pair, Side::B, &proxy_backend, &proxy_client, deadline)?;
-            let client_got = client_reader.join().map_err(|_| fail("reader panicked"))??;
+            let client_got = client_reader
+                .join()
+                .map_err(|_| fail("reader panicked"))??;
             Ok((server_got, client_got))
         })?;
         let (want_up, want_down) = (up, down);

@@ -232,7 +232,10 @@ pub enum DataPathChoice {
     Copy,
     /// splice(2) through a pipe per direction: no copy into userspace.
     Splice,
-    /// What this kernel does best (see `datapath::auto`).
+    /// An eBPF sockmap redirects each socket's bytes to its peer inside the kernel; falls back
+    /// to splice, then copy, where the kernel is too old or the start-up self-test fails.
+    Sockmap,
+    /// What this kernel does best (see `datapath::AUTO`).
     #[default]
     Auto,
 }
