@@ -618,8 +618,12 @@ async fn retired(route: &Route) {
 }
 
 /// Resolves `data_path: auto`, and falls back where a path does not work here: sockmap to
-/// splice (the reason is logged once per process), splice to copy.
-pub(crate) fn resolve_data_path(choice: crate::config::DataPathChoice) -> DataPath {
+/// splice (the reason is logged once per process), splice to copy. Sockmap runs only on a
+/// trusted kernel unless `allow_untrusted` (see `ebpf::sockmap::TRUSTED_KERNELS`).
+pub(crate) fn resolve_data_path(
+    choice: crate::config::DataPathChoice,
+    allow_untrusted: bool,
+) -> DataPath {
     use crate::config::DataPathChoice;
     let mut wanted = match choice {
         DataPathChoice::Copy => DataPath::Copy,
@@ -628,13 +632,21 @@ pub(crate) fn resolve_data_path(choice: crate::config::DataPathChoice) -> DataPa
         DataPathChoice::Auto => datapath::AUTO,
     };
     if wanted == DataPath::Sockmap {
-        if let Err(why) = datapath::sockmap_splicer() {
+        let usable = if allow_untrusted {
+            Ok(())
+        } else {
+            ebpf::sockmap::kernel_trusted()
+                .map_err(|why| format!("{why}; allow_sockmap_on_untrusted_kernel is false"))
+        }
+        .and_then(|()| {
+            datapath::sockmap_splicer()
+                .map(|_| ())
+                .map_err(str::to_string)
+        });
+        if let Err(why) = usable {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
-                tracing::warn!(
-                    reason = why,
-                    "the sockmap data path is unavailable; using splice"
-                );
+                tracing::warn!(reason = %why, "the sockmap data path is unavailable; using splice");
             });
             wanted = DataPath::Splice;
         }

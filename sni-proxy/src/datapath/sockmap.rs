@@ -4,8 +4,9 @@
 //! The steps, each for a way bytes were lost elsewhere (`../shared/reference/sni-proxy.md`
 //! §3.3):
 //!
-//! 1. Read the client until `EAGAIN` and forward it: the kernel would hand a half-read skb
-//!    to the redirect whole, sending its first part twice.
+//! 1. Read the client until a read comes back short (or `EAGAIN`) and forward it: a short
+//!    read took every queued skb whole, while the kernel would hand a half-read skb to the
+//!    redirect whole, sending its first part twice.
 //! 2. Splice. Bytes that arrived meanwhile are pushed through the redirect by the splice.
 //!    A socket that was half-closed by then cannot be spliced: its direction is copied here.
 //! 3. Per redirected direction, wait for the source's EOF (a peek, so nothing is consumed),
@@ -27,9 +28,9 @@ use tokio::sync::Notify;
 
 use super::{copy_one_way, shutdown_write, write_all, Activity, Direction, PooledBuf};
 
-/// Reads of the client before giving up on splicing it (it kept sending faster than it could
-/// be forwarded; the connection is then copied in userspace, as it is correct either way).
-const MAX_DRAIN_READS: usize = 64;
+/// Full reads of the client before giving up on splicing it (it kept sending faster than it
+/// could be forwarded; the connection is then copied in userspace, correct either way).
+const MAX_DRAIN_READS: usize = 1024;
 /// Bounds of the pause between flush checks after an EOF: the kernel usually finishes within
 /// the first, a slow receiver on the target can take long.
 const FLUSH_POLL_MIN: Duration = Duration::from_micros(50);
@@ -86,8 +87,9 @@ pub(super) async fn relay(
     result
 }
 
-/// Reads the client until `EAGAIN`, forwarding everything to the backend. Returns the bytes
-/// read (None if the client never stopped sending within the bound) and whether it saw EOF.
+/// Reads the client until a read comes back short, forwarding everything to the backend.
+/// Returns the bytes read (None if every read was full up to the bound) and whether it saw
+/// EOF.
 async fn drain(
     client: &TcpStream,
     backend: &TcpStream,
@@ -103,6 +105,10 @@ async fn drain(
                 write_all(backend, &b[..n]).await?;
                 activity.add(Direction::Up, n);
                 total += n as u64;
+                if n < b.len() {
+                    // Short: the receive queue was empty, no skb left half read.
+                    return Ok((Some(total), false));
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Some(total), false)),
             Err(e) => return Err(e),
@@ -126,18 +132,25 @@ impl Ends {
         if !pair.redirected(from) || self.done[index(from)].load(Ordering::Acquire) {
             return;
         }
-        let Ok(moved) = pair.moved(from) else {
-            return;
-        };
+        if let Ok(moved) = pair.moved(from) {
+            self.count(activity, from, moved);
+        }
+    }
+
+    /// Counts `moved` (bytes so far) into `activity`, never counting a byte twice.
+    fn count(&self, activity: &Activity, from: Side, moved: u64) {
         let last = self.synced[index(from)].fetch_max(moved, Ordering::AcqRel);
         if moved > last {
             activity.add(direction(from), (moved - last) as usize);
         }
     }
 
-    /// Marks a direction ended; for a redirected one, call just before passing its FIN on.
-    fn finish(&self, pair: &Pair<'_>, activity: &Activity, from: Side) {
-        self.sync(pair, activity, from);
+    /// Marks a direction ended; `moved` is the exact count of a redirected one, which ends just
+    /// before its FIN is passed on.
+    fn finish(&self, activity: &Activity, from: Side, moved: Option<u64>) {
+        if let Some(moved) = moved {
+            self.count(activity, from, moved);
+        }
         self.done[index(from)].store(true, Ordering::Release);
         self.notify.notify_one();
     }
@@ -183,12 +196,12 @@ async fn leg(
     ends: &Ends,
 ) -> io::Result<()> {
     if pair.redirected(from) {
-        watch_redirect(pair, from, src).await?;
-        ends.finish(pair, activity, from);
+        let moved = watch_redirect(pair, from, src).await?;
+        ends.finish(activity, from, Some(moved));
         shutdown_write(dst);
     } else {
         copy_one_way(src, dst, activity, direction(from)).await?;
-        ends.finish(pair, activity, from);
+        ends.finish(activity, from, None);
     }
     tokio::select! {
         () = ends.both() => Ok(()),
@@ -198,7 +211,8 @@ async fn leg(
 
 /// Waits for `src`'s EOF without consuming anything, then for the kernel to have written all
 /// of its bytes into the other socket; the caller then shuts that one down for writing.
-async fn watch_redirect(pair: &Pair<'_>, from: Side, src: &TcpStream) -> io::Result<()> {
+/// Returns how many bytes the kernel moved.
+async fn watch_redirect(pair: &Pair<'_>, from: Side, src: &TcpStream) -> io::Result<u64> {
     loop {
         src.readable().await?;
         let seen = src.try_io(Interest::READABLE, || match sockmap::peek(src.as_fd())? {
@@ -223,12 +237,24 @@ async fn watch_redirect(pair: &Pair<'_>, from: Side, src: &TcpStream) -> io::Res
     let mut pause = FLUSH_POLL_MIN;
     loop {
         match pair.flushed(from)? {
-            Flush::Done => break,
+            Flush::Done(moved) => return Ok(moved),
             Flush::Broken => {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionReset,
                     "the spliced peer closed with bytes in flight",
                 ))
+            }
+            Flush::Excess(bytes) => {
+                // Rare and serious: say so above debug. The reset keeps a corrupt stream from
+                // ending like a clean one.
+                tracing::warn!(
+                    bytes,
+                    "the kernel repeated bytes on a sockmap splice; resetting"
+                );
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "the kernel repeated bytes on the splice",
+                ));
             }
             Flush::Pending => {
                 tokio::time::sleep(pause).await;
@@ -236,7 +262,6 @@ async fn watch_redirect(pair: &Pair<'_>, from: Side, src: &TcpStream) -> io::Res
             }
         }
     }
-    Ok(())
 }
 
 /// After its own direction ended, a socket may still be the kernel's target: resolves with an
