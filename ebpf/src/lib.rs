@@ -3,6 +3,7 @@
 //! that they match the sources), loaded and attached with aya.
 //!
 //! - [`dns`]: DNS cache hits answered at XDP or tc ingress, from a map node-local-dns fills.
+//! - [`sockmap`]: two TCP sockets spliced in the kernel for sni-proxy (sk_skb stream verdict).
 //! - [`test_run`]: `BPF_PROG_TEST_RUN`, for tests and the nanoseconds-per-packet benchmark.
 //! - [`frame`]: Ethernet/IP/UDP frames built and checked in userspace, for both.
 //!
@@ -12,6 +13,7 @@
 
 pub mod dns;
 pub mod frame;
+pub mod sockmap;
 pub mod test_run;
 
 /// What can go wrong loading, attaching or feeding a program.

@@ -62,6 +62,8 @@ struct RawConfig {
     access_log: bool,
     #[serde(default = "default_reload_interval", with = "duration")]
     reload_interval: Duration,
+    #[serde(default)]
+    allow_sockmap_on_untrusted_kernel: bool,
 }
 
 fn default_unknown_sni() -> String {
@@ -232,7 +234,10 @@ pub enum DataPathChoice {
     Copy,
     /// splice(2) through a pipe per direction: no copy into userspace.
     Splice,
-    /// What this kernel does best (see `datapath::auto`).
+    /// An eBPF sockmap redirects each socket's bytes to its peer inside the kernel; falls back
+    /// to splice, then copy, where the kernel is too old or the start-up self-test fails.
+    Sockmap,
+    /// What this kernel does best (see `datapath::AUTO`).
     #[default]
     Auto,
 }
@@ -305,6 +310,9 @@ pub struct Config {
     pub access_log: bool,
     /// How often the file is checked for changes.
     pub reload_interval: Duration,
+    /// Whether `data_path: sockmap` may run on a kernel not in
+    /// `ebpf::sockmap::TRUSTED_KERNELS` (for measurement and kernel testing only).
+    pub allow_sockmap_on_untrusted_kernel: bool,
 }
 
 /// TCP keepalive settings.
@@ -647,6 +655,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         probe_interval: raw.health.probe_interval,
         access_log: raw.access_log,
         reload_interval: raw.reload_interval,
+        allow_sockmap_on_untrusted_kernel: raw.allow_sockmap_on_untrusted_kernel,
     })
 }
 

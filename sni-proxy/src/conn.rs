@@ -460,6 +460,7 @@ async fn serve(
         proxy_protocol::encode_v2(&addrs, &tlvs, &mut first);
     }
     first.extend_from_slice(&head.buf[forward_from..]);
+    let client_read = head.buf.len() as u64;
     drop(head);
     let mut backend = backend;
     // The backend accepted the connection but may never read: bound the first write too.
@@ -495,14 +496,18 @@ async fn serve(
     let path = settings.data_path;
     metrics.data_path.with_label_values(&[path.as_str()]).inc();
     let started = Instant::now();
-    let activity =
+    let mut activity =
         Activity::with_metrics(route.stats.bytes_up.clone(), route.stats.bytes_down.clone());
+    if let Some(idle) = settings.idle_timeout {
+        // The idle watchdog samples every idle / 4: count the kernel's bytes twice as often.
+        activity = activity.with_kernel_sync(idle / 8);
+    }
     let lifetime = route.config.max_connection_lifetime.map(|base| {
         let jitter = route.config.max_connection_lifetime_jitter;
         base + jitter.mul_f64(rand::rng().random::<f64>())
     });
     let reason = tokio::select! {
-        end = datapath::relay(path, &client, &backend, &activity) => match end {
+        end = datapath::relay(path, &client, &backend, &activity, client_read) => match end {
             End::Done => "done",
             End::Reset => "reset",
             End::Error => "error",
@@ -514,6 +519,9 @@ async fn serve(
     };
     // Account before closing, so whoever sees the close also sees the counters.
     active.dec();
+    if path == DataPath::Sockmap && activity.unspliced() {
+        metrics.sockmap_unspliced.inc();
+    }
     let elapsed = started.elapsed();
     route.stats.duration.observe(elapsed.as_secs_f64());
     metrics
@@ -609,14 +617,40 @@ async fn retired(route: &Route) {
     }
 }
 
-/// Resolves `data_path: auto`, and falls back to copy where splice(2) does not work.
-pub(crate) fn resolve_data_path(choice: crate::config::DataPathChoice) -> DataPath {
+/// Resolves `data_path: auto`, and falls back where a path does not work here: sockmap to
+/// splice (the reason is logged once per process), splice to copy. Sockmap runs only on a
+/// trusted kernel unless `allow_untrusted` (see `ebpf::sockmap::TRUSTED_KERNELS`).
+pub(crate) fn resolve_data_path(
+    choice: crate::config::DataPathChoice,
+    allow_untrusted: bool,
+) -> DataPath {
     use crate::config::DataPathChoice;
-    let wanted = match choice {
+    let mut wanted = match choice {
         DataPathChoice::Copy => DataPath::Copy,
         DataPathChoice::Splice => DataPath::Splice,
+        DataPathChoice::Sockmap => DataPath::Sockmap,
         DataPathChoice::Auto => datapath::AUTO,
     };
+    if wanted == DataPath::Sockmap {
+        let usable = if allow_untrusted {
+            Ok(())
+        } else {
+            ebpf::sockmap::kernel_trusted()
+                .map_err(|why| format!("{why}; allow_sockmap_on_untrusted_kernel is false"))
+        }
+        .and_then(|()| {
+            datapath::sockmap_splicer()
+                .map(|_| ())
+                .map_err(str::to_string)
+        });
+        if let Err(why) = usable {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(reason = %why, "the sockmap data path is unavailable; using splice");
+            });
+            wanted = DataPath::Splice;
+        }
+    }
     if wanted == DataPath::Splice && !datapath::splice_supported() {
         tracing::warn!("splice(2) does not work here (seccomp?); using the copy data path");
         return DataPath::Copy;

@@ -1,21 +1,25 @@
 //! Relaying bytes between the client and the backend once a connection is routed.
 //!
-//! Two paths today, chosen per listener: [`DataPath::Copy`] moves bytes through a userspace
+//! Three paths, chosen per listener: [`DataPath::Copy`] moves bytes through a userspace
 //! buffer; [`DataPath::Splice`] moves them through a pipe with splice(2), so payload never
-//! enters userspace. Both keep at most 32 KiB in flight per direction, propagate a half-close
-//! (FIN) in each direction as it happens, and turn a reset on one leg into a reset on the other.
+//! enters userspace; [`DataPath::Sockmap`] hands both sockets to an eBPF sockmap that
+//! redirects each one's bytes to the other inside the kernel ([`sockmap`]), and only watches
+//! for the ends. All propagate a half-close (FIN) in each direction as it happens, without
+//! losing bytes still in flight, and turn a reset on one leg into a reset on the other.
 //!
-//! The seam for the eBPF sockmap path (a later issue) is [`relay`]: it receives both sockets
-//! after routing, with every byte already read from the client forwarded, which is exactly the
-//! state a sockmap redirect needs; a new `DataPath` variant and its arm in `relay` is all it takes.
+//! [`relay`] receives both sockets after routing, with every byte already read from the client
+//! forwarded, which is exactly the state a sockmap redirect needs.
 //!
 //! Idle connections hold no buffer: the copy path borrows a buffer from a small per-thread
 //! pool only while a direction has bytes to move.
+
+mod sockmap;
 
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -32,6 +36,8 @@ pub enum DataPath {
     Copy,
     /// splice(2) through a pipe per direction.
     Splice,
+    /// An eBPF sockmap redirect in the kernel ([`sockmap_splicer`]).
+    Sockmap,
 }
 
 impl DataPath {
@@ -40,6 +46,7 @@ impl DataPath {
         match self {
             DataPath::Copy => "copy",
             DataPath::Splice => "splice",
+            DataPath::Sockmap => "sockmap",
         }
     }
 }
@@ -55,6 +62,27 @@ pub const AUTO: DataPath = DataPath::Copy;
 pub fn splice_supported() -> bool {
     static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SUPPORTED.get_or_init(|| probe_splice().is_ok())
+}
+
+/// The sockmap splicer of this process: loaded, attached and self-tested on first use, once
+/// per process. The error says why the path is unavailable here (kernel too old, no
+/// CAP_BPF/CAP_NET_ADMIN, the self-test failed).
+pub fn sockmap_splicer() -> Result<&'static ebpf::sockmap::Splicer, &'static str> {
+    static SPLICER: std::sync::OnceLock<Result<ebpf::sockmap::Splicer, String>> =
+        std::sync::OnceLock::new();
+    SPLICER
+        .get_or_init(load_splicer)
+        .as_ref()
+        .map_err(String::as_str)
+}
+
+fn load_splicer() -> Result<ebpf::sockmap::Splicer, String> {
+    use ebpf::sockmap::{self, Splicer};
+    sockmap::kernel_supported()?;
+    let splicer = Splicer::load(sockmap::DEFAULT_CAPACITY)
+        .map_err(|e| format!("loading the sockmap program: {e}"))?;
+    splicer.self_test().map_err(|e| e.to_string())?;
+    Ok(splicer)
 }
 
 fn probe_splice() -> io::Result<()> {
@@ -100,6 +128,10 @@ enum Direction {
     Down,
 }
 
+/// How often the sockmap path reads the kernel's byte counts into an [`Activity`] when nothing
+/// asks for more (metrics of long-lived connections lag by at most this).
+pub const KERNEL_SYNC_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Byte counters of one connection and the time of its last byte (for the idle watchdog);
 /// optionally also feeds the route's byte metrics as bytes move, so long-lived watches show
 /// up in the metrics before they end.
@@ -111,6 +143,10 @@ pub struct Activity {
     /// Bytes backend to client.
     pub down: AtomicU64,
     metrics: Option<(prometheus::IntCounter, prometheus::IntCounter)>,
+    /// How often bytes moved by the kernel are counted in (sockmap path).
+    kernel_sync: Duration,
+    /// The sockmap path copied at least one direction in userspace (see [`Activity::unspliced`]).
+    unspliced: AtomicBool,
 }
 
 impl Activity {
@@ -121,7 +157,24 @@ impl Activity {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
             metrics: None,
+            kernel_sync: KERNEL_SYNC_INTERVAL,
+            unspliced: AtomicBool::new(false),
         }
+    }
+
+    /// Counts bytes the kernel moved (sockmap path) at least this often, so that an idle
+    /// watchdog sampling every `4 × interval` sees them.
+    pub fn with_kernel_sync(self, interval: Duration) -> Self {
+        Activity {
+            kernel_sync: interval.clamp(Duration::from_millis(100), KERNEL_SYNC_INTERVAL),
+            ..self
+        }
+    }
+
+    /// Whether the sockmap path had to move a direction in userspace, because a socket could
+    /// not enter the map (half-closed before the splice, or the map full).
+    pub fn unspliced(&self) -> bool {
+        self.unspliced.load(Ordering::Relaxed)
     }
 
     /// Also counts into these (upstream, downstream) metrics.
@@ -162,26 +215,31 @@ impl Default for Activity {
 
 /// Relays until both directions are done or a leg fails. The caller owns the sockets and
 /// closes them after; on a reset the other leg has already been set to reset on close.
+/// `client_read` is how many bytes the caller read from the client before (the head), which
+/// the sockmap path needs for its accounting.
 pub async fn relay(
     path: DataPath,
     client: &TcpStream,
     backend: &TcpStream,
     activity: &Activity,
+    client_read: u64,
 ) -> End {
     // The first error ends both directions: a direction waiting on a healthy leg must not
     // outlive a dead one.
     let result = match path {
-        DataPath::Copy => tokio::try_join!(
-            copy_one_way(client, backend, activity, Direction::Up),
-            copy_one_way(backend, client, activity, Direction::Down)
-        ),
+        DataPath::Copy => copy_both(client, backend, activity).await,
         DataPath::Splice => tokio::try_join!(
             splice_one_way(client, backend, activity, Direction::Up),
             splice_one_way(backend, client, activity, Direction::Down)
-        ),
+        )
+        .map(|_| ()),
+        DataPath::Sockmap => match sockmap_splicer() {
+            Ok(splicer) => sockmap::relay(splicer, client, backend, activity, client_read).await,
+            Err(_) => copy_both(client, backend, activity).await,
+        },
     };
     match result {
-        Ok(_) => End::Done,
+        Ok(()) => End::Done,
         Err(e) => {
             if is_reset(&e) {
                 // A reset on one leg becomes a reset on the other: close both with linger 0.
@@ -195,6 +253,14 @@ pub async fn relay(
             }
         }
     }
+}
+
+async fn copy_both(client: &TcpStream, backend: &TcpStream, activity: &Activity) -> io::Result<()> {
+    tokio::try_join!(
+        copy_one_way(client, backend, activity, Direction::Up),
+        copy_one_way(backend, client, activity, Direction::Down)
+    )
+    .map(|_| ())
 }
 
 fn is_reset(e: &io::Error) -> bool {
@@ -319,7 +385,14 @@ fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length for the duration of the call.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 {
-        Err(io::Error::last_os_error())
+        let e = io::Error::last_os_error();
+        // TCP's receive side never fails with EPIPE by itself. The sockmap path can leave one
+        // on a socket whose peer's FIN the kernel passed on (see `ebpf::sockmap::broken`);
+        // reporting it consumed it, and the socket simply had nothing to read.
+        if e.raw_os_error() == Some(libc::EPIPE) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Err(e)
     } else {
         Ok(n as usize)
     }
@@ -490,7 +563,7 @@ mod tests {
         let activity = std::sync::Arc::new(Activity::new());
         let a = std::sync::Arc::clone(&activity);
         let relay =
-            tokio::spawn(async move { relay(path, &proxy_client, &proxy_backend, &a).await });
+            tokio::spawn(async move { relay(path, &proxy_client, &proxy_backend, &a, 0).await });
 
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let sent = data.clone();
@@ -531,7 +604,7 @@ mod tests {
         let (proxy_backend, mut backend_end) = pair().await;
         let relay = tokio::spawn(async move {
             let a = Activity::new();
-            relay(path, &proxy_client, &proxy_backend, &a).await
+            relay(path, &proxy_client, &proxy_backend, &a, 0).await
         });
         backend_end.write_all(b"banner").await.unwrap();
         backend_end.shutdown().await.unwrap();
@@ -545,6 +618,38 @@ mod tests {
         backend_end.read_to_end(&mut upstream).await.unwrap();
         assert_eq!(upstream, data);
         assert_eq!(relay.await.unwrap(), End::Done);
+    }
+
+    /// Whether the sockmap tests can run (root); they fail under REQUIRE_PRIVILEGED=1 if not.
+    fn sockmap_here(test: &str) -> bool {
+        if !agentkit::testing::require_privileges(test) {
+            return false;
+        }
+        if let Err(why) = sockmap_splicer() {
+            panic!("{test}: the sockmap path does not work on this kernel: {why}");
+        }
+        true
+    }
+
+    #[tokio::test]
+    async fn sockmap_relays_and_half_closes() {
+        if sockmap_here("sockmap_relays_and_half_closes") {
+            through(DataPath::Sockmap).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn sockmap_backend_half_closes_first() {
+        if sockmap_here("sockmap_backend_half_closes_first") {
+            backend_half_closes_first(DataPath::Sockmap).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn sockmap_propagates_reset() {
+        if sockmap_here("sockmap_propagates_reset") {
+            reset_propagates(DataPath::Sockmap).await;
+        }
     }
 
     #[tokio::test]
@@ -562,7 +667,7 @@ mod tests {
         let (proxy_backend, mut backend_end) = pair().await;
         let relay = tokio::spawn(async move {
             let a = Activity::new();
-            let end = relay(path, &proxy_client, &proxy_backend, &a).await;
+            let end = relay(path, &proxy_client, &proxy_backend, &a, 0).await;
             drop((proxy_client, proxy_backend));
             end
         });

@@ -239,7 +239,7 @@ fn build_runtime(
     let data_paths = config
         .listeners
         .iter()
-        .map(|l| conn::resolve_data_path(l.data_path))
+        .map(|l| conn::resolve_data_path(l.data_path, config.allow_sockmap_on_untrusted_kernel))
         .collect();
     (
         Runtime {

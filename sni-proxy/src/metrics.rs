@@ -40,6 +40,8 @@ pub struct Metrics {
     pub config_last_reload_success: IntGauge,
     /// Connections closed by the shutdown deadline.
     pub shutdown_forced: IntCounter,
+    /// sockmap-path connections with a direction copied in userspace.
+    pub sockmap_unspliced: IntCounter,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -130,6 +132,14 @@ impl Metrics {
                 IntCounter::new(
                     "sni_proxy_shutdown_forced_connections_total",
                     "Connections still open when the shutdown grace period ended.",
+                )
+                .unwrap(),
+            ),
+            sockmap_unspliced: reg(
+                registry,
+                IntCounter::new(
+                    "sni_proxy_sockmap_unspliced_connections_total",
+                    "Connections on the sockmap data path with a direction copied in userspace: a socket was half-closed before the splice, or the map was full.",
                 )
                 .unwrap(),
             ),
