@@ -235,7 +235,9 @@ pub enum DataPathChoice {
     /// splice(2) through a pipe per direction: no copy into userspace.
     Splice,
     /// An eBPF sockmap redirects each socket's bytes to its peer inside the kernel; falls back
-    /// to splice, then copy, where the kernel is too old or the start-up self-test fails.
+    /// to splice, then copy, where the kernel is too old or not trusted (see
+    /// `allow_sockmap_on_untrusted_kernel`), the program cannot be loaded, or the start-up
+    /// self-test fails.
     Sockmap,
     /// What this kernel does best (see `datapath::AUTO`).
     #[default]

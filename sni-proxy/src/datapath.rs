@@ -51,10 +51,11 @@ impl DataPath {
     }
 }
 
-/// What `data_path: auto` picks where splice works. The bench (`bench/results/latest.md`)
-/// measured copy and splice within noise of each other on this kernel, for small requests and
-/// bulk alike; copy wins the tie because it needs no extra descriptors and no permission for
-/// splice(2). The eBPF sockmap path will be chosen here by measurement when it lands.
+/// What `data_path: auto` picks, from the benchmark table of this kernel (docs/sni-proxy.md,
+/// "Data paths"; bench/results/datapath/): copy and splice trade places within noise from run
+/// to run, and copy wins the tie because it needs no extra descriptors and no permission for
+/// splice(2). Sockmap is last on every figure there (the kernel's worker thread sends every
+/// skb) and is not exact under concurrent load on any kernel measured, so auto never picks it.
 pub const AUTO: DataPath = DataPath::Copy;
 
 /// Whether splice(2) between TCP sockets works here (a seccomp profile may forbid it): one

@@ -1,12 +1,17 @@
 //! Privileged: `data_path: sockmap` through the proxy, every byte checked. Concurrent large
 //! transfers (one way per connection, both ways across them), half-close in each direction,
 //! close with bytes still in flight, a client that half-closes before its sockets can be
-//! spliced, and the fallbacks to splice: on a kernel not trusted with two-way load, and where
-//! the program cannot be loaded (the binary run without capabilities).
+//! spliced, and the fallbacks to splice: on a kernel not trusted with the path, and where the
+//! program cannot be loaded (the binary run without capabilities).
 //!
-//! Concurrent two-way bulk on the same connection is not here: this kernel (6.18.44) sends
-//! skbs twice under that load (`ebpf/tests/sockmap.rs`, the ignored reproducer), which is why
-//! the path is gated behind `allow_sockmap_on_untrusted_kernel`.
+//! On 6.18.44 the kernel's redirect is not exact, whatever the proxy does (docs/sni-proxy.md,
+//! "Data paths"): it repeats skbs under concurrent two-way load (`ebpf/tests/sockmap.rs`, the
+//! ignored reproducer), and when a FIN arrives while the target's send buffer is full it
+//! drops the bytes still queued (the proxy sees the shortfall and resets, so the peer gets a
+//! reset, not a clean short stream). Here that fails the transfer, half-close and in-flight
+//! tests in about one run in seven, so on a kernel not in `TRUSTED_KERNELS` they run only
+//! with `SOCKMAP_TEST_UNTRUSTED=1`; concurrent two-way bulk on one connection is left to the
+//! reproducer.
 //!
 //! Streams are made of 64 KiB blocks, each headed by its index and the connection's id, so
 //! that a lost, repeated, reordered or crossed block fails the comparison, not just a sum.
@@ -39,6 +44,11 @@ fn transfer_bytes() -> u64 {
         * MIB
 }
 
+/// The tests of this file run one at a time: the kernel's redirect misbehaves more under
+/// concurrent load (see the file's doc), and a neighbour's load must not fail the start-up
+/// self-test or a test of one edge case.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Whether these tests can run (root); under REQUIRE_PRIVILEGED=1 a skip is a failure, and so
 /// is a kernel where the sockmap path does not work.
 fn sockmap_here(test: &str) -> bool {
@@ -49,6 +59,24 @@ fn sockmap_here(test: &str) -> bool {
         panic!("{test}: the sockmap path does not work on this kernel: {why}");
     }
     true
+}
+
+/// Whether a test that moves bulk through the kernel's redirect may run: on a kernel not in
+/// `TRUSTED_KERNELS` the kernel itself loses or repeats bytes now and then (see the file's
+/// doc), so such tests run there only with `SOCKMAP_TEST_UNTRUSTED=1` and skip loudly
+/// otherwise.
+fn kernel_exact_or_asked(test: &str) -> bool {
+    let Err(why) = ebpf::sockmap::kernel_trusted() else {
+        return true;
+    };
+    if std::env::var("SOCKMAP_TEST_UNTRUSTED").as_deref() == Ok("1") {
+        return true;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIP {test}: {why}; SOCKMAP_TEST_UNTRUSTED=1 runs it anyway ***\n"
+    );
+    false
 }
 
 /// The block pattern every stream shares (random-looking, fixed).
@@ -197,23 +225,12 @@ async fn closed_done(proxy: &TestProxy, n: f64) {
 /// directions across them, all at once.
 const SMALL: u64 = 256 * 1024;
 
-/// On a kernel not in `TRUSTED_KERNELS` this test fails now and then for the kernel's own
-/// reason (1 run in 15 on 6.18.44, a stream reset after the kernel repeated bytes), so it runs
-/// there only with `SOCKMAP_TEST_UNTRUSTED=1`, and skips loudly otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_large_transfers_arrive_exactly() {
-    if !sockmap_here("concurrent_large_transfers_arrive_exactly") {
+    let _serial = SERIAL.lock().await;
+    let test = "concurrent_large_transfers_arrive_exactly";
+    if !sockmap_here(test) || !kernel_exact_or_asked(test) {
         return;
-    }
-    if let Err(why) = ebpf::sockmap::kernel_trusted() {
-        if std::env::var("SOCKMAP_TEST_UNTRUSTED").as_deref() != Ok("1") {
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** SKIP concurrent_large_transfers_arrive_exactly: {why}; \
-                 SOCKMAP_TEST_UNTRUSTED=1 runs it anyway ***\n"
-            );
-            return;
-        }
     }
     let len = transfer_bytes();
     let sizes = move |id: u64| {
@@ -315,7 +332,8 @@ async fn concurrent_large_transfers_arrive_exactly() {
 /// way round. Nothing may be lost or cut short either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_both_ways() {
-    if !sockmap_here("half_close_both_ways") {
+    let _serial = SERIAL.lock().await;
+    if !sockmap_here("half_close_both_ways") || !kernel_exact_or_asked("half_close_both_ways") {
         return;
     }
     const LEN: u64 = 8 * MIB;
@@ -366,7 +384,10 @@ async fn half_close_both_ways() {
 /// in the proxy's sockets when the FIN arrives must all arrive before the FIN is passed on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_with_bytes_in_flight_loses_nothing() {
-    if !sockmap_here("close_with_bytes_in_flight_loses_nothing") {
+    let _serial = SERIAL.lock().await;
+    if !sockmap_here("close_with_bytes_in_flight_loses_nothing")
+        || !kernel_exact_or_asked("close_with_bytes_in_flight_loses_nothing")
+    {
         return;
     }
     const LEN: u64 = 32 * MIB;
@@ -415,6 +436,7 @@ async fn close_with_bytes_in_flight_loses_nothing() {
 /// socket can enter the map: the proxy copies that connection instead, and counts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_closed_before_the_splice_is_copied() {
+    let _serial = SERIAL.lock().await;
     if !sockmap_here("half_closed_before_the_splice_is_copied") {
         return;
     }
@@ -439,8 +461,9 @@ async fn half_closed_before_the_splice_is_copied() {
             block(7, index as u64, chunk);
         }
         first.extend_from_slice(&payload);
-        // One write (it fits the socket buffers) and the FIN right after: both are in the
-        // proxy's receive queue long before it has routed the hello and connected upstream.
+        // Corked, the write waits for the FIN and leaves with it: the proxy's first read
+        // finds the hello, the bytes and the FIN already queued.
+        socket2::SockRef::from(&s).set_cork(true).unwrap();
         (&s).write_all(&first).unwrap();
         s.shutdown(Shutdown::Write).unwrap();
         expect_stream(&s, 1007, LEN, None);
@@ -460,6 +483,7 @@ async fn half_closed_before_the_splice_is_copied() {
 /// still arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_kernel_falls_back_to_splice() {
+    let _serial = SERIAL.lock().await;
     if !require_privileges("untrusted_kernel_falls_back_to_splice") {
         return;
     }
@@ -507,6 +531,7 @@ async fn untrusted_kernel_falls_back_to_splice() {
 /// listener with splice(2) instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falls_back_to_splice_without_the_capability() {
+    let _serial = SERIAL.lock().await;
     if !require_privileges("falls_back_to_splice_without_the_capability") {
         return;
     }
