@@ -571,36 +571,14 @@ def measure_row(ctx: Ctx, row: str, with_memory: bool) -> dict[str, Any]:
     return res
 
 
+# Per row, the median round's run of each measure (rh.merge_rounds): hits by queries/s, latency
+# by p99, the warm-up by queries/s; memory from round 1.
+MEDIAN_KEY = {"hits": "qps", "latency": "p99_ms", "warm": "qps"}
+SPREAD = {"cpu_us_per_query": ("hits", "cpu_us_per_query")}
+
+
 def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per row and measure, the median round's run (whole, so its CPU figures stay consistent):
-    hits by queries/s, latency by p99 (the lower middle one for an even count); memory: round 1."""
-    if len(rounds) == 1:
-        return rounds[0]
-    merged = []
-    for i, first in enumerate(rounds[0]):
-        runs = [rnd[i] for rnd in rounds]
-        res = dict(first)
-        res["errors"] = [e for r in runs for e in r.get("errors", [])]
-        res["rounds"] = {}
-        for k, f in (("hits", "qps"), ("latency", "p99_ms"), ("warm", "qps")):
-            cands = sorted((r[k] for r in runs if isinstance(r.get(k), dict)), key=lambda m: m[f])
-            res.pop(k, None)
-            if cands:
-                res[k] = cands[(len(cands) - 1) // 2]
-                res["rounds"][k] = [m[f] for m in cands]
-        if res["rounds"].get("hits"):
-            res["rounds"]["cpu_us_per_query"] = sorted(r["hits"]["cpu_us_per_query"] for r in runs
-                                                       if isinstance(r.get("hits"), dict))
-        if first["status"] != "missing":
-            needed = ["warm", "hits", "latency"] + (["memory"] if "memory" in first or "memory" in first.get(
-                "failed_measures", []) else [])
-            missing = [k for k in needed if k not in res]
-            res["status"] = "ok" if not missing else ("failed" if len(missing) == len(needed) else "partial")
-            res["failed_measures"] = missing
-            if any(r["status"] != "ok" for r in runs) and res["status"] == "ok":
-                res["status"] = "partial"
-        merged.append(res)
-    return merged
+    return rh.merge_rounds(rounds, MEDIAN_KEY, once=("memory",), spread=SPREAD)
 
 
 # --------------------------------------------------------------------------------------

@@ -400,7 +400,7 @@ class Ctx:
 
 def start_row(ctx: Ctx, row: str) -> tuple[Server, int | None]:
     tmp = ctx.tmp / f"{row}-{ctx.topo.steer and 'steered' or 'default'}"
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=True)  # again in every round
     env, metrics = None, None
     if row == "unbound":
         argv = dh.unbound_conf(tmp, DNS_PORT, ctx.up.port, dh.CACHE_ENTRIES, listen=(LOCAL_IP, "127.0.0.1"),
@@ -551,6 +551,22 @@ def run_ns_bench(ns_bin: Path, smoke: bool) -> dict[str, Any]:
     return doc
 
 
+def merge_ns(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fastpath-ns document from several rounds: per series, the round with the median mean
+    (the lower middle one for an even count), its sorted means in `rounds_ns`."""
+    if len(docs) == 1:
+        return docs[0]
+    merged = dict(docs[0])
+    merged["series"] = []
+    for i, first in enumerate(docs[0]["series"]):
+        runs = sorted((d["series"][i] for d in docs), key=lambda s: s["mean_ns"])
+        series = dict(runs[(len(runs) - 1) // 2])
+        series["rounds_ns"] = [s["mean_ns"] for s in runs]
+        merged["series"].append(series)
+    merged["elapsed_s"] = sum(d["elapsed_s"] for d in docs)
+    return merged
+
+
 def ns_series(ns: dict[str, Any] | None, mode: str, path: str, variant: str) -> dict[str, Any] | None:
     for s in (ns or {}).get("series", []):
         if (s["mode"], s["path"], s["variant"]) == (mode, path, variant):
@@ -687,6 +703,10 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
     L.append(f"- load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta['loadavg_end']}; "
              f"machine busy before the first measurement: {meta['idle_busy'] * 100:.0f}%")
     L.append(f"- mode: {meta['mode']}; total run time {meta['elapsed_s']:.0f} s")
+    if meta.get("repeat", 1) > 1:
+        L.append(f"- rounds: {meta['repeat']}, one after the other (every figure is the median round's, whole: "
+                 "a row's CPU, limit and kernel counters come from the same run as its queries/s; spread in "
+                 "\"Rounds\")")
     L.append(f"- tools: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}")
     L.append("")
     L.append("## 1. Nanoseconds per query under BPF_PROG_TEST_RUN")
@@ -698,13 +718,20 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
                  f"{ns['repeat']:,} (the kernel's average) and {ns['pass_calls']:,} syscalls with repeat = 1. "
                  "\"syscall\" is the wall-clock per BPF_PROG_TEST_RUN call seen from userspace.")
         L.append("")
-        L.append("| program | path | query / timing | runs | mean ns | p50 ns | p99 ns | syscall ns |")
-        L.append("|---|---|---|---:|---:|---:|---:|---:|")
+        rounds = meta.get("repeat", 1) > 1
+        if rounds:
+            L.append(f"Each series ran in {meta['repeat']} rounds; the row is the median round's, the means of "
+                     "all rounds (sorted) beside it.")
+            L.append("")
+        L.append("| program | path | query / timing | runs | mean ns | p50 ns | p99 ns | syscall ns |"
+                 + (" rounds: mean ns |" if rounds else ""))
+        L.append("|---|---|---|---:|---:|---:|---:|---:|" + ("---|" if rounds else ""))
         for s in ns["series"]:
             runs = s["calls"] if s["repeat"] == 1 else s["repeat"]
             L.append(f"| dns_{s['mode']} | {s['path']} | {s['variant']} | {runs:,} | {s['mean_ns']:.0f} | "
                      f"{fmt(s['p50_ns'])} | {fmt(s['p99_ns'])} | "
-                     f"{s['wall_ns_per_call'] if s['repeat'] == 1 else s['wall_ns_per_call'] / s['repeat']:,.0f} |")
+                     f"{s['wall_ns_per_call'] if s['repeat'] == 1 else s['wall_ns_per_call'] / s['repeat']:,.0f} |"
+                     + (f" {', '.join(f'{v:.0f}' for v in s.get('rounds_ns', []))} |" if rounds else ""))
         L.append("")
         for mode, d in derived["ns"].items():
             L.append(f"- dns_{mode}: the timer's per-call overhead (not local, repeat = 1 minus repeat = N) is "
@@ -780,6 +807,19 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
             f"{h['foreign_frac'] * 100:.0f}%" if h else "–",
         ]) + " |")
     L.append("")
+    spread = [r for r in results if r.get("rounds")]
+    if spread:
+        L.append("## Rounds (sorted; the median is reported)")
+        L.append("")
+        L.append("| server | placement | queries/s | node µs/q | p99 ms |")
+        L.append("|---|---|---|---|---|")
+        for r in spread:
+            rd = r["rounds"]
+            L.append(f"| {r['label']} | {r.get('placement', 'default')} | "
+                     f"{', '.join(f'{v:,.0f}' for v in rd.get('hits', [])) or '–'} | "
+                     f"{', '.join(f'{v:.2f}' for v in rd.get('node_us_per_query', [])) or '–'} | "
+                     f"{', '.join(f'{v:.3f}' for v in rd.get('latency', [])) or '–'} |")
+        L.append("")
     notes = []
     for r in results:
         who = f"{r['label']} ({r.get('placement', 'default')})"
@@ -884,9 +924,13 @@ def main() -> int:
                     help="max seconds to wait for a quiet machine before each measured run (10; smoke 0)")
     ap.add_argument("--placements", default=",".join(PLACEMENTS),
                     help="comma-separated: default (the kernel's: fast path on the sending core), steered")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of everything measured; each figure is the median round's (default 1)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, server logs)")
     ap.add_argument("--from-json", metavar="JSON", help="measure nothing: re-render from a dns-fastpath-latest.json")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
 
     if args.from_json:
         src = Path(args.from_json)
@@ -973,9 +1017,14 @@ def main() -> int:
             idle = wait_quiet(args.idle_wait)
             log("BPF_PROG_TEST_RUN: ns per query (fastpath-ns)")
             try:
-                ns = run_ns_bench(ns_bin, smoke)
-                for s in ns["series"]:
-                    log(f"  dns_{s['mode']} {s['path']} ({s['variant']}): {s['mean_ns']:.0f} ns")
+                docs = []
+                for rnd in range(args.repeat):
+                    if rnd:
+                        wait_quiet(args.idle_wait)
+                    docs.append(run_ns_bench(ns_bin, smoke))
+                    for s in docs[-1]["series"]:
+                        log(f"  dns_{s['mode']} {s['path']} ({s['variant']}): {s['mean_ns']:.0f} ns")
+                ns = merge_ns(docs)
             except (BenchError, json.JSONDecodeError, subprocess.TimeoutExpired) as e:
                 ns_error = str(e)
                 log(f"FAIL fastpath-ns: {e}")
@@ -994,25 +1043,31 @@ def main() -> int:
         load = dh.Load(up, args.clients, args.outstanding, 1 if smoke else 2, server_ip=LOCAL_IP,
                        prefix=topo.in_pod([]))
         ctx = Ctx(args, tmp, runner, load, up, topo, binary, duration, lat_duration, lat_rate, hit_file, names, pin)
-        for placement in placements:
-            topo.set_placement(placement)
-            for row in rows:
-                if smoke and placement == "steered" and row not in SMOKE_STEERED:
-                    continue
-                log(f"== {row} ({placement})")
-                r = measure_row(ctx, row, placement)
-                results.append(r)
-                if r["status"] == "missing":
-                    log(f"MISSING {row}: {'; '.join(r['errors'])}")
-                elif r["errors"]:
-                    log(f"{row}: {r['status']}: " + " | ".join(e.splitlines()[0] for e in r["errors"]))
-                h = r.get("hits")
-                if isinstance(h, dict):
-                    la = r.get("latency") or {}
-                    log(f"{row} ({placement}): {h['qps']:,.0f} q/s, machine {h['machine_us_per_query']:.2f} µs/q, "
-                        f"node {h['node_us_per_query']:.2f} µs/q, limit {h['limit_text']}"
-                        + (f", kernel {h['kernel_hit_share'] * 100:.1f}%" if "kernel_hit_share" in h else "")
-                        + f"; p50/p99 {la.get('p50_ms', float('nan')):.3f}/{la.get('p99_ms', float('nan')):.3f} ms")
+        rounds: list[list[dict[str, Any]]] = []
+        for rnd in range(args.repeat):
+            this: list[dict[str, Any]] = []
+            rounds.append(this)
+            for placement in placements:
+                topo.set_placement(placement)
+                for row in rows:
+                    if smoke and placement == "steered" and row not in SMOKE_STEERED:
+                        continue
+                    log(f"== {row} ({placement})" + (f" round {rnd + 1} of {args.repeat}" if args.repeat > 1 else ""))
+                    r = measure_row(ctx, row, placement)
+                    this.append(r)
+                    if r["status"] == "missing":
+                        log(f"MISSING {row}: {'; '.join(r['errors'])}")
+                    elif r["errors"]:
+                        log(f"{row}: {r['status']}: " + " | ".join(e.splitlines()[0] for e in r["errors"]))
+                    h = r.get("hits")
+                    if isinstance(h, dict):
+                        la = r.get("latency") or {}
+                        log(f"{row} ({placement}): {h['qps']:,.0f} q/s, machine {h['machine_us_per_query']:.2f} µs/q, "
+                            f"node {h['node_us_per_query']:.2f} µs/q, limit {h['limit_text']}"
+                            + (f", kernel {h['kernel_hit_share'] * 100:.1f}%" if "kernel_hit_share" in h else "")
+                            + f"; p50/p99 {la.get('p50_ms', float('nan')):.3f}/{la.get('p99_ms', float('nan')):.3f} ms")
+        results = rh.merge_rounds(rounds, dh.MEDIAN_KEY, once=(),
+                                  spread={"node_us_per_query": ("hits", "node_us_per_query")})
     except KeyboardInterrupt:
         log("interrupted: stopping servers")
         return 130
@@ -1032,6 +1087,7 @@ def main() -> int:
     meta["pinning"] = (f"server on core {SERVER_CORE} (taskset); dnsperf, knot and the harness on core {LOAD_CORE}"
                        if pin else "none (fewer than 2 cores)")
     meta["placements"] = placements
+    meta["repeat"] = args.repeat
     meta.update({
         "command": "python3 bench/harness/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "mode": "smoke" if smoke else "full", "duration_s": duration, "lat_duration_s": lat_duration,

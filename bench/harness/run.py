@@ -1477,11 +1477,17 @@ def collect_meta(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
 MEDIAN_KEY = {"keepalive": "per_s", "newconn": "per_s", "bulk": "mib_s"}
 
 
-def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One result per row from several rounds: per measure, the run with the median figure
-    (whole, so its CPU numbers stay consistent); the idle test runs in round 1 only."""
+def merge_rounds(rounds: list[list[dict[str, Any]]], median_key: dict[str, str] | None = None,
+                 once: tuple[str, ...] = ("idle",),
+                 spread: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """One result per row from several rounds (each round the same rows in the same order): per
+    measure of `median_key` (measure -> the figure to sort by), the run with the median figure
+    (whole, so its CPU numbers stay consistent; the lower middle one for an even count); the
+    measures in `once` come from round 1. `rounds` of each result lists the sorted figures,
+    plus those named in `spread` (name -> measure, figure)."""
     if len(rounds) == 1:
         return rounds[0]
+    median_key = MEDIAN_KEY if median_key is None else median_key
     merged = []
     for i, first in enumerate(rounds[0]):
         runs = [rnd[i] for rnd in rounds]
@@ -1489,7 +1495,7 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         res["errors"] = [e for r in runs for e in r.get("errors", [])]
         res["background"] = {}
         res["rounds"] = {}
-        for k, f in MEDIAN_KEY.items():
+        for k, f in median_key.items():
             cands = sorted((r[k] for r in runs if isinstance(r.get(k), dict)), key=lambda m: m[f])
             res.pop(k, None)
             if cands:
@@ -1498,11 +1504,15 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             bgs = [r["background"][k] for r in runs if k in r.get("background", {})]
             if bgs:
                 res["background"][k] = max(bgs)
-        if "idle" in first.get("background", {}):
-            res["background"]["idle"] = first["background"]["idle"]
+        for name, (k, f) in (spread or {}).items():
+            values = sorted(r[k][f] for r in runs if isinstance(r.get(k), dict) and r[k].get(f) is not None)
+            if values:
+                res["rounds"][name] = values
+        for k in once:
+            if k in first.get("background", {}):
+                res["background"][k] = first["background"][k]
         if first["status"] != "missing":
-            needed = [k for k in MEDIAN_KEY] + (["idle"] if "idle" in first or "idle" in first.get(
-                "failed_measures", []) else [])
+            needed = list(median_key) + [k for k in once if k in first or k in first.get("failed_measures", [])]
             missing = [k for k in needed if k not in res]
             res["status"] = "ok" if not missing else ("failed" if len(missing) == len(needed) else "partial")
             res["failed_measures"] = missing
