@@ -22,7 +22,6 @@ import json
 import os
 import random
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -710,18 +709,8 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
             (f"{h['load_busy'] * 100:.0f}% · {h['foreign_frac'] * 100:.0f}%" if h else "–"),
         ]) + " |")
     L.append("")
-    spread = [r for r in results if r.get("rounds")]
-    if spread:
-        L.append("## Rounds (sorted; the median is reported)")
-        L.append("")
-        L.append("| server | queries/s | CPU µs/query | p99 ms |")
-        L.append("|---|---|---|---|")
-        for r in spread:
-            rd = r["rounds"]
-            L.append(f"| {r['label']} | {', '.join(f'{v:,.0f}' for v in rd.get('hits', [])) or '–'} | "
-                     f"{', '.join(f'{v:.2f}' for v in rd.get('cpu_us_per_query', [])) or '–'} | "
-                     f"{', '.join(f'{v:.3f}' for v in rd.get('latency', [])) or '–'} |")
-        L.append("")
+    rh.rounds_table(L, results, [("queries/s", "hits", ",.0f"), ("CPU µs/query", "cpu_us_per_query", ".2f"),
+                                 ("p99 ms", "latency", ".3f")], first="server")
     notes = []
     for r in results:
         for e in r.get("errors", []):
@@ -871,30 +860,11 @@ def main() -> int:
         ap.error(f"unknown rows: {bad}")
     rows = [r for r in ROWS if r in rows]
 
-    if args.out:
-        out = Path(args.out)
-    elif smoke:
-        out = Path(tempfile.mkdtemp(prefix="dns-bench-smoke-"))
-    else:
-        out = REPO / "bench/results"
-    out.mkdir(parents=True, exist_ok=True)
-
-    if (not smoke and not args.no_install) or args.install:
-        p = subprocess.run(["sh", str(HARNESS / "install-deps.sh")], timeout=900)
-        if p.returncode != 0:
-            log("install-deps.sh failed")
-            return 2
-    for tool in ("knotd", "knotc", "dnsperf", "taskset", "prlimit"):
-        if not shutil.which(tool):
-            log(f"FAIL: {tool} is not installed (bench/harness/install-deps.sh installs it)")
-            return 1
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (rh.NOFILE, max(hard, rh.NOFILE)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        rh.NOFILE = hard  # Runner passes it to prlimit
+    out = rh.output_dir(args, smoke, "dns-bench-smoke-")
+    status = rh.install_and_check(args, smoke, ("knotd", "knotc", "dnsperf", "taskset", "prlimit"))
+    if status:
+        return status
+    rh.raise_nofile()
     pin = len(os.sched_getaffinity(0)) >= 2 and {SERVER_CORE, LOAD_CORE} <= os.sched_getaffinity(0)
     if pin:
         os.sched_setaffinity(0, {LOAD_CORE})  # the harness, dnsperf (children inherit) and knot

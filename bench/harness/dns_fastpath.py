@@ -34,7 +34,6 @@ import ctypes
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -807,19 +806,8 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
             f"{h['foreign_frac'] * 100:.0f}%" if h else "–",
         ]) + " |")
     L.append("")
-    spread = [r for r in results if r.get("rounds")]
-    if spread:
-        L.append("## Rounds (sorted; the median is reported)")
-        L.append("")
-        L.append("| server | placement | queries/s | node µs/q | p99 ms |")
-        L.append("|---|---|---|---|---|")
-        for r in spread:
-            rd = r["rounds"]
-            L.append(f"| {r['label']} | {r.get('placement', 'default')} | "
-                     f"{', '.join(f'{v:,.0f}' for v in rd.get('hits', [])) or '–'} | "
-                     f"{', '.join(f'{v:.2f}' for v in rd.get('node_us_per_query', [])) or '–'} | "
-                     f"{', '.join(f'{v:.3f}' for v in rd.get('latency', [])) or '–'} |")
-        L.append("")
+    rh.rounds_table(L, results, [("queries/s", "hits", ",.0f"), ("node µs/q", "node_us_per_query", ".2f"),
+                                 ("p99 ms", "latency", ".3f")], first="server", placement=True)
     notes = []
     for r in results:
         who = f"{r['label']} ({r.get('placement', 'default')})"
@@ -964,30 +952,11 @@ def main() -> int:
         log("SKIP: needs root (network namespaces, eBPF); set REQUIRE_PRIVILEGED=1 to make this a failure")
         return 0
 
-    if args.out:
-        out = Path(args.out)
-    elif smoke:
-        out = Path(tempfile.mkdtemp(prefix="dns-fastpath-smoke-"))
-    else:
-        out = REPO / "bench/results"
-    out.mkdir(parents=True, exist_ok=True)
-
-    if (not smoke and not args.no_install) or args.install:
-        p = subprocess.run(["sh", str(rh.HARNESS / "install-deps.sh")], timeout=900)
-        if p.returncode != 0:
-            log("install-deps.sh failed")
-            return 2
-    for tool in ("ip", "knotd", "knotc", "dnsperf", "taskset", "prlimit"):
-        if not shutil.which(tool):
-            log(f"FAIL: {tool} is not installed (bench/harness/install-deps.sh installs it)")
-            return 1
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (rh.NOFILE, max(hard, rh.NOFILE)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        rh.NOFILE = hard
+    out = rh.output_dir(args, smoke, "dns-fastpath-smoke-")
+    status = rh.install_and_check(args, smoke, ("ip", "knotd", "knotc", "dnsperf", "taskset", "prlimit"))
+    if status:
+        return status
+    rh.raise_nofile()
     pin = len(os.sched_getaffinity(0)) >= 2 and {SERVER_CORE, LOAD_CORE} <= os.sched_getaffinity(0)
     if pin:
         os.sched_setaffinity(0, {LOAD_CORE})  # the harness, dnsperf, fastpath-ns (children inherit) and knot

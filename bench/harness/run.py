@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).resolve().parent
-NOFILE = 262144  # nofile limit for the harness and every server (lowered to the hard limit in main)
+NOFILE = 262144  # nofile limit for the harness and every server (lowered to the hard limit by raise_nofile)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 SNI = "localhost"
@@ -1195,17 +1195,8 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
                              f"just before" + (f"; {ff * 100:.0f}% of the busy time during the run was not "
                                                f"ours" if ff is not None else "") +
                              "): its figures are suspect")
-    spread = [r for r in results if r.get("rounds")]
-    if spread:
-        L.append("## Rounds (sorted; the median is reported)")
-        L.append("")
-        L.append("| row | keep-alive req/s | new TLS conns/s | bulk MiB/s |")
-        L.append("|---|---|---|---|")
-        for r in spread:
-            rd = r["rounds"]
-            L.append(f"| {r['label']} | " + " | ".join(
-                ", ".join(f"{v:,.0f}" for v in rd.get(k, [])) or "–" for k in ("keepalive", "newconn", "bulk")) + " |")
-        L.append("")
+    rounds_table(L, results, [("keep-alive req/s", "keepalive", ",.0f"), ("new TLS conns/s", "newconn", ",.0f"),
+                              ("bulk MiB/s", "bulk", ",.0f")])
     if notes:
         L.append("## Notes")
         L.append("")
@@ -1477,6 +1468,25 @@ def collect_meta(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
 MEDIAN_KEY = {"keepalive": "per_s", "newconn": "per_s", "bulk": "mib_s"}
 
 
+def rounds_table(L: list[str], results: list[dict[str, Any]], columns: list[tuple[str, str, str]],
+                 first: str = "row", placement: bool = False) -> None:
+    """The report's "Rounds" section (nothing after a single round): per result, every round's
+    figures, sorted, of `columns` (header, name in the result's `rounds`, format spec)."""
+    spread = [r for r in results if r.get("rounds")]
+    if not spread:
+        return
+    heads = [first] + (["placement"] if placement else []) + [head for head, _, _ in columns]
+    L.append("## Rounds (sorted; the median is reported)")
+    L.append("")
+    L.append("| " + " | ".join(heads) + " |")
+    L.append("|" + "---|" * len(heads))
+    for r in spread:
+        cells = [r["label"]] + ([r.get("placement", "default")] if placement else [])
+        cells += [", ".join(format(v, spec) for v in r["rounds"].get(name, [])) or "–" for _, name, spec in columns]
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+
+
 def merge_rounds(rounds: list[list[dict[str, Any]]], median_key: dict[str, str] | None = None,
                  once: tuple[str, ...] = ("idle",),
                  spread: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
@@ -1533,6 +1543,41 @@ def write_outputs(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]
     (out / "cpu.svg").write_text(svg_cpu(results, derived, meta) + "\n")
 
 
+def output_dir(args: argparse.Namespace, smoke: bool, prefix: str) -> Path:
+    """--out, else a temp dir (smoke) or bench/results; created."""
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=prefix)) if smoke else REPO / "bench/results"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def install_and_check(args: argparse.Namespace, smoke: bool, tools: tuple[str, ...], missing_note: str = "") -> int:
+    """Runs install-deps.sh (full runs unless --no-install; smoke only with --install) and checks
+    that `tools` are on PATH: 0, or the exit status for main (2 install failed, 1 a tool missing)."""
+    if (not smoke and not args.no_install) or args.install:
+        p = subprocess.run(["sh", str(HARNESS / "install-deps.sh")], timeout=900)
+        if p.returncode != 0:
+            log("install-deps.sh failed")
+            return 2
+    for tool in tools:
+        if not shutil.which(tool):
+            log(f"FAIL: {tool} is not installed (bench/harness/install-deps.sh installs it){missing_note}")
+            return 1
+    return 0
+
+
+def raise_nofile() -> None:
+    """Raises the nofile limit of the harness (and so of every server, through prlimit) to
+    NOFILE; without CAP_SYS_RESOURCE the hard limit is the ceiling for everyone."""
+    global NOFILE
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, max(hard, NOFILE)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log(f"RLIMIT_NOFILE hard limit is {hard} and cannot be raised: servers get {hard}")
+        NOFILE = hard
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
@@ -1580,36 +1625,14 @@ def main() -> int:
         ap.error(f"unknown rows: {bad}")
     rows = [r for r in ROWS if r in rows]
 
-    if args.out:
-        out = Path(args.out)
-    elif smoke:
-        out = Path(tempfile.mkdtemp(prefix="sni-proxy-bench-smoke-"))
-    else:
-        out = REPO / "bench/results"
-    out.mkdir(parents=True, exist_ok=True)
-
-    if (not smoke and not args.no_install) or args.install:
-        p = subprocess.run(["sh", str(HARNESS / "install-deps.sh")], timeout=900)
-        if p.returncode != 0:
-            log("install-deps.sh failed")
-            return 2
-
-    for tool in ("wrk", "curl", "openssl", "nginx", "taskset", "prlimit"):
-        if not shutil.which(tool):
-            log(f"FAIL: {tool} is not installed (bench/harness/install-deps.sh installs it); "
-                "the direct row cannot run")
-            return 1
+    out = output_dir(args, smoke, "sni-proxy-bench-smoke-")
+    status = install_and_check(args, smoke, ("wrk", "curl", "openssl", "nginx", "taskset", "prlimit"),
+                               "; the direct row cannot run")
+    if status:
+        return status
 
     # harness limits and pinning
-    global NOFILE
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, max(hard, NOFILE)))
-    except (ValueError, OSError):
-        # no CAP_SYS_RESOURCE (a sandbox): the hard limit is the ceiling for everyone
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log(f"RLIMIT_NOFILE hard limit is {hard} and cannot be raised: servers get {hard}")
-        NOFILE = hard
+    raise_nofile()
     idle_cap = (NOFILE - 200) // 2  # a proxy needs 2 fds per proxied connection
     idle_note = ""
     if idle_n > idle_cap:
