@@ -22,6 +22,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import chartkit
 import helm_python as helm
 import kubernetes_validate
 import pytest
@@ -53,35 +54,14 @@ CHECK_TIMEOUT_SECONDS = 30
 # -- rendering ----------------------------------------------------------------------------------
 
 
-def load_values(path: Path | None) -> dict[str, Any] | None:
-    """Values as `helm -f FILE` reads them (Helm's own YAML 1.1 parser, not PyYAML)."""
-    if path is None:
-        return None
-    return helm.values_from_yaml(path.read_text())
-
-
 def render(values: dict[str, Any] | None) -> dict[str, str]:
     """Template path -> rendered text, like `helm template`."""
-    with helm.Chart.load(CHART) as chart:
-        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-
-
-def manifests_of(rendered: dict[str, str]) -> list[dict[str, Any]]:
-    """The Kubernetes objects of a render (NOTES.txt and empty templates left out)."""
-    objects = []
-    for path, text in sorted(rendered.items()):
-        if not path.endswith((".yaml", ".yml")):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                doc.setdefault("__template__", path)
-                objects.append(doc)
-    return objects
+    return chartkit.render(CHART, values, RELEASE, NAMESPACE)
 
 
 @functools.lru_cache(maxsize=None)
 def rendered_case(case: str) -> tuple[dict[str, Any], ...]:
-    return tuple(manifests_of(render(load_values(CASES[case]))))
+    return tuple(chartkit.manifests_of(render(chartkit.load_values(CASES[case]))))
 
 
 def objects(case: str) -> list[dict[str, Any]]:
@@ -113,10 +93,6 @@ def config(case: str) -> dict[str, Any]:
     return yaml.safe_load(config_text(case))
 
 
-def without_marker(obj: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if k != "__template__"}
-
-
 def duration_seconds(text: str) -> float:
     """The proxy's duration syntax: 250ms, 30s, 5m, 24h, sequences of those, or 0."""
     if str(text) == "0":
@@ -131,10 +107,7 @@ def duration_seconds(text: str) -> float:
 
 
 def test_lint_is_clean() -> None:
-    for case, path in CASES.items():
-        report = helm.lint(CHART, load_values(path), strict=True, namespace=NAMESPACE)
-        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
-        assert not problems, f"{case}: helm lint --strict: {problems}"
+    chartkit.assert_lint_clean(CHART, CASES, NAMESPACE)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -149,16 +122,7 @@ def test_renders_expected_resources(case: str) -> None:
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_manifests_match_kubernetes_schemas(case: str, kube_version: str) -> None:
-    for obj in objects(case):
-        resource = without_marker(obj)
-        where = f"{obj['__template__']} ({obj['kind']}) against Kubernetes {kube_version}"
-        try:
-            kubernetes_validate.validate(resource, kube_version, strict=True)
-        except kubernetes_validate.ValidationError as error:
-            path = ".".join(str(p) for p in error.path)
-            pytest.fail(f"{case}: {where}: {path}: {error.message}")
-        except kubernetes_validate.SchemaNotFoundError as error:
-            pytest.fail(f"{case}: {where}: {error.message}")
+    chartkit.assert_valid(objects(case), kube_version, case)
 
 
 # -- the workload --------------------------------------------------------------------------------
@@ -362,7 +326,7 @@ def test_default_config() -> None:
 
 
 def test_seed_config_passes_values_through() -> None:
-    values = load_values(CASES["seed"])
+    values = chartkit.load_values(CASES["seed"])
     cfg = config("seed")
     assert cfg["routes"] == values["routes"]
     for key in ("limits", "timeouts", "keepalive", "health"):
@@ -425,7 +389,7 @@ def test_options_off() -> None:
         "preStopSleepSeconds": 0,
         "service": {"type": "ClusterIP"},
     }
-    objs = manifests_of(render(values))
+    objs = chartkit.manifests_of(render(values))
     assert sorted(o["kind"] for o in objs) == ["ConfigMap", "Deployment", "Service"]
     deployment = next(o for o in objs if o["kind"] == "Deployment")
     pod = deployment["spec"]["template"]["spec"]
@@ -436,7 +400,7 @@ def test_options_off() -> None:
     service = next(o for o in objs if o["kind"] == "Service")["spec"]
     assert "externalTrafficPolicy" not in service
     for obj in objs:
-        kubernetes_validate.validate(without_marker(obj), KUBE_VERSIONS[0], strict=True)
+        kubernetes_validate.validate(chartkit.without_marker(obj), KUBE_VERSIONS[0], strict=True)
 
 
 def test_every_value_is_documented() -> None:
@@ -509,7 +473,7 @@ def test_rendered_config_passes_check(case: str, tmp_path: Path) -> None:
 
 
 def test_bad_route_is_rejected_by_check(tmp_path: Path) -> None:
-    rendered = manifests_of(render(load_values(TESTS / "values-bad-route.yaml")))
+    rendered = chartkit.manifests_of(render(chartkit.load_values(TESTS / "values-bad-route.yaml")))
     configmap = next(o for o in rendered if o["kind"] == "ConfigMap")
     text = configmap["data"]["config.yaml"]
     assert yaml.safe_load(text)["routes"][0]["backends"] == ["kube-apiserver.shoot--dev--broken"]

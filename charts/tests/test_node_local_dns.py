@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import chartkit
 import helm_python as helm
 import kubernetes_validate
 import pytest
@@ -89,35 +90,14 @@ UPSTREAM_SERVICE_HOST = "10.96.0.11"
 # -- rendering ----------------------------------------------------------------------------------
 
 
-def load_values(path: Path | None) -> dict[str, Any] | None:
-    """Values as `helm -f FILE` reads them (Helm's own YAML 1.1 parser, not PyYAML)."""
-    if path is None:
-        return None
-    return helm.values_from_yaml(path.read_text())
-
-
 def render(values: dict[str, Any] | None, namespace: str = NAMESPACE) -> dict[str, str]:
     """Template path -> rendered text, like `helm template`."""
-    with helm.Chart.load(CHART) as chart:
-        return chart.render(values, name=RELEASE, namespace=namespace, is_install=True)
-
-
-def manifests_of(rendered: dict[str, str]) -> list[dict[str, Any]]:
-    """The Kubernetes objects of a render (NOTES.txt and empty templates left out)."""
-    objects = []
-    for path, text in sorted(rendered.items()):
-        if not path.endswith((".yaml", ".yml")):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                doc.setdefault("__template__", path)
-                objects.append(doc)
-    return objects
+    return chartkit.render(CHART, values, RELEASE, namespace)
 
 
 @functools.lru_cache(maxsize=None)
 def rendered_case(case: str) -> tuple[dict[str, Any], ...]:
-    return tuple(manifests_of(render(load_values(CASES[case]))))
+    return tuple(chartkit.manifests_of(render(chartkit.load_values(CASES[case]))))
 
 
 def objects_of(case: str) -> list[dict[str, Any]]:
@@ -126,7 +106,7 @@ def objects_of(case: str) -> list[dict[str, Any]]:
 
 
 def values_of(case: str) -> dict[str, Any]:
-    return load_values(CASES[case]) or {}
+    return chartkit.load_values(CASES[case]) or {}
 
 
 def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
@@ -155,12 +135,8 @@ def corefile_text(objs: list[dict[str, Any]]) -> str:
     return one(objs, "ConfigMap")["data"]["Corefile"]
 
 
-def without_marker(obj: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if k != "__template__"}
-
-
 def render_objs(values: dict[str, Any]) -> list[dict[str, Any]]:
-    return manifests_of(render(values))
+    return chartkit.manifests_of(render(values))
 
 
 # -- a small Corefile reader (enough for the chart's output) -------------------------------------
@@ -227,10 +203,7 @@ def listen_ips(case: str) -> list[str]:
 
 
 def test_lint_is_clean() -> None:
-    for case, path in CASES.items():
-        report = helm.lint(CHART, load_values(path), strict=True, namespace=NAMESPACE)
-        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
-        assert not problems, f"{case}: helm lint --strict: {problems}"
+    chartkit.assert_lint_clean(CHART, CASES, NAMESPACE)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -252,16 +225,7 @@ def test_renders_expected_resources(case: str) -> None:
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_manifests_match_kubernetes_schemas(case: str, kube_version: str) -> None:
-    for obj in objects_of(case):
-        resource = without_marker(obj)
-        where = f"{obj['__template__']} ({obj['kind']}) against Kubernetes {kube_version}"
-        try:
-            kubernetes_validate.validate(resource, kube_version, strict=True)
-        except kubernetes_validate.ValidationError as error:
-            path = ".".join(str(p) for p in error.path)
-            pytest.fail(f"{case}: {where}: {path}: {error.message}")
-        except kubernetes_validate.SchemaNotFoundError as error:
-            pytest.fail(f"{case}: {where}: {error.message}")
+    chartkit.assert_valid(objects_of(case), kube_version, case)
 
 
 # -- node-cache's command line -------------------------------------------------------------------
@@ -696,7 +660,7 @@ def test_options_off() -> None:
     assert "priorityClassName" not in pod_spec(render_objs({"priorityClassName": ""}))
     assert "annotations" not in daemonset(objs)["spec"]["template"]["metadata"]
     for obj in objs:
-        kubernetes_validate.validate(without_marker(obj), KUBE_VERSIONS[0], strict=True)
+        kubernetes_validate.validate(chartkit.without_marker(obj), KUBE_VERSIONS[0], strict=True)
 
 
 # -- bad values fail the render, naming the field --------------------------------------------------
@@ -901,7 +865,7 @@ def test_rendered_corefile_passes_check(case: str, tmp_path: Path) -> None:
 
 
 def test_unknown_plugin_is_rejected_by_check(tmp_path: Path) -> None:
-    objs = manifests_of(render(load_values(BAD_PLUGIN)))
+    objs = chartkit.manifests_of(render(chartkit.load_values(BAD_PLUGIN)))
     text = corefile_text(objs)
     line = next(n for n, l in enumerate(text.splitlines(), 1) if "no_such_plugin" in l)
     run = run_check(tmp_path, objs)

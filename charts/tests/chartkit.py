@@ -1,0 +1,71 @@
+"""What both chart test files need: render a chart in-process (helm-python-sdk: Helm's Go SDK as
+a shared library inside the wheel, no helm binary), read its objects, lint it, and check every
+object against the Kubernetes OpenAPI schemas of kubernetes-validate (strict: unknown fields are
+errors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+# The key under which each object remembers the template it came from (not sent to Kubernetes).
+MARKER = "__template__"
+
+
+def load_values(path: Path | None) -> dict[str, Any] | None:
+    """Values as `helm -f FILE` reads them (Helm's own YAML 1.1 parser, not PyYAML)."""
+    if path is None:
+        return None
+    return helm.values_from_yaml(path.read_text())
+
+
+def render(chart_dir: Path, values: dict[str, Any] | None, release: str, namespace: str) -> dict[str, str]:
+    """Template path -> rendered text, like `helm template`."""
+    with helm.Chart.load(chart_dir) as chart:
+        return chart.render(values, name=release, namespace=namespace, is_install=True)
+
+
+def manifests_of(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    """The Kubernetes objects of a render (NOTES.txt and empty templates left out), each with
+    its template's path under MARKER."""
+    objects = []
+    for path, text in sorted(rendered.items()):
+        if not path.endswith((".yaml", ".yml")):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc.setdefault(MARKER, path)
+                objects.append(doc)
+    return objects
+
+
+def without_marker(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != MARKER}
+
+
+def assert_lint_clean(chart_dir: Path, cases: dict[str, Path | None], namespace: str) -> None:
+    """`helm lint --strict` finds no warning or error for any values file of `cases`."""
+    for case, path in cases.items():
+        report = helm.lint(chart_dir, load_values(path), strict=True, namespace=namespace)
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        assert not problems, f"{case}: helm lint --strict: {problems}"
+
+
+def assert_valid(objects: list[dict[str, Any]], kube_version: str, case: str) -> None:
+    """Every object passes Kubernetes `kube_version`'s schema, strictly; fails naming the
+    template, the kind and the field."""
+    for obj in objects:
+        where = f"{obj[MARKER]} ({obj['kind']}) against Kubernetes {kube_version}"
+        try:
+            kubernetes_validate.validate(without_marker(obj), kube_version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(p) for p in error.path)
+            pytest.fail(f"{case}: {where}: {path}: {error.message}")
+        except kubernetes_validate.SchemaNotFoundError as error:
+            pytest.fail(f"{case}: {where}: {error.message}")
