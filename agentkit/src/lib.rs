@@ -1,6 +1,9 @@
 //! Plumbing every agent of this workspace needs, and nothing agent-specific: the admin HTTP
-//! server (`/metrics`, `/healthz`, `/readyz`), tracing setup, YAML config loading with errors
-//! that name the bad field, graceful shutdown, hot reload, and rustls configuration.
+//! server with pluggable endpoints ([`admin`]), the binary's `main` ([`process`]: logging,
+//! descriptor limit, runtime, signals, exit codes), the socket binder ([`net`]), hot reload
+//! ([`reload`]), graceful shutdown and the task tracker every task is spawned on
+//! ([`shutdown`]), poison-free locking ([`sync`]), YAML config loading with errors that name
+//! the bad field ([`config`]), tracing setup ([`log`]) and rustls configuration ([`tls`]).
 //!
 //! It is its own crate so that sni-proxy, konnectivity, node-local-dns and log-shipper behave
 //! alike to an operator (same signals, same endpoints, same log format) without copying code.
@@ -10,13 +13,16 @@
 pub mod admin;
 pub mod config;
 pub mod log;
+pub mod net;
+pub mod process;
 pub mod reload;
 pub mod shutdown;
+pub mod sync;
 pub mod tls;
 
 #[cfg(feature = "test-support")]
 pub mod testing;
 
-pub use admin::Health;
+pub use admin::{Endpoints, Health};
 pub use config::ConfigError;
 pub use shutdown::Shutdown;

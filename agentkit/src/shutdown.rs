@@ -1,6 +1,10 @@
 //! Graceful shutdown, one pattern for every agent: SIGTERM or SIGINT stops the accept loops
 //! (the `stopping` phase); in-flight connections, tracked by a `TaskTracker`, may finish until
 //! a grace deadline; then the `forced` phase tells every remaining task to close now.
+//!
+//! Every task an agent starts is spawned on the tracker ([`Shutdown::spawn`]), so that the
+//! drain knows about it; a part of the agent that stops on its own (a listener a reload
+//! removed) takes a [`Shutdown::child`].
 
 use std::time::Duration;
 
@@ -38,6 +42,35 @@ impl Shutdown {
             this.stop_accepting();
         });
         Ok(())
+    }
+
+    /// A shutdown for one part of the agent: it stops when this one does, or alone by its own
+    /// [`Shutdown::stop_accepting`]; it shares the tracker and the forced phase, so its
+    /// tasks are drained with everyone else's.
+    pub fn child(&self) -> Shutdown {
+        Shutdown {
+            stop: self.stop.child_token(),
+            force: self.force.clone(),
+            tracker: self.tracker.clone(),
+        }
+    }
+
+    /// Spawns `task` on the tracker.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Runs blocking `work` on tokio's blocking pool, tracked like a task.
+    pub fn spawn_blocking<F, T>(&self, work: F) -> tokio::task::JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.tracker.spawn_blocking(work)
     }
 
     /// Starts the graceful phase: accept loops return.
@@ -110,6 +143,22 @@ mod tests {
         let open = shutdown.drain(Duration::from_secs(5)).await;
         assert_eq!(open, 1);
         assert!(shutdown.is_stopping());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_child_stops_alone_or_with_its_parent() {
+        let parent = Shutdown::new();
+        let first = parent.child();
+        let second = parent.child();
+        first.stop_accepting();
+        assert!(first.is_stopping());
+        assert!(!parent.is_stopping() && !second.is_stopping());
+        // A child's task is drained with the parent's.
+        let s = second.clone();
+        second.spawn(async move { s.stopping().await });
+        parent.stop_accepting();
+        assert!(second.is_stopping());
+        assert_eq!(parent.drain(Duration::from_secs(1)).await, 0);
     }
 
     #[tokio::test(start_paused = true)]
