@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentkit::admin::AdminServer;
-use agentkit::{ConfigError, Health, Shutdown};
+use agentkit::net::Sharing;
+use agentkit::reload::{Fingerprint, Reloader, Trigger};
+use agentkit::{ConfigError, Endpoints, Health, Shutdown};
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -74,12 +76,11 @@ impl Proxy {
     pub async fn bind(config: Config, registry: prometheus::Registry) -> anyhow::Result<Proxy> {
         let metrics = Metrics::new(&registry);
         let health = Health::default();
-        let admin = AdminServer::bind(config.admin, registry, health.clone())
-            .await
+        let admin = AdminServer::bind(config.admin, Endpoints::standard(registry, health.clone()))
             .map_err(|e| anyhow::anyhow!("admin.address {}: {e}", config.admin))?;
         let mut listeners = Vec::with_capacity(config.listeners.len());
         for (i, l) in config.listeners.iter().enumerate() {
-            let socket = bind_listener(l.address)
+            let socket = agentkit::net::tcp_listener(l.address, Sharing::ReusePort, LISTEN_BACKLOG)
                 .map_err(|e| anyhow::anyhow!("listeners[{i}].address {}: {e}", l.address))?;
             listeners.push(socket);
         }
@@ -87,7 +88,13 @@ impl Proxy {
             metrics.clone(),
             config.listeners.iter().map(|l| l.name.clone()).collect(),
         );
-        let (runtime, _) = build_runtime(config, None, &live);
+        // The data-path probes (splice, the sockmap self-test) block: off the runtime's workers.
+        let data_paths = tokio::task::spawn_blocking({
+            let config = config.clone();
+            move || data_paths(&config)
+        })
+        .await?;
+        let (runtime, _) = build_runtime(config, data_paths, None, &live);
         metrics.routes.set(runtime.table.len() as i64);
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared {
@@ -135,20 +142,28 @@ impl Proxy {
         let grace = initial.config.shutdown_grace;
         let reload_interval = initial.config.reload_interval;
         drop(initial);
-        tokio::spawn(self.admin.serve(shutdown.clone()));
+        shutdown.spawn(self.admin.serve(shutdown.clone()));
         if let Some(path) = config_path {
-            let initial_bytes = std::fs::read(&path).ok();
-            let reloader = agentkit::reload::Reloader::new(path, reload_interval, initial_bytes);
             let handle = Handle {
                 shared: Arc::clone(&shared),
             };
-            tokio::spawn(reloader.run(shutdown.clone(), move |text, _| {
-                handle.reload(text).map_err(|e| e.to_string())
-            }));
+            let initial = tokio::fs::read(&path).await.ok();
+            match Reloader::spawn(
+                &shutdown,
+                agentkit::reload::Options::new(Some(reload_interval)),
+                config_loader(path, initial),
+            ) {
+                Ok(reloader) => {
+                    shutdown.spawn(reloader.apply_each(move |loaded| {
+                        handle.apply_loaded(loaded).map_err(|e| format!("{e:#}"))
+                    }));
+                }
+                Err(error) => warn!(%error, "cannot watch for reloads"),
+            }
         }
         let mut accepts = Vec::new();
         for (index, listener) in self.listeners.into_iter().enumerate() {
-            accepts.push(tokio::spawn(accept_loop(
+            accepts.push(shutdown.spawn(accept_loop(
                 Arc::clone(&shared),
                 index,
                 listener,
@@ -172,7 +187,20 @@ impl Handle {
     /// were routed with; routes removed or changed follow their `on_change` policy.
     /// Listener names and addresses cannot change without a restart.
     pub fn reload(&self, text: &str) -> Result<(), ConfigError> {
-        let result = self.try_reload(text);
+        let config = Config::from_yaml(text);
+        self.apply_loaded(config.map(|config| {
+            let paths = data_paths(&config);
+            (config, paths)
+        }))
+    }
+
+    /// Applies a config the reloader loaded (with its data paths resolved off the runtime),
+    /// or counts the failure to load one.
+    fn apply_loaded<E>(&self, loaded: Result<(Config, Vec<DataPath>), E>) -> Result<(), E>
+    where
+        E: From<ConfigError>,
+    {
+        let result = loaded.and_then(|(config, paths)| Ok(self.try_apply(config, paths)?));
         let label = if result.is_ok() { "ok" } else { "error" };
         self.shared
             .metrics
@@ -182,9 +210,8 @@ impl Handle {
         result
     }
 
-    fn try_reload(&self, text: &str) -> Result<(), ConfigError> {
-        let config = Config::from_yaml(text)?;
-        let _serialized = self.shared.reload_lock.lock();
+    fn try_apply(&self, config: Config, data_paths: Vec<DataPath>) -> Result<(), ConfigError> {
+        let _serialized = agentkit::sync::lock(&self.shared.reload_lock);
         let current = self.shared.state.load_full();
         let same_listeners = config.listeners.len() == current.config.listeners.len()
             && config
@@ -204,7 +231,8 @@ impl Handle {
                 "cannot change on reload; restart the proxy",
             ));
         }
-        let (runtime, retired) = build_runtime(config, Some(&current.table), &self.shared.live);
+        let (runtime, retired) =
+            build_runtime(config, data_paths, Some(&current.table), &self.shared.live);
         self.shared.metrics.routes.set(runtime.table.len() as i64);
         self.shared.state.store(Arc::new(runtime));
         // Only now: a connection routed after this point can no longer pick a retired route.
@@ -230,17 +258,42 @@ fn unix_now() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Loads the config file for the reloader (on the blocking pool): read, parse, validate, and
+/// resolve the data paths, whose probes block. Unchanged bytes on a poll load nothing; a
+/// SIGHUP always reloads.
+fn config_loader(
+    path: PathBuf,
+    initial: Option<Vec<u8>>,
+) -> impl FnMut(Trigger) -> anyhow::Result<Option<(Config, Vec<DataPath>)>> + Send + 'static {
+    let mut seen = Fingerprint::new(initial);
+    move |trigger| {
+        let bytes = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        if !seen.update(&bytes) && trigger == Trigger::Poll {
+            return Ok(None);
+        }
+        let config = Config::from_yaml(&String::from_utf8_lossy(&bytes))?;
+        let paths = data_paths(&config);
+        Ok(Some((config, paths)))
+    }
+}
+
+/// Each listener's data path, resolved (may block on the first probe of a path).
+fn data_paths(config: &Config) -> Vec<DataPath> {
+    config
+        .listeners
+        .iter()
+        .map(|l| conn::resolve_data_path(l.data_path, config.allow_sockmap_on_untrusted_kernel))
+        .collect()
+}
+
 fn build_runtime(
     config: Config,
+    data_paths: Vec<DataPath>,
     previous: Option<&RouteTable>,
     live: &Arc<LiveRoutes>,
 ) -> (Runtime, Vec<Arc<routes::Route>>) {
     let (table, retired) = RouteTable::build(&config, previous, live);
-    let data_paths = config
-        .listeners
-        .iter()
-        .map(|l| conn::resolve_data_path(l.data_path, config.allow_sockmap_on_untrusted_kernel))
-        .collect();
     (
         Runtime {
             config,
@@ -249,23 +302,6 @@ fn build_runtime(
         },
         retired,
     )
-}
-
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    socket.set_nonblocking(true)?;
-    TcpListener::from_std(socket.into())
 }
 
 /// Releases a slot of the global connection cap on drop.

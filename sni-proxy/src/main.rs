@@ -1,9 +1,8 @@
-//! The sni-proxy binary: flags, logging, then [`sni_proxy::Proxy`].
+//! The sni-proxy binary: flags, then [`sni_proxy::Proxy`] under `agentkit::process::main`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentkit::Shutdown;
 use clap::Parser;
 use sni_proxy::{Config, Proxy};
 
@@ -37,46 +36,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    agentkit::log::init(agentkit::log::Format::from_env());
-    raise_fd_limit();
-    // TOKIO_WORKER_THREADS sets the number of worker threads (default: one per core).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(error) => {
-            eprintln!("sni-proxy: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
+    agentkit::process::main("sni-proxy", |shutdown| async move {
         let proxy = Proxy::bind(config, prometheus::Registry::new()).await?;
-        let shutdown = Shutdown::new();
-        shutdown.on_signals()?;
         proxy.run(shutdown, Some(args.config)).await;
-        anyhow::Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("sni-proxy: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Every connection takes two descriptors; raise the soft limit to the hard one.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+        Ok(())
+    })
 }
