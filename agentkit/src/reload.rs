@@ -118,19 +118,14 @@ impl<T: Send + 'static> Reloader<T> {
         });
     }
 
-    /// For an agent with no loop of its own: applies every attempt with `apply` until
-    /// shutdown, logging each outcome.
+    /// For an agent with no loop of its own: hands every attempt to `apply` (which counts
+    /// it, and applies what loaded) until shutdown, and logs each outcome.
     pub async fn apply_each<A>(mut self, mut apply: A)
     where
-        A: FnMut(T) -> Result<(), String>,
+        A: FnMut(anyhow::Result<T>) -> Result<(), String>,
     {
-        while let Some(attempt) = self.next().await {
-            let trigger = attempt.trigger;
-            match attempt
-                .loaded
-                .map_err(|e| format!("{e:#}"))
-                .and_then(&mut apply)
-            {
+        while let Some(Attempt { trigger, loaded }) = self.next().await {
+            match apply(loaded) {
                 Ok(()) => info!(?trigger, "config reloaded"),
                 Err(error) => {
                     warn!(%error, ?trigger, "config reload rejected; keeping the running config")

@@ -8,14 +8,20 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agentkit::Shutdown;
+use agentkit::admin::{AdminServer, Endpoints, Reply};
+use agentkit::net::Sharing;
+use agentkit::reload::{Attempt, Fingerprint, Reloader};
+use agentkit::sync::lock;
+use agentkit::{Health, Shutdown};
 use anyhow::Context as _;
+use hyper::StatusCode;
 use prometheus::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -23,7 +29,6 @@ use crate::cache::{self, Cache};
 use crate::config::{Config, ServerBlock};
 use crate::flags::{Flags, DEFAULT_KUBE_DNS_DIR};
 use crate::forward::Forwarder;
-use crate::http::{self, Endpoints};
 use crate::intercept::{self, Interception};
 use crate::metrics::{Metrics, SetupMetrics};
 use crate::server::{Served, Server, Zone, LOOP_THRESHOLD};
@@ -39,6 +44,12 @@ pub const READY_INTERVAL: Duration = Duration::from_secs(2);
 /// The node's resolver file, read for `__PILLAR__UPSTREAM__SERVERS__`. The environment
 /// variable `NODE_LOCAL_DNS_RESOLV_CONF` points elsewhere (for tests).
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// Listen backlog of the DNS TCP sockets.
+const TCP_BACKLOG: i32 = 1024;
+/// Listen backlog of the HTTP (metrics, health) sockets.
+const HTTP_BACKLOG: i32 = 128;
+/// Go's `net/http` 404 body, which node-cache's endpoints answer.
+const NOT_FOUND: &str = "404 page not found\n";
 
 /// A Corefile read (and rendered from the template, if there is one) and parsed.
 #[derive(Debug)]
@@ -203,14 +214,18 @@ pub struct Agent {
     metrics: Metrics,
     registry: Registry,
     setup: SetupMetrics,
-    ready: Arc<AtomicBool>,
+    ready: Health,
+    /// The agent's own tasks (HTTP servers, self-test, repair); stopped first when it leaves.
+    tasks: Shutdown,
     dns: HashMap<SocketAddr, DnsListener>,
-    http: HashMap<SocketAddr, ((bool, bool), JoinHandle<()>)>,
+    /// The DNS addresses now served, for the readiness self-test.
+    dns_addrs: watch::Sender<Vec<SocketAddr>>,
+    /// Each HTTP address, what it serves (metrics, health), and the shutdown of its server.
+    http: HashMap<SocketAddr, ((bool, bool), Shutdown)>,
     /// Every zone now served, for the scrape-time gauges.
     zones: Arc<Mutex<Vec<ZoneGauges>>>,
     caches: HashMap<String, Arc<Mutex<Cache>>>,
-    interception: Option<Interception>,
-    text: String,
+    interception: Option<Arc<Interception>>,
     reload_interval: Option<Duration>,
     runtime: tokio::runtime::Handle,
     /// The kernel fast path, when asked for and loaded.
@@ -231,27 +246,25 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// Starts everything but the iptables rules ([`Agent::ensure_interception`] installs
-    /// them once the sockets are bound).
-    pub fn start(flags: Flags, loaded: Loaded, registry: Registry) -> anyhow::Result<Agent> {
+    /// them once the sockets are bound). Blocking (netlink, binds): call it on the blocking
+    /// pool, inside the runtime. Its tasks run on `shutdown`'s tracker.
+    pub fn start(
+        flags: Flags,
+        loaded: Loaded,
+        registry: Registry,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<Agent> {
         let metrics = Metrics::new(&registry)?;
         let process = prometheus::process_collector::ProcessCollector::for_self();
         let _ = registry.register(Box::new(process));
         let setup_registry = Registry::new();
         let setup = SetupMetrics::new(&setup_registry)?;
-        match http::reuse_port_listener(flags.metrics_listen) {
-            Ok(listener) => {
-                tokio::spawn(http::serve(
-                    listener,
-                    Endpoints {
-                        metrics: Some((setup_registry, Arc::new(|| {}))),
-                        health: None,
-                        health_duration: None,
-                    },
-                ));
-            }
-            Err(e) => {
-                warn!(error = %e, addr = %flags.metrics_listen, "cannot serve the setup-error metrics");
-            }
+        let tasks = shutdown.child();
+        let setup_endpoints = Endpoints::new()
+            .metrics("/metrics", setup_registry, || {})
+            .not_found(NOT_FOUND);
+        if let Err(e) = serve_http(flags.metrics_listen, setup_endpoints, &tasks) {
+            warn!(error = %e, addr = %flags.metrics_listen, "cannot serve the setup-error metrics");
         }
 
         let interception = if flags.setup_interface || flags.setup_iptables {
@@ -264,7 +277,7 @@ impl Agent {
                 setup_iptables: flags.setup_iptables,
             };
             match Interception::new(options) {
-                Ok(i) => Some(i),
+                Ok(i) => Some(Arc::new(i)),
                 Err(e) => {
                     setup.error(e.kind());
                     return Err(anyhow::anyhow!(e).context("preparing interception"));
@@ -288,13 +301,14 @@ impl Agent {
             metrics,
             registry,
             setup,
-            ready: Arc::new(AtomicBool::new(false)),
+            ready: Health::default(),
+            tasks,
             dns: HashMap::new(),
+            dns_addrs: watch::Sender::new(Vec::new()),
             http: HashMap::new(),
             zones: Arc::new(Mutex::new(Vec::new())),
             caches: HashMap::new(),
             interception,
-            text: String::new(),
             reload_interval: None,
             runtime: tokio::runtime::Handle::current(),
             fast_path: None,
@@ -352,23 +366,22 @@ impl Agent {
             .copied()
             .collect();
         for addr in http_gone {
-            if let Some((_, task)) = self.http.remove(&addr) {
-                task.abort();
+            if let Some((_, server)) = self.http.remove(&addr) {
+                server.stop_accepting();
             }
         }
         for (addr, roles) in plan.http {
-            if let Some((old_roles, task)) = self.http.get(&addr) {
+            if let Some((old_roles, server)) = self.http.get(&addr) {
                 if *old_roles == roles {
                     continue;
                 }
-                task.abort();
+                server.stop_accepting();
                 self.http.remove(&addr);
             }
             let endpoints = self.endpoints(roles);
-            match http::reuse_port_listener(addr) {
-                Ok(listener) => {
-                    let task = tokio::spawn(http::serve(listener, endpoints));
-                    self.http.insert(addr, (roles, task));
+            match serve_http(addr, endpoints, &self.tasks) {
+                Ok(server) => {
+                    self.http.insert(addr, (roles, server));
                 }
                 Err(e) if starting => {
                     return Err(anyhow::anyhow!(e).context(format!("binding {addr} (http)")))
@@ -413,14 +426,14 @@ impl Agent {
             .iter()
             .filter_map(|b| b.reload.map(|r| r.interval))
             .min();
-        self.text = loaded.text;
+        self.dns_addrs.send_replace(self.dns_addresses());
         Ok(())
     }
 
     fn endpoints(&self, (metrics, health): (bool, bool)) -> Endpoints {
         let zones = Arc::clone(&self.zones);
         let m = self.metrics.clone();
-        let before_scrape: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        let before_scrape = move || {
             let mut broken = 0;
             let mut rejects = 0;
             let mut dropped = 0;
@@ -445,19 +458,35 @@ impl Agent {
                 }
             }
             m.set_forward_totals(broken, rejects, dropped, &upstreams);
-        });
-        Endpoints {
-            metrics: metrics.then(|| (self.registry.clone(), before_scrape)),
-            health: health.then(|| Arc::clone(&self.ready)),
-            health_duration: health.then(|| self.metrics.health_duration.clone()),
+        };
+        let mut endpoints = Endpoints::new().not_found(NOT_FOUND);
+        if metrics {
+            endpoints = endpoints.metrics("/metrics", self.registry.clone(), before_scrape);
         }
+        if health {
+            // CoreDNS's `health`: 200 `OK` while the process runs, with its request duration.
+            let duration = self.metrics.health_duration.clone();
+            endpoints = endpoints
+                .route("/health", move || {
+                    let start = Instant::now();
+                    let reply = Reply::text(StatusCode::OK, "OK");
+                    duration.observe(start.elapsed().as_secs_f64());
+                    reply
+                })
+                .readiness("/ready", self.ready.clone(), "OK", "not ready");
+        }
+        endpoints
     }
 
     fn bind_dns(&self, addr: SocketAddr, zones: Vec<Served>) -> anyhow::Result<DnsListener> {
         let server = Server::with_metrics(zones, Some(self.metrics.clone()), addr.is_ipv6());
         let udp_socket = udp::bind(addr)?;
         udp::detach_steering(&*udp_socket);
-        let tcp = Arc::new(http::reuse_port_listener(addr)?);
+        let tcp = Arc::new(agentkit::net::tcp_listener(
+            addr,
+            Sharing::ReusePort,
+            TCP_BACKLOG,
+        )?);
         udp::detach_steering(&*tcp);
         let control = Arc::new(udp::Control::default());
         let thread = udp::spawn(
@@ -466,7 +495,9 @@ impl Agent {
             self.runtime.clone(),
             Arc::clone(&control),
         )?;
-        let tcp_task = tokio::spawn(server.clone().serve_tcp_shared(Arc::clone(&tcp)));
+        let tcp_task = self
+            .tasks
+            .spawn(server.clone().serve_tcp_shared(Arc::clone(&tcp)));
         Ok(DnsListener {
             server,
             udp: udp_socket,
@@ -477,41 +508,85 @@ impl Agent {
         })
     }
 
-    /// Installs or repairs the interface and the rules (start-up, then every
-    /// `-syncinterval`); failures are logged and counted by node-cache's error types.
+    /// Installs or repairs the interface and the rules; failures are logged and counted by
+    /// node-cache's error types. Blocking (netlink round trips, iptables processes): call it
+    /// on the blocking pool.
     pub fn ensure_interception(&self) {
-        // Netlink round trips and iptables processes: keep them off the runtime's workers.
-        tokio::task::block_in_place(|| self.ensure_interception_blocking());
+        if let Some(interception) = &self.interception {
+            repair(interception, &self.flags, &self.setup);
+        }
     }
 
-    fn ensure_interception_blocking(&self) {
-        let Some(interception) = &self.interception else {
+    /// Repairs the interface and the rules every `-syncinterval`, on the blocking pool.
+    fn spawn_repair(&self) {
+        let Some(interception) = self.interception.clone() else {
             return;
         };
-        if self.flags.setup_interface {
-            match interception.ensure_link() {
-                Ok(report) if report.addresses_added > 0 || report.created => {
-                    info!(?report, "interface repaired");
+        let (flags, setup, tasks) = (self.flags.clone(), self.setup.clone(), self.tasks.clone());
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(flags.sync_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = tasks.stopping() => return,
+                    _ = tick.tick() => {}
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    self.setup.error(e.kind());
-                    error!(error = %e, "interface check failed");
+                let (i, f, s) = (Arc::clone(&interception), flags.clone(), setup.clone());
+                let _ = tasks.spawn_blocking(move || repair(&i, &f, &s)).await;
+            }
+        });
+    }
+
+    /// Runs the readiness self-test every [`READY_INTERVAL`]: every DNS listener answers
+    /// `id.server. CH TXT` itself. Ready only while all do.
+    fn spawn_self_test(&self) {
+        let (health, tasks) = (self.ready.clone(), self.tasks.clone());
+        let mut addrs = self.dns_addrs.subscribe();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(READY_INTERVAL);
+            loop {
+                tokio::select! {
+                    () = tasks.stopping() => return,
+                    _ = tick.tick() => {}
+                }
+                let current = addrs.borrow_and_update().clone();
+                let ok = self_test(&current).await;
+                if !tasks.is_stopping() {
+                    health.set_ready(ok);
                 }
             }
-        }
-        if self.flags.setup_iptables {
-            match interception.ensure_rules() {
-                Ok(report) if report.added > 0 => info!(?report, "Added back nodelocaldns rules"),
-                Ok(_) => {}
-                Err(e) => {
-                    self.setup.error(e.kind());
-                    error!(error = %e, "iptables check failed");
-                }
+        });
+    }
+}
+
+/// One check and repair of the interface and the rules.
+fn repair(interception: &Interception, flags: &Flags, setup: &SetupMetrics) {
+    if flags.setup_interface {
+        match interception.ensure_link() {
+            Ok(report) if report.addresses_added > 0 || report.created => {
+                info!(?report, "interface repaired");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                setup.error(e.kind());
+                error!(error = %e, "interface check failed");
             }
         }
     }
+    if flags.setup_iptables {
+        match interception.ensure_rules() {
+            Ok(report) if report.added > 0 => info!(?report, "Added back nodelocaldns rules"),
+            Ok(_) => {}
+            Err(e) => {
+                setup.error(e.kind());
+                error!(error = %e, "iptables check failed");
+            }
+        }
+    }
+}
 
+impl Agent {
     /// The fast path's options: the flags, else the Corefile's `fastpath`; None when off.
     fn fast_path_options(&self) -> Option<fast_path::Options> {
         let (interfaces, mode) = if !self.flags.fast_path_interfaces.is_empty() {
@@ -636,47 +711,19 @@ impl Agent {
         }
     }
 
-    /// Re-reads the Corefile (re-rendering the template) and applies it if it changed.
-    pub fn reload(&mut self) {
-        let loaded = match load(&self.flags) {
-            Ok(l) => l,
+    /// Applies a Corefile the reloader loaded, or counts the failure to load one.
+    fn reload(&mut self, attempt: Attempt<Loaded>) {
+        let result = attempt.loaded.and_then(|loaded| self.apply(loaded, false));
+        match result {
+            Ok(()) => {
+                self.metrics.reloads.with_label_values(&["applied"]).inc();
+                info!(trigger = ?attempt.trigger, "Corefile reloaded");
+            }
             Err(e) => {
                 self.metrics.reloads.with_label_values(&["rejected"]).inc();
                 error!(error = %format!("{e:#}"), "Corefile not reloaded; keeping the running config");
-                return;
-            }
-        };
-        if loaded.text == self.text {
-            return;
-        }
-        match self.apply(loaded, false) {
-            Ok(_) => {
-                self.metrics.reloads.with_label_values(&["applied"]).inc();
-                info!("Corefile reloaded");
-            }
-            Err(e) => {
-                self.metrics.reloads.with_label_values(&["rejected"]).inc();
-                error!(error = %format!("{e:#}"), "Corefile reload failed");
             }
         }
-    }
-
-    /// One readiness self-test: every listener answers `id.server. CH TXT` itself.
-    async fn self_test(&self) -> bool {
-        for addr in self.dns.keys() {
-            let answered = probe(
-                *addr,
-                "id.server.",
-                wire::rtype::TXT,
-                CLASS_CHAOS,
-                Duration::from_secs(1),
-            )
-            .await;
-            if answered.is_none() {
-                return false;
-            }
-        }
-        !self.dns.is_empty()
     }
 
     /// Leaves: readiness off; the rules and interface removed unless `-skipteardown`
@@ -684,17 +731,19 @@ impl Agent {
     /// port steered to a surge instance; queued queries, misses in flight and open TCP
     /// connections served for up to [`DRAIN_GRACE`].
     pub async fn stop(mut self) {
-        self.ready.store(false, Ordering::Release);
+        self.tasks.stop_accepting();
+        self.ready.set_ready(false);
         // Detach first: from here on every query reaches the sockets, which drain below.
         if let Some(mirror) = self.fast_path.take() {
             tokio::task::block_in_place(|| drop(mirror));
             info!("fast path detached");
         }
         if !self.flags.skip_teardown {
-            if let Some(i) = &self.interception {
-                match tokio::task::block_in_place(|| i.teardown()) {
-                    Ok(()) => info!("interception removed"),
-                    Err(e) => error!(error = %e, "teardown failed"),
+            if let Some(i) = self.interception.clone() {
+                match self.tasks.spawn_blocking(move || i.teardown()).await {
+                    Ok(Ok(())) => info!("interception removed"),
+                    Ok(Err(e)) => error!(error = %e, "teardown failed"),
+                    Err(e) => error!(error = %e, "teardown panicked"),
                 }
             }
         }
@@ -716,7 +765,7 @@ impl Agent {
             }
             servers.push((listener.server.clone(), listener.udp_control));
         }
-        let joined = tokio::task::spawn_blocking(move || {
+        let joined = self.tasks.spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
             }
@@ -729,7 +778,7 @@ impl Agent {
             control.stop.store(true, Ordering::Release);
         }
         if let Some(pidfile) = &self.flags.pidfile {
-            let _ = std::fs::remove_file(pidfile);
+            let _ = tokio::fs::remove_file(pidfile).await;
         }
     }
 }
@@ -747,8 +796,35 @@ const CLASS_CHAOS: u16 = 3;
 /// QTYPE HINFO, what CoreDNS's `loop` probes with.
 const HINFO: u16 = 13;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Binds `addr` (SO_REUSEPORT, for the surge hand-over) and serves `endpoints` on it, on a
+/// child of `tasks`; stopping the returned shutdown stops this server alone.
+fn serve_http(
+    addr: SocketAddr,
+    endpoints: Endpoints,
+    tasks: &Shutdown,
+) -> std::io::Result<Shutdown> {
+    let listener = agentkit::net::tcp_listener(addr, Sharing::ReusePort, HTTP_BACKLOG)?;
+    let server = tasks.child();
+    tasks.spawn(AdminServer::new(listener, endpoints).serve(server.clone()));
+    Ok(server)
+}
+
+/// One readiness self-test: every listener answers `id.server. CH TXT` itself.
+async fn self_test(addrs: &[SocketAddr]) -> bool {
+    for addr in addrs {
+        let answered = probe(
+            *addr,
+            "id.server.",
+            wire::rtype::TXT,
+            CLASS_CHAOS,
+            Duration::from_secs(1),
+        )
+        .await;
+        if answered.is_none() {
+            return false;
+        }
+    }
+    !addrs.is_empty()
 }
 
 /// Sends one query to `addr` (the loopback address of its family if `addr` is a wildcard)
@@ -828,22 +904,34 @@ async fn detect_loops(checks: Vec<(String, Server, SocketAddr)>) -> Option<Strin
 
 /// Runs the agent until `shutdown`: load, start, intercept, serve, reload, repair, hand over.
 pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
-    let loaded = load(&flags)?;
-    let checks_config = loaded.config.clone();
-    let mut agent = Agent::start(flags.clone(), loaded, Registry::new())?;
-    let checks = plan_loop_checks(&checks_config, &agent);
-    if let Some(pidfile) = &flags.pidfile {
-        std::fs::write(pidfile, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing {}", pidfile.display()))?;
-    }
-    agent.ensure_interception();
+    // Files, netlink and iptables: on the blocking pool, before anything is served.
+    let (mut agent, checks, initial) = shutdown
+        .spawn_blocking({
+            let (flags, shutdown) = (flags.clone(), shutdown.clone());
+            move || -> anyhow::Result<_> {
+                let loaded = load(&flags)?;
+                let checks_config = loaded.config.clone();
+                let initial = loaded.text.clone().into_bytes();
+                let agent = Agent::start(flags.clone(), loaded, Registry::new(), &shutdown)?;
+                let checks = plan_loop_checks(&checks_config, &agent);
+                if let Some(pidfile) = &flags.pidfile {
+                    std::fs::write(pidfile, format!("{}\n", std::process::id()))
+                        .with_context(|| format!("writing {}", pidfile.display()))?;
+                }
+                agent.ensure_interception();
+                Ok((agent, checks, initial))
+            }
+        })
+        .await??;
     agent.start_fast_path();
+    agent.spawn_repair();
+    agent.spawn_self_test();
     info!(addresses = ?agent.dns_addresses(), "node-local-dns serving");
 
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<String>(1);
     if !checks.is_empty() {
         let tx = fatal_tx.clone();
-        tokio::spawn(async move {
+        agent.tasks.spawn(async move {
             if let Some(message) = detect_loops(checks).await {
                 let _ = tx.send(message).await;
             }
@@ -851,23 +939,23 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
     }
     drop(fatal_tx);
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let mut sync = tokio::time::interval(flags.sync_interval);
-    sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    sync.tick().await;
-    let mut ready_tick = tokio::time::interval(READY_INTERVAL);
+    use tokio::signal::unix::SignalKind;
+    let options = agentkit::reload::Options {
+        signals: vec![SignalKind::hangup(), SignalKind::user_defined1()],
+        interval: agent.reload_interval,
+    };
+    let mut seen = Fingerprint::new(Some(initial));
+    let loader_flags = flags.clone();
+    let mut reloader = Reloader::spawn(&agent.tasks, options, move |_| {
+        let loaded = load(&loader_flags)?;
+        Ok(seen.update(loaded.text.as_bytes()).then_some(loaded))
+    })?;
     let mut mirror_tick = tokio::time::interval(fast_path::SYNC_INTERVAL);
     mirror_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut mirror_ticks: u32 = 0;
-    let mut next_reload = agent
-        .reload_interval
-        .map(|i| tokio::time::Instant::now() + i);
     let mut fatal = None;
     let mut checks_running = true;
     loop {
-        let reload_at = next_reload;
         tokio::select! {
             () = shutdown.stopping() => break,
             message = fatal_rx.recv(), if checks_running => match message {
@@ -879,21 +967,14 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
                 // The loop checks are done and found nothing.
                 None => checks_running = false,
             },
-            _ = sync.tick() => agent.ensure_interception(),
             _ = mirror_tick.tick(), if agent.fast_path.is_some() => {
                 mirror_ticks = mirror_ticks.wrapping_add(1);
                 // Counters and re-attach attempts once a second; map updates every tick.
                 tokio::task::block_in_place(|| agent.sync_fast_path(mirror_ticks % 10 == 0));
             }
-            _ = ready_tick.tick() => {
-                let ok = agent.self_test().await;
-                agent.ready.store(ok, Ordering::Release);
-            }
-            _ = hup.recv() => agent.reload(),
-            _ = usr1.recv() => agent.reload(),
-            () = async { match reload_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
-                agent.reload();
-                next_reload = agent.reload_interval.map(|i| tokio::time::Instant::now() + i);
+            Some(attempt) = reloader.next() => {
+                agent.reload(attempt);
+                reloader.set_interval(agent.reload_interval);
             }
         }
     }

@@ -8,8 +8,8 @@
 //! [`template`] renders its `__PILLAR__` Corefile template, [`corefile`] parses Corefile text
 //! into the typed [`config`] model. On the network: [`forward`] (pooled, pipelined, health
 //! checked upstreams), [`server`] (zones, single flight for misses, TCP), [`udp`] (the
-//! batched UDP hot path and the port hand-over), [`http`] and [`metrics`] (CoreDNS's metric
-//! names), [`intercept`] (the `nodelocaldns` link and the iptables rules). [`app`] ties them
+//! batched UDP hot path and the port hand-over), [`metrics`] (CoreDNS's metric names, served
+//! by agentkit's admin server), [`intercept`] (the `nodelocaldns` link and the iptables rules). [`app`] ties them
 //! into the agent's life: start, intercept, serve, reload, repair, hand over.
 
 pub mod app;
@@ -19,7 +19,6 @@ pub mod corefile;
 pub mod fast_path;
 pub mod flags;
 pub mod forward;
-pub mod http;
 pub mod intercept;
 pub mod metrics;
 pub mod server;

@@ -1,8 +1,8 @@
-//! The node-local-dns binary: node-cache's flags, logging, the runtime, then [`app::run`].
+//! The node-local-dns binary: node-cache's flags, then [`app::run`] under
+//! `agentkit::process::main` (logging, descriptor limit, runtime, signals, exit codes).
 
 use std::process::ExitCode;
 
-use agentkit::Shutdown;
 use node_local_dns::{app, flags};
 
 fn main() -> ExitCode {
@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             eprintln!("node-local-dns: {error}\n\n{}", flags::USAGE);
-            return ExitCode::from(2);
+            return ExitCode::from(agentkit::process::EXIT_USAGE);
         }
     };
     if flags.version {
@@ -44,29 +44,5 @@ fn main() -> ExitCode {
             }
         };
     }
-    agentkit::log::init(agentkit::log::Format::from_env());
-    // TOKIO_WORKER_THREADS sets the number of worker threads (default: one per core); cache
-    // hits never reach the runtime, they are answered on the UDP worker threads.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(error) => {
-            eprintln!("node-local-dns: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
-        let shutdown = Shutdown::new();
-        shutdown.on_signals()?;
-        app::run(flags, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("node-local-dns: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    agentkit::process::main("node-local-dns", |shutdown| app::run(flags, shutdown))
 }
