@@ -35,26 +35,88 @@ pub const DEFAULT_FAILURE_RECHECK: Duration = Duration::from_secs(30);
 /// Events kept for the kernel mirror before it must resynchronise.
 pub const EVENT_QUEUE_CAPACITY: usize = 4096;
 
-/// The cache key: lower-cased qname (wire form), qtype, qclass, and the DO and CD bits.
+/// The longest key: a 255-byte qname (RFC 1035 §3.1), qtype, qclass and the flags byte.
+pub const MAX_KEY_LEN: usize = 255 + 5;
+
+/// The cache key, owned (what the cache stores): lower-cased qname (wire form), qtype,
+/// qclass, and the DO and CD bits. Lookups take the bytes of a [`KeyBuf`], so the hit path
+/// builds its key on the stack and allocates nothing; only a stored entry, a flight and an
+/// event own one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key(Box<[u8]>);
 
 impl Key {
     /// The key of a query.
     pub fn of(query: &Query<'_>) -> Key {
-        let qname = query.qname();
-        let mut bytes = Vec::with_capacity(qname.len() + 5);
-        wire::lowercase_qname(qname, &mut bytes);
-        bytes.extend_from_slice(&query.qtype.to_be_bytes());
-        bytes.extend_from_slice(&query.qclass.to_be_bytes());
-        let dnssec_ok = query.edns.is_some_and(|e| e.dnssec_ok);
-        bytes.push(u8::from(dnssec_ok) | (u8::from(query.checking_disabled) << 1));
-        Key(bytes.into_boxed_slice())
+        KeyBuf::of(query).to_key()
     }
 
     /// The key's bytes (what a kernel mirror hashes).
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for Key {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A key built on the stack, the same bytes as [`Key::of`].
+#[derive(Clone)]
+pub struct KeyBuf {
+    len: usize,
+    bytes: [u8; MAX_KEY_LEN],
+}
+
+impl std::fmt::Debug for KeyBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("KeyBuf").field(&self.as_bytes()).finish()
+    }
+}
+
+impl KeyBuf {
+    /// The key of a query. A parsed query's qname is at most 255 bytes; a longer one (which
+    /// the parser refuses) would be cut, never overrun.
+    pub fn of(query: &Query<'_>) -> KeyBuf {
+        let qname = query.qname();
+        let name_len = qname.len().min(MAX_KEY_LEN - 5);
+        let mut bytes = [0u8; MAX_KEY_LEN];
+        for (to, from) in bytes.iter_mut().zip(&qname[..name_len]) {
+            *to = from.to_ascii_lowercase();
+        }
+        let dnssec_ok = query.edns.is_some_and(|e| e.dnssec_ok);
+        let tail = &mut bytes[name_len..name_len + 5];
+        tail[..2].copy_from_slice(&query.qtype.to_be_bytes());
+        tail[2..4].copy_from_slice(&query.qclass.to_be_bytes());
+        tail[4] = u8::from(dnssec_ok) | (u8::from(query.checking_disabled) << 1);
+        KeyBuf {
+            len: name_len + 5,
+            bytes,
+        }
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// The owned key, for storing.
+    pub fn to_key(&self) -> Key {
+        Key(self.as_bytes().into())
+    }
+}
+
+impl AsRef<[u8]> for KeyBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
     }
 }
 
@@ -278,19 +340,19 @@ impl Sieve {
         self.index.len()
     }
 
-    fn get_mut(&mut self, key: &Key) -> Option<&mut Entry> {
+    fn get_mut(&mut self, key: &[u8]) -> Option<&mut Entry> {
         let i = *self.index.get(key)? as usize;
         let node = &mut self.nodes[i];
         node.visited = true;
         node.entry.as_mut()
     }
 
-    fn peek(&self, key: &Key) -> Option<&Entry> {
+    fn peek(&self, key: &[u8]) -> Option<&Entry> {
         let i = *self.index.get(key)? as usize;
         self.nodes[i].entry.as_ref()
     }
 
-    fn remove(&mut self, key: &Key) -> Option<Entry> {
+    fn remove(&mut self, key: &[u8]) -> Option<Entry> {
         let i = self.index.remove(key)?;
         self.unlink(i)
     }
@@ -441,7 +503,7 @@ impl Cache {
         }
     }
 
-    fn find(&self, key: &Key) -> Option<Kind> {
+    fn find(&self, key: &[u8]) -> Option<Kind> {
         if self.success.peek(key).is_some() {
             Some(Kind::Success)
         } else if self.denial.peek(key).is_some() {
@@ -459,8 +521,9 @@ impl Cache {
         }
     }
 
-    /// Looks `key` up at `now`.
-    pub fn lookup(&mut self, key: &Key, now: Instant) -> Lookup {
+    /// Looks `key` (a [`Key`] or a [`KeyBuf`]) up at `now`. A hit allocates nothing.
+    pub fn lookup<K: AsRef<[u8]> + ?Sized>(&mut self, key: &K, now: Instant) -> Lookup {
+        let key = key.as_ref();
         let Some(kind) = self.find(key) else {
             return Lookup::Miss;
         };
@@ -510,7 +573,9 @@ impl Cache {
             },
             _ => {
                 self.sieve(kind).remove(key);
-                self.emit(Event::Removed { key: key.clone() });
+                self.emit(Event::Removed {
+                    key: Key(key.into()),
+                });
                 Lookup::Miss
             }
         }
@@ -519,7 +584,12 @@ impl Cache {
     /// The upstream failed for `key` (timeout, SERVFAIL from every upstream): a stale answer
     /// if serve-stale allows one, with its TTL. Also records the failure, so background
     /// refreshes wait for the failure-recheck time.
-    pub fn stale_on_failure(&mut self, key: &Key, now: Instant) -> Option<(Arc<WireImage>, u32)> {
+    pub fn stale_on_failure<K: AsRef<[u8]> + ?Sized>(
+        &mut self,
+        key: &K,
+        now: Instant,
+    ) -> Option<(Arc<WireImage>, u32)> {
+        let key = key.as_ref();
         let stale = self.policy.serve_stale;
         let kind = self.find(key)?;
         let entry = self.sieve(kind).get_mut(key)?;
@@ -549,8 +619,8 @@ impl Cache {
             _ => {
                 // An uncacheable answer for a key that was cached: a failed refresh. Leave the
                 // entry (it may serve stale) but let the next refresh try again later.
-                if let Some(kind) = self.find(&key) {
-                    if let Some(e) = self.sieve(kind).get_mut(&key) {
+                if let Some(kind) = self.find(key.as_bytes()) {
+                    if let Some(e) = self.sieve(kind).get_mut(key.as_bytes()) {
                         e.refreshing = false;
                     }
                 }
@@ -562,7 +632,7 @@ impl Cache {
             Kind::Success => Kind::Denial,
             Kind::Denial => Kind::Success,
         };
-        if self.sieve(other).remove(&key).is_some() {
+        if self.sieve(other).remove(key.as_bytes()).is_some() {
             self.emit(Event::Removed { key: key.clone() });
         }
         let image = Arc::new(image);
@@ -629,7 +699,7 @@ impl Cache {
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in dead {
-                self.sieve(kind).remove(&key);
+                self.sieve(kind).remove(key.as_bytes());
                 self.emit(Event::Removed { key });
                 removed += 1;
             }
@@ -700,6 +770,38 @@ mod tests {
         match lookup {
             Lookup::Hit { ttl, .. } | Lookup::Stale { ttl, .. } => Some(*ttl),
             Lookup::Miss => None,
+        }
+    }
+
+    #[test]
+    fn a_stack_key_is_the_owned_key_and_finds_its_entry() {
+        let mut cache = Cache::new(Policy::default());
+        let t0 = Instant::now();
+        let stored = query("api.s1.test", rtype::A, None);
+        store(&mut cache, &stored, &a_record(&stored, 60), t0);
+        // Another spelling of the same question: one key, the same entry.
+        let asked = query("API.S1.Test", rtype::A, None);
+        let parsed = parse_query(&asked).unwrap();
+        let on_stack = KeyBuf::of(&parsed);
+        assert_eq!(on_stack.as_bytes(), key(&stored).as_bytes());
+        assert_eq!(on_stack.to_key(), Key::of(&parsed));
+        assert_eq!(ttl_of(&cache.lookup(&on_stack, t0)), Some(60));
+        // DO, CD, qtype and qclass are part of the key.
+        for other in [
+            query("api.s1.test", rtype::AAAA, None),
+            query(
+                "api.s1.test",
+                rtype::A,
+                Some(Edns {
+                    udp_size: 1232,
+                    version: 0,
+                    dnssec_ok: true,
+                }),
+            ),
+        ] {
+            let k = KeyBuf::of(&parse_query(&other).unwrap());
+            assert_ne!(k.as_bytes(), on_stack.as_bytes());
+            assert_eq!(cache.lookup(&k, t0), Lookup::Miss);
         }
     }
 
