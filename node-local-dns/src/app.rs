@@ -280,6 +280,7 @@ impl Agent {
                 Ok(i) => Some(Arc::new(i)),
                 Err(e) => {
                     setup.error(e.kind());
+                    tasks.stop_accepting();
                     return Err(anyhow::anyhow!(e).context("preparing interception"));
                 }
             }
@@ -291,6 +292,7 @@ impl Agent {
                 Ok(report) => info!(interface = %flags.interface, ?report, "interface ready"),
                 Err(e) => {
                     setup.error(e.kind());
+                    tasks.stop_accepting();
                     return Err(anyhow::anyhow!(e).context("creating the interface"));
                 }
             }
@@ -315,7 +317,11 @@ impl Agent {
             fast_path_config: None,
             fast_path_reported: ebpf::dns::Stats::default(),
         };
-        agent.apply(loaded, true)?;
+        if let Err(e) = agent.apply(loaded, true) {
+            // Nothing of a failed start keeps serving.
+            agent.tasks.stop_accepting();
+            return Err(e);
+        }
         Ok(agent)
     }
 
