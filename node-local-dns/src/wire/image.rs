@@ -53,8 +53,9 @@ pub struct ResponseInfo {
 /// A cacheable response: the upstream message without its OPT record, TTL offsets
 /// pre-scanned.
 ///
-/// The header of `bytes` is the upstream's (ARCOUNT less the OPT): [`render`] takes the
-/// rcode and AD bit from it and sets everything else itself.
+/// The header of `bytes` is the upstream's (ARCOUNT less the OPT):
+/// [`render`](fn@crate::wire::render) takes the rcode and AD bit from it and sets everything
+/// else itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireImage {
     /// Header + question + records (OPT removed, ARCOUNT adjusted).
@@ -346,8 +347,6 @@ mod tests {
     use crate::wire::testing::ResponseBuilder;
     use crate::wire::*;
     use proptest::prelude::*;
-
-    // ---- parse_response ----
 
     #[test]
     fn rfc1035_response_basic() {

@@ -226,12 +226,11 @@ pub fn build_query(id: u16, qname: &str, qtype: u16, edns: Option<Edns>, out: &m
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    // The test query option (an `Edns`), not the DO bit that `super::*` brings.
     use crate::wire::test_util::EDNS_DO;
     use crate::wire::test_util::*;
     use crate::wire::*;
     use proptest::prelude::*;
-
-    // ---- parse_query ----
 
     #[test]
     fn rfc1035_query_minimal_parses() {

@@ -129,11 +129,11 @@ pub fn render_error(query: &Query<'_>, rcode: u16, out: &mut Vec<u8>) {
     push_opt(query, (rcode >> 4) as u8, out);
 }
 
-/// Renders a header-only reply with `rcode` to a packet that [`parse_query`] rejected, so a
-/// client gets FORMERR (malformed) or NOTIMP (other opcode) instead of a timeout: ID, OPCODE,
-/// RD and CD echoed, QR=1, RA=1, all counts 0. Returns false and leaves `out` empty when
-/// nothing should be sent: the packet has no complete header or is itself a response (QR=1;
-/// answering those invites loops).
+/// Renders a header-only reply with `rcode` to a packet that
+/// [`parse_query`](crate::wire::parse_query) rejected, so a client gets FORMERR (malformed) or
+/// NOTIMP (other opcode) instead of a timeout: ID, OPCODE, RD and CD echoed, QR=1, RA=1, all
+/// counts 0. Returns false and leaves `out` empty when nothing should be sent: the packet has
+/// no complete header or is itself a response (QR=1; answering those invites loops).
 pub fn render_reject(packet: &[u8], rcode: u8, out: &mut Vec<u8>) -> bool {
     out.clear();
     let (Ok(id), Ok(flags)) = (be16(packet, 0), be16(packet, 2)) else {
@@ -189,8 +189,6 @@ mod tests {
     use crate::wire::testing::ResponseBuilder;
     use crate::wire::*;
     use proptest::prelude::*;
-
-    // ---- render ----
 
     /// The image of `resp` (made for `upstream_query`).
     fn image_of(upstream_query: &[u8], resp: &[u8]) -> WireImage {
