@@ -728,9 +728,9 @@ impl Cache {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::wire::testing::ResponseBuilder;
     use crate::wire::{
         build_query, parse_query, parse_response, rcode, render, rtype, Edns, Rendered,
-        ResponseBuilder,
     };
 
     fn query(name: &str, qtype: u16, edns: Option<Edns>) -> Vec<u8> {

@@ -13,7 +13,8 @@ use node_local_dns::cache::{Policy, ServeStale, StaleMode};
 use node_local_dns::config::Forward;
 use node_local_dns::forward::{Forwarder, ATTEMPTS_PER_UPSTREAM};
 use node_local_dns::server::{bind, Server, Zone};
-use node_local_dns::wire::{build_query, parse_query, rcode, rtype, Edns, ResponseBuilder};
+use node_local_dns::wire::testing::ResponseBuilder;
+use node_local_dns::wire::{build_query, parse_query, rcode, rtype, Edns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 

@@ -46,7 +46,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{ask, ask_tcp, Agent};
-use node_local_dns::wire::{self, ResponseBuilder};
+use node_local_dns::wire;
+use node_local_dns::wire::testing::ResponseBuilder;
 use node_local_dns::wire::{build_query, encode_name, parse_query, rcode, rtype, Edns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};

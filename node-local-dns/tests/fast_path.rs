@@ -11,9 +11,8 @@ use ebpf::dns::{DnsFastPath, Mode, Stats};
 use ebpf::frame;
 use node_local_dns::cache::Key;
 use node_local_dns::fast_path::{kernel_entry, kernel_key};
-use node_local_dns::wire::{
-    self, build_query, parse_query, parse_response, rcode, rtype, Edns, ResponseBuilder,
-};
+use node_local_dns::wire::testing::ResponseBuilder;
+use node_local_dns::wire::{self, build_query, parse_query, parse_response, rcode, rtype, Edns};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

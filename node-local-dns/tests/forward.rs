@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use node_local_dns::config::{Forward, Policy};
 use node_local_dns::forward::{ForwardError, Forwarder};
-use node_local_dns::wire::{build_query, parse_query, parse_response, rtype, ResponseBuilder};
+use node_local_dns::wire::testing::ResponseBuilder;
+use node_local_dns::wire::{build_query, parse_query, parse_response, rtype};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 

@@ -13,9 +13,8 @@ use node_local_dns::cache::Policy;
 use node_local_dns::config::Forward;
 use node_local_dns::forward::Forwarder;
 use node_local_dns::server::{bind, Server, Zone};
-use node_local_dns::wire::{
-    build_query, parse_query, parse_response, rcode, rtype, Edns, ResponseBuilder,
-};
+use node_local_dns::wire::testing::ResponseBuilder;
+use node_local_dns::wire::{build_query, parse_query, parse_response, rcode, rtype, Edns};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};

@@ -11,7 +11,8 @@ use node_local_dns::cache::{Policy, ServeStale, StaleMode};
 use node_local_dns::config::Forward;
 use node_local_dns::forward::Forwarder;
 use node_local_dns::server::{bind, Server, Zone};
-use node_local_dns::wire::{build_query, parse_query, rcode, rtype, ResponseBuilder};
+use node_local_dns::wire::testing::ResponseBuilder;
+use node_local_dns::wire::{build_query, parse_query, rcode, rtype};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 

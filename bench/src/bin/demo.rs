@@ -266,7 +266,8 @@ mod dns {
     use agentkit::Shutdown;
     use anyhow::Context as _;
     use node_local_dns::metrics::rcode_name;
-    use node_local_dns::wire::{self, rcode, rtype, ResponseBuilder};
+    use node_local_dns::wire::testing::ResponseBuilder;
+    use node_local_dns::wire::{self, rcode, rtype};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream, UdpSocket};
     use tokio::task::JoinHandle;

@@ -153,7 +153,7 @@ fn query(id: u16, name: &str, edns: Option<Edns>) -> Vec<u8> {
 /// response, parsed and imaged by the userspace cache, turned into the kernel entry).
 fn cache(path: &mut DnsFastPath, query: &[u8]) -> anyhow::Result<wire::WireImage> {
     let q = parse_query(query).context("parsing our own query")?;
-    let response = wire::ResponseBuilder::new(query)
+    let response = wire::testing::ResponseBuilder::new(query)
         .compress(true)
         .answer(QNAME, rtype::A, 30, &[10, 96, 0, 1])
         .build();

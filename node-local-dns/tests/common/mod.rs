@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node_local_dns::wire::{build_query, parse_query, rcode, rtype, ResponseBuilder};
+use node_local_dns::wire::testing::ResponseBuilder;
+use node_local_dns::wire::{build_query, parse_query, rcode, rtype};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinHandle;
