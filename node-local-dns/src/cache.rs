@@ -55,6 +55,11 @@ impl Key {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// The owned key of bytes that came from a [`KeyBuf`] or a [`Key`].
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Key {
+        Key(bytes.into())
+    }
 }
 
 impl std::borrow::Borrow<[u8]> for Key {

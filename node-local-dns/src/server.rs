@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use crate::cache::{Cache, Key, Kind, Lookup, Policy};
+use crate::cache::{Cache, Key, KeyBuf, Kind, Lookup, Policy};
 use crate::forward::{self, ForwardError, Forwarder};
 use crate::metrics::{CacheOutcome, Metrics, Plugin, ZoneMetrics};
 use crate::wire::{self, Query, WireImage};
@@ -231,7 +231,7 @@ impl Server {
         }
         self.note_loop_probe(&key, name_len);
         let zone = &served.zone;
-        let plugin = match cached(zone, packet, &key, metrics) {
+        let plugin = match cached(zone, packet, key.as_bytes(), metrics) {
             Some((image, ttl)) => {
                 wire::render(&query, &image, ttl, limit, out);
                 Plugin::Cache
@@ -287,12 +287,18 @@ impl Server {
         if query.edns.is_some_and(|e| e.version > 0) {
             return false;
         }
-        let key = Key::of(&query);
+        // On the stack: a hit allocates nothing (tests/hit_alloc.rs).
+        let key = KeyBuf::of(&query);
         let zones = self.zones.load();
         let Some(served) = zone_for(&zones, &key.as_bytes()[..query.qname().len()]) else {
             return false;
         };
-        let Some((image, ttl)) = cached(&served.zone, packet, &key, served.metrics.as_ref()) else {
+        let Some((image, ttl)) = cached(
+            &served.zone,
+            packet,
+            key.as_bytes(),
+            served.metrics.as_ref(),
+        ) else {
             return false;
         };
         wire::render(&query, &image, ttl, query.udp_limit(), out);
@@ -462,7 +468,7 @@ fn answer_chaos(query: &Query<'_>, out: &mut Vec<u8>) {
 fn cached(
     zone: &Arc<Zone>,
     packet: &[u8],
-    key: &Key,
+    key: &[u8],
     metrics: Option<&ZoneMetrics>,
 ) -> Option<(Arc<WireImage>, u32)> {
     let lookup = lock(&zone.cache).lookup(key, Instant::now());
@@ -494,7 +500,7 @@ fn cached(
         }
     }
     if refresh_now {
-        refresh(zone, packet, key.clone());
+        refresh(zone, packet, Key::from_bytes(key));
     }
     Some((image, ttl))
 }
