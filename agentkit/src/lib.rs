@@ -11,6 +11,7 @@ pub mod admin;
 pub mod config;
 pub mod log;
 pub mod reload;
+pub mod rlimit;
 pub mod shutdown;
 pub mod tls;
 
