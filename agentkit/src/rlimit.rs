@@ -61,7 +61,10 @@ mod tests {
         }
         let after = get_nofile().unwrap();
         assert_eq!(after.rlim_cur, after.rlim_max, "soft is the hard limit now");
-        assert_eq!(after.rlim_max, before.rlim_max, "the hard limit is untouched");
+        assert_eq!(
+            after.rlim_max, before.rlim_max,
+            "the hard limit is untouched"
+        );
         // Raising again changes nothing.
         assert_eq!(raise_nofile().unwrap(), (after.rlim_max, after.rlim_max));
     }
