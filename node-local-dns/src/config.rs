@@ -24,9 +24,9 @@ pub const DEFAULT_PORT: u16 = 53;
 /// budget too: node-cache's Corefile has four `forward` blocks, 4000 sockets at most, which is
 /// more than the soft limit of 1024 many runtimes start a process with (hence
 /// `agentkit::rlimit::raise_nofile`) and far below the hard limit (524288 or more under
-/// systemd and the common container runtimes). It is the
-/// value of the stock kube-system CoreDNS Corefile and of AKS LocalDNS. `max_concurrent 0` in
-/// the Corefile opts out (unlimited, CoreDNS's behaviour).
+/// systemd and the common container runtimes). It is the value of the stock kube-system
+/// CoreDNS Corefile and of AKS LocalDNS. `max_concurrent 0` in the Corefile opts out
+/// (unlimited, CoreDNS's behaviour).
 pub const DEFAULT_MAX_CONCURRENT: usize = 1000;
 
 /// A whole Corefile: its server blocks in file order.

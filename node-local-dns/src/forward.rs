@@ -455,8 +455,8 @@ impl Inner {
         let sent = wire::parse_query(packet).map_err(|_| AttemptError::BadQuery)?;
         let socket = udp_socket(upstream.addr).await?;
         socket.send(packet).await?;
-        // Room for the largest datagram, but only the bytes received are ever written: an
-        // attempt waiting on a slow upstream holds address space, not 64 KiB of memory.
+        // Room for the largest datagram, but not zeroed: only the bytes received are written,
+        // so an attempt waiting on a slow upstream does not first fill 64 KiB.
         let mut buf = Vec::with_capacity(wire::MAX_MESSAGE);
         loop {
             buf.clear();

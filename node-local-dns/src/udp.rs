@@ -2,8 +2,9 @@
 //! recvmmsg(2), answers cache hits on the spot and sends the replies in one sendmmsg(2); a
 //! miss is handed to the tokio runtime, which answers it from the same socket when the
 //! upstream has, as long as fewer than [`crate::server::MAX_PENDING_MISSES`] are in progress
-//! and its forwarder has room (else the worker answers REFUSED itself). Batching pays the syscall and wake-up costs once per batch, not once per
-//! query (bench/harness/dns.py measures the result against unbound).
+//! and its forwarder has room (else the worker answers REFUSED itself). Batching pays the
+//! syscall and wake-up costs once per batch, not once per query (bench/harness/dns.py
+//! measures the result against unbound).
 //!
 //! Hand-over (a rolling update with `maxSurge`): both instances bind the same address with
 //! SO_REUSEPORT. The leaving one calls [`steer_to_newest`], which attaches a classic BPF
