@@ -427,6 +427,13 @@ fn a_forward_without_max_concurrent_gets_the_default_and_zero_opts_out() {
 #[test]
 fn random_name_flood_leaves_hits_fast_and_the_process_bounded() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    // Both ends of every socket live in this process: more than a soft limit of 1024 allows.
+    let (_, nofile) = agentkit::rlimit::raise_nofile().unwrap();
+    let needed = DEFAULT_MAX_CONCURRENT + 2 * (MAX_TCP_CONNECTIONS + EXTRA_TCP) + 2 * SLACK_FDS;
+    assert!(
+        nofile >= needed as u64,
+        "open-file limit {nofile}, the test needs {needed}"
+    );
     let rt = runtime();
     let upstream = SlowUpstream::start();
     let listener = Listener::start(&rt, &Forward::new(".".into(), vec![upstream.addr]));
