@@ -11,6 +11,24 @@ use crate::cache;
 /// CoreDNS's default DNS port.
 pub const DEFAULT_PORT: u16 = 53;
 
+/// Upstream queries in flight per `forward` at most when the Corefile does not say
+/// (`max_concurrent`); more are answered REFUSED at once. CoreDNS has no default (unlimited):
+/// this is a deliberate deviation, because without a bound a random-subdomain flood or an
+/// `ndots:5` storm grows tasks and sockets until the process runs out of descriptors, and then
+/// cached names fail too.
+///
+/// Why 1000: CoreDNS's sizing rule is "more than the upstream query rate times its latency";
+/// 1000 covers 10 000 misses/s at 100 ms, or 2 000/s at 500 ms, far beyond what one node's
+/// pods cause when nothing is wrong. Each query in flight holds one UDP socket (or a share of
+/// a pooled TCP connection), a task and its buffers, so the cap is a descriptor and memory
+/// budget too: node-cache's Corefile has four `forward` blocks, 4000 sockets at most, which is
+/// more than the soft limit of 1024 many runtimes start a process with (hence
+/// `agentkit::process::raise_nofile`) and far below the hard limit (524288 or more under
+/// systemd and the common container runtimes). It is the value of the stock kube-system
+/// CoreDNS Corefile and of AKS LocalDNS. `max_concurrent 0` in the Corefile opts out
+/// (unlimited, CoreDNS's behaviour).
+pub const DEFAULT_MAX_CONCURRENT: usize = 1000;
+
 /// A whole Corefile: its server blocks in file order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -123,13 +141,16 @@ pub struct Forward {
     /// `policy`.
     pub policy: Policy,
     /// `max_concurrent`: in-flight upstream queries at most; more are answered REFUSED.
+    /// [`DEFAULT_MAX_CONCURRENT`] unless the Corefile says; None (`max_concurrent 0`):
+    /// unlimited.
     pub max_concurrent: Option<usize>,
     /// `read_timeout`-like per-attempt timeout (CoreDNS 2 s).
     pub attempt_timeout: Duration,
 }
 
 impl Forward {
-    /// CoreDNS's defaults for `forward FROM TO...`.
+    /// CoreDNS's defaults for `forward FROM TO...`, except `max_concurrent`, which is
+    /// [`DEFAULT_MAX_CONCURRENT`] (CoreDNS: unlimited). The Corefile parser starts from this.
     pub fn new(from: String, to: Vec<SocketAddr>) -> Self {
         Forward {
             from,
@@ -143,7 +164,7 @@ impl Forward {
             health_check_no_rec: false,
             health_check_domain: ".".to_owned(),
             policy: Policy::Random,
-            max_concurrent: None,
+            max_concurrent: Some(DEFAULT_MAX_CONCURRENT),
             attempt_timeout: Duration::from_secs(2),
         }
     }

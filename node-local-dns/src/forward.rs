@@ -11,8 +11,12 @@
 //! `attempt_timeout` and the whole query by [`OVERALL_TIMEOUT`]. Consecutive failures mark an
 //! upstream down after `max_fails`; from the first failure on a probe (`<domain> IN NS`) runs
 //! every `health_check` until the upstream answers anything at all. With every upstream down a
-//! random one is asked anyway. `max_concurrent` bounds the queries in flight; above it the
-//! caller gets [`ForwardError::Overloaded`] at once (and answers REFUSED, as CoreDNS does).
+//! random one is asked anyway. `max_concurrent` bounds the queries in flight (by default
+//! [`config::DEFAULT_MAX_CONCURRENT`], where CoreDNS has no bound); above it the caller gets
+//! [`ForwardError::Overloaded`] at once (and answers REFUSED, as CoreDNS does). That cap is
+//! also what bounds the sockets: every UDP attempt binds a fresh one (a random source port)
+//! and holds it until its answer or its deadline, and a TCP query past the pool opens a
+//! connection of its own.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -231,6 +235,24 @@ impl Forwarder {
         }
     }
 
+    /// Whether a new upstream query would be turned away now (`max_concurrent` queries in
+    /// flight); if so, it is counted as a reject, as [`Forwarder::forward`] would have. Lets a
+    /// caller answer REFUSED without starting anything.
+    pub fn reject_if_full(&self) -> bool {
+        let inner = &*self.inner;
+        let full = !inner.upstreams.is_empty()
+            && inner
+                .max_concurrent
+                .is_some_and(|max| inner.inflight.load(Ordering::Acquire) >= max);
+        if full {
+            inner
+                .counters
+                .max_concurrent_rejects
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        full
+    }
+
     /// Asks the upstreams about `query`'s question. `client_tcp`: the client asked over TCP
     /// (then so do we, unless `prefer_udp`).
     pub async fn forward(
@@ -239,13 +261,14 @@ impl Forwarder {
         client_tcp: bool,
     ) -> Result<Exchange, ForwardError> {
         let inner = &*self.inner;
+        let n = inner.upstreams.len();
+        if n == 0 {
+            // A block without `forward`: nothing to ask, and nothing to count against the cap.
+            return Err(ForwardError::NoAnswer);
+        }
         let Some(_slot) = inner.admit() else {
             return Err(ForwardError::Overloaded);
         };
-        let n = inner.upstreams.len();
-        if n == 0 {
-            return Err(ForwardError::NoAnswer);
-        }
         let tcp = inner.force_tcp || (client_tcp && !inner.prefer_udp);
         let deadline = Instant::now() + OVERALL_TIMEOUT;
         let order = inner.order();
@@ -432,14 +455,16 @@ impl Inner {
         let sent = wire::parse_query(packet).map_err(|_| AttemptError::BadQuery)?;
         let socket = udp_socket(upstream.addr).await?;
         socket.send(packet).await?;
-        let mut buf = vec![0u8; wire::MAX_MESSAGE];
+        // Room for the largest datagram, but not zeroed: only the bytes received are written,
+        // so an attempt waiting on a slow upstream does not first fill 64 KiB.
+        let mut buf = Vec::with_capacity(wire::MAX_MESSAGE);
         loop {
-            let n = timeout_at(deadline, socket.recv(&mut buf))
+            buf.clear();
+            timeout_at(deadline, socket.recv_buf(&mut buf))
                 .await
                 .map_err(|_| AttemptError::Timeout)??;
             // Only a response to this very question counts; spoofs and strays are dropped.
-            if wire::parse_response(&sent, &buf[..n]).is_ok() {
-                buf.truncate(n);
+            if wire::parse_response(&sent, &buf).is_ok() {
                 return Ok(buf);
             }
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);

@@ -128,6 +128,12 @@ pub struct Metrics {
     pub upstream_dropped: IntCounter,
     /// Queries answered REFUSED because `max_concurrent` was reached.
     pub overloaded: IntCounter,
+    /// UDP queries answered REFUSED at once because the listener had
+    /// `server::MAX_PENDING_MISSES` misses waiting already.
+    pub misses_refused: IntCounter,
+    /// DNS TCP connections closed at once because the listener had
+    /// `server::MAX_TCP_CONNECTIONS` open.
+    pub tcp_refused: IntCounter,
     /// Config reloads by result.
     pub reloads: IntCounterVec,
     /// What the kernel fast path did with packets, by result (`hit`, `miss`, `expired`, ...).
@@ -306,6 +312,16 @@ impl Metrics {
                 registry,
                 "node_local_dns_overloaded_total",
                 "Queries answered REFUSED at once because max_concurrent upstream queries were in flight.",
+            )?,
+            misses_refused: counter(
+                registry,
+                "node_local_dns_misses_refused_total",
+                "UDP queries answered REFUSED at once because the listener had too many misses waiting for upstreams.",
+            )?,
+            tcp_refused: counter(
+                registry,
+                "node_local_dns_tcp_connections_refused_total",
+                "DNS TCP connections closed at once because the listener had too many open.",
             )?,
             reloads: counter_vec(
                 registry,

@@ -2,12 +2,19 @@
 //! receiving task without an allocation beyond the reply; a miss joins the single flight for
 //! its key: N concurrent identical misses cause one upstream query, whose answer every waiter
 //! renders with its own ID and question bytes.
+//!
+//! Everything a query can make the server hold is bounded: upstream queries by the
+//! forwarder's `max_concurrent`, waiters per key by [`MAX_WAITERS_PER_KEY`], UDP misses being
+//! answered per listener by [`MAX_PENDING_MISSES`], TCP connections per listener by
+//! [`MAX_TCP_CONNECTIONS`], each with one query in flight and a deadline on every read
+//! ([`TCP_IDLE`]) and every write ([`TCP_WRITE_TIMEOUT`]). Past a bound the answer is
+//! immediate (REFUSED, SERVFAIL, or a closed connection), never a queue.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -23,6 +30,34 @@ use crate::wire::{self, Query, WireImage};
 
 /// Waiters on one in-flight key, at most; more get SERVFAIL instead of queueing forever.
 pub const MAX_WAITERS_PER_KEY: usize = 4096;
+
+/// UDP queries of one listener being answered off the hit path at once (each is a task
+/// waiting for its upstream query or the one it joined), at most; past it a query is
+/// answered REFUSED on the spot, from the receiving thread. It bounds what the forwarder's
+/// cap does not: waiters on queries already in flight (up to [`MAX_WAITERS_PER_KEY`] per key),
+/// and blocks whose `forward` has `max_concurrent 0`. Four times the default
+/// `max_concurrent` ([`crate::config::DEFAULT_MAX_CONCURRENT`]), so a full forwarder still
+/// leaves room for coalesced waiters. `tests/flood.rs` measured 10 to 12 KiB of memory per
+/// upstream query in flight (its two tasks and buffers); a waiter is one task and two small
+/// buffers.
+pub const MAX_PENDING_MISSES: usize = 4096;
+
+/// Open DNS TCP connections per listener, at most. DNS over TCP from pods is the exception
+/// (truncated answers, `use-vc`): one connection per retried query, closed by the client after
+/// its answer. Past the cap a new connection is accepted and closed at once (counted in
+/// `node_local_dns_tcp_connections_refused_total`) rather than left in the kernel's accept
+/// queue: the client learns at once and retries or falls back, instead of waiting out a
+/// connect timeout behind connections that may never send anything.
+pub const MAX_TCP_CONNECTIONS: usize = 256;
+
+/// TCP connections without a query for this long are closed; also the bound on reading the
+/// rest of a query once its length came.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Writing one reply on a TCP connection takes at most this long; a client that does not read
+/// its replies loses the connection. 5 s is the default timeout of stub resolvers
+/// (`resolv.conf` `timeout:5`): a client that has not taken its answer by then has given up.
+pub const TCP_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One zone of a server block: a cache and the upstreams behind it.
 #[derive(Debug)]
@@ -114,6 +149,18 @@ struct Shared {
     loop_armed: AtomicBool,
     /// Open TCP client connections.
     tcp_open: AtomicUsize,
+    /// UDP queries being answered off the hit path ([`MAX_PENDING_MISSES`]).
+    pending_misses: AtomicUsize,
+}
+
+/// One UDP query's claim on its listener's [`MAX_PENDING_MISSES`]; given back when dropped.
+#[derive(Debug)]
+pub struct MissPermit(Arc<Shared>);
+
+impl Drop for MissPermit {
+    fn drop(&mut self) {
+        self.0.pending_misses.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// CoreDNS's `loop`: the probe seen this often means the query came back to us.
@@ -267,14 +314,128 @@ impl Server {
                 let _ = socket.send_to(&out, peer).await;
                 continue;
             }
+            if self.try_refuse_overloaded(packet, &mut out) {
+                let _ = socket.send_to(&out, peer).await;
+                continue;
+            }
+            let Some(permit) = self.admit_miss() else {
+                if self.refuse_busy(packet, &mut out) {
+                    let _ = socket.send_to(&out, peer).await;
+                }
+                continue;
+            };
             let (server, socket, packet) = (self.clone(), Arc::clone(&socket), packet.to_vec());
             tokio::spawn(async move {
+                let _permit = permit;
                 let mut out = Vec::with_capacity(512);
                 if server.answer(&packet, true, &mut out).await {
                     let _ = socket.send_to(&out, peer).await;
                 }
             });
         }
+    }
+
+    /// A claim on one of the listener's [`MAX_PENDING_MISSES`], to be held by the task that
+    /// answers a UDP query off the hit path; None when all are taken (then
+    /// [`Server::refuse_busy`] answers).
+    pub fn admit_miss(&self) -> Option<MissPermit> {
+        let before = self.shared.pending_misses.fetch_add(1, Ordering::AcqRel);
+        let permit = MissPermit(Arc::clone(&self.shared));
+        (before < MAX_PENDING_MISSES).then_some(permit)
+    }
+
+    /// Answers a UDP query that [`Server::admit_miss`] turned away: REFUSED at once (or
+    /// FORMERR/NOTIMP, as [`Server::answer`] would), counted in
+    /// `node_local_dns_misses_refused_total`. Returns false when nothing should be sent.
+    pub fn refuse_busy(&self, packet: &[u8], out: &mut Vec<u8>) -> bool {
+        let start = Instant::now();
+        if let Some(m) = &self.shared.metrics {
+            m.misses_refused.inc();
+        }
+        let query = match wire::parse_query(packet) {
+            Ok(q) => q,
+            Err(wire::WireError::NotQuery) => {
+                return wire::render_reject(packet, wire::rcode::NOTIMP, out)
+            }
+            Err(_) => return wire::render_reject(packet, wire::rcode::FORMERR, out),
+        };
+        wire::render_error(&query, u16::from(wire::rcode::REFUSED), out);
+        let key = Key::of(&query);
+        let zones = self.zones.load();
+        if let Some(m) = zone_for(&zones, &key.as_bytes()[..query.qname().len()])
+            .and_then(|served| served.metrics.as_ref())
+        {
+            self.count_refused(m, &query, false, out.len(), start);
+        }
+        true
+    }
+
+    /// Answers a UDP query REFUSED on the spot, without a task, when it would have to start
+    /// an upstream query its zone's forwarder has no room for: `max_concurrent` queries in
+    /// flight, none for its key to join, and no serve-stale to fall back on. That is what
+    /// [`Server::answer`] would reply a moment later; answered here, a flood of new names
+    /// past the cap costs the receiving thread a parse per query and the runtime nothing.
+    /// Counted like the forwarder's own refusals. Returns false for everything else.
+    pub fn try_refuse_overloaded(&self, packet: &[u8], out: &mut Vec<u8>) -> bool {
+        let start = Instant::now();
+        let Ok(query) = wire::parse_query(packet) else {
+            return false;
+        };
+        if query.edns.is_some_and(|e| e.version > 0) || query.qclass == CLASS_CHAOS {
+            return false;
+        }
+        let key = Key::of(&query);
+        let name_len = query.qname().len();
+        let zones = self.zones.load();
+        let Some(served) = zone_for(&zones, &key.as_bytes()[..name_len]) else {
+            return false;
+        };
+        let zone = &served.zone;
+        if lock(&zone.cache).policy().serve_stale.is_some()
+            || lock(&zone.inflight).contains_key(&key)
+            || !zone.forwarder.reject_if_full()
+        {
+            return false;
+        }
+        self.note_loop_probe(&key, name_len);
+        if let Some(m) = &zone.metrics {
+            m.overloaded.inc();
+        }
+        wire::render_error(&query, u16::from(wire::rcode::REFUSED), out);
+        if let Some(m) = &served.metrics {
+            self.count_refused(m, &query, true, out.len(), start);
+        }
+        true
+    }
+
+    /// Counts a UDP query answered REFUSED by the server itself (`miss`: after a cache miss).
+    fn count_refused(
+        &self,
+        m: &ZoneMetrics,
+        query: &Query<'_>,
+        miss: bool,
+        len: usize,
+        start: Instant,
+    ) {
+        let edns = query.edns;
+        m.request(
+            false,
+            self.shared.v6,
+            query.qtype,
+            edns.map_or(wire::CLASSIC_UDP_SIZE, |e| e.udp_size),
+            edns.is_some_and(|e| e.dnssec_ok),
+        );
+        if miss {
+            m.cache(CacheOutcome::Miss);
+        }
+        m.response(
+            false,
+            query.qtype,
+            wire::rcode::REFUSED,
+            Plugin::Server,
+            len,
+            start.elapsed(),
+        );
     }
 
     /// Answers a UDP query into `out` if no upstream is needed (a live or stale hit) and
@@ -325,7 +486,9 @@ impl Server {
     }
 
     /// Serves TCP on `listener` until the task is dropped: length-prefixed messages, answered
-    /// in order, the connection closed after 10 s without a query.
+    /// in order (one query in flight per connection), the connection closed after
+    /// [`TCP_IDLE`] without a query or when a reply cannot be written within
+    /// [`TCP_WRITE_TIMEOUT`]; at most [`MAX_TCP_CONNECTIONS`] open, more are closed at once.
     pub async fn serve_tcp(self, listener: TcpListener) {
         self.serve_tcp_shared(Arc::new(listener)).await;
     }
@@ -334,7 +497,8 @@ impl Server {
     pub async fn serve_tcp_shared(self, listener: Arc<TcpListener>) {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                // Out of descriptors, most likely: give connections in progress a moment.
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
             self.spawn_tcp(stream);
@@ -351,9 +515,20 @@ impl Server {
         }
     }
 
+    /// Serves one accepted connection on its own task, or closes it at once when
+    /// [`MAX_TCP_CONNECTIONS`] are open.
     fn spawn_tcp(&self, stream: TcpStream) {
         let server = self.clone();
-        server.shared.tcp_open.fetch_add(1, Ordering::AcqRel);
+        let open = server.shared.tcp_open.fetch_add(1, Ordering::AcqRel);
+        if open >= MAX_TCP_CONNECTIONS {
+            server.shared.tcp_open.fetch_sub(1, Ordering::AcqRel);
+            if let Some(m) = &server.shared.metrics {
+                m.tcp_refused.inc();
+            }
+            debug!(open, "dns tcp connection refused: too many open");
+            drop(stream);
+            return;
+        }
         tokio::spawn(async move {
             let peer = stream.peer_addr().ok();
             if let Err(error) = server.tcp_connection(stream).await {
@@ -363,10 +538,11 @@ impl Server {
         });
     }
 
-    /// Whether TCP connections are open or upstream queries are in flight (a leaving
-    /// instance waits for them).
+    /// Whether TCP connections are open, UDP misses are being answered or upstream queries
+    /// are in flight (a leaving instance waits for them).
     pub fn busy(&self) -> bool {
         self.shared.tcp_open.load(Ordering::Acquire) > 0
+            || self.shared.pending_misses.load(Ordering::Acquire) > 0
             || self
                 .zones
                 .load()
@@ -389,14 +565,13 @@ impl Server {
                 let mut framed = Vec::with_capacity(out.len() + 2);
                 framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
                 framed.extend_from_slice(&out);
-                stream.write_all(&framed).await?;
+                tokio::time::timeout(TCP_WRITE_TIMEOUT, stream.write_all(&framed))
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             }
         }
     }
 }
-
-/// TCP connections without a query for this long are closed.
-const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the cache inconsistent in a way that matters
@@ -553,9 +728,10 @@ async fn fetch(zone: Arc<Zone>, packet: Vec<u8>, key: Key, client_tcp: bool) {
         Ok(query) => exchange(&zone, &query, &key, client_tcp).await,
         Err(_) => Outcome::Failed,
     };
-    if matches!(outcome, Outcome::Failed) {
+    if matches!(outcome, Outcome::Failed | Outcome::Overloaded) {
         // Tell the entry, also when nobody waits (a prefetch or stale refresh): else it stays
-        // "refreshing" and is never refreshed again (RFC 8767 failure recheck).
+        // "refreshing" and is never refreshed again (RFC 8767 failure recheck). A refresh
+        // turned away by `max_concurrent` failed too, and waits for the recheck like one.
         lock(&zone.cache).stale_on_failure(&key, Instant::now());
     }
     let waiters = lock(&zone.inflight).remove(&key).unwrap_or_default();
@@ -619,10 +795,17 @@ fn deliver(
             wire::render_uncached(query, &response, limit, out);
             Plugin::Forward
         }
-        Outcome::Overloaded => {
-            wire::render_error(query, u16::from(wire::rcode::REFUSED), out);
-            Plugin::Server
-        }
+        Outcome::Overloaded => match lock(&zone.cache).stale_on_failure(key, Instant::now()) {
+            // Serve-stale answers overload like any upstream failure; else REFUSED at once.
+            Some((image, ttl)) => {
+                wire::render(query, &image, ttl, limit, out);
+                Plugin::Cache
+            }
+            None => {
+                wire::render_error(query, u16::from(wire::rcode::REFUSED), out);
+                Plugin::Server
+            }
+        },
         Outcome::Failed => match lock(&zone.cache).stale_on_failure(key, Instant::now()) {
             Some((image, ttl)) => {
                 wire::render(query, &image, ttl, limit, out);

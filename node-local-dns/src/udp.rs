@@ -1,8 +1,10 @@
 //! The UDP hot path: one thread per listening socket reads queries in batches with
 //! recvmmsg(2), answers cache hits on the spot and sends the replies in one sendmmsg(2); a
 //! miss is handed to the tokio runtime, which answers it from the same socket when the
-//! upstream has. Batching pays the syscall and wake-up costs once per batch, not once per
-//! query (bench/harness/dns.py measures the result against unbound).
+//! upstream has, as long as fewer than [`crate::server::MAX_PENDING_MISSES`] are in progress
+//! and its forwarder has room (else the worker answers REFUSED itself). Batching pays the
+//! syscall and wake-up costs once per batch, not once per query (bench/harness/dns.py
+//! measures the result against unbound).
 //!
 //! Hand-over (a rolling update with `maxSurge`): both instances bind the same address with
 //! SO_REUSEPORT. The leaving one calls [`steer_to_newest`], which attaches a classic BPF
@@ -118,8 +120,24 @@ fn worker(
                 replies += 1;
                 continue;
             }
+            // A miss its forwarder has no room for is REFUSED from here, in this batch; any
+            // other gets a task on the runtime, within the listener's bound of misses in
+            // progress (past it: REFUSED from here too).
+            if server.try_refuse_overloaded(packet, &mut out) {
+                batch.set_reply(replies, i, &out);
+                replies += 1;
+                continue;
+            }
+            let Some(permit) = server.admit_miss() else {
+                if server.refuse_busy(packet, &mut out) {
+                    batch.set_reply(replies, i, &out);
+                    replies += 1;
+                }
+                continue;
+            };
             let (server, socket, packet) = (server.clone(), Arc::clone(socket), packet.to_vec());
             runtime.spawn(async move {
+                let _permit = permit;
                 let mut out = Vec::with_capacity(512);
                 if server.answer(&packet, true, &mut out).await {
                     let _ = socket.send_to_with_flags(&out, &peer, libc::MSG_DONTWAIT);
