@@ -613,3 +613,57 @@ fn prefetch_percentage(cache: &Mutex<Cache>) -> Option<u8> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn labels(zone: usize, qtype: u16, rcode: u8) -> Labels {
+        Labels { zone, qtype, rcode }
+    }
+
+    fn state() -> CountersState {
+        CountersState {
+            slots: (0..ZONES_MAX).map(|_| None).collect(),
+            ..CountersState::default()
+        }
+    }
+
+    #[test]
+    fn entries_with_the_same_labels_share_a_slot() {
+        let mut s = state();
+        let a = s.acquire(labels(0, 1, 0)).unwrap();
+        assert_eq!(s.acquire(labels(0, 1, 0)), Some(a));
+        let b = s.acquire(labels(0, 28, 0)).unwrap();
+        let c = s.acquire(labels(0, 1, 3)).unwrap();
+        let d = s.acquire(labels(1, 1, 0)).unwrap();
+        let mut all = vec![a, b, c, d];
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 4, "type, rcode and zone each get their own slot");
+        assert_eq!(s.slots[usize::from(a)].as_ref().unwrap().live, 2);
+    }
+
+    #[test]
+    fn a_slot_is_reused_only_when_its_last_entry_left() {
+        let mut s = state();
+        let first = s.acquire(labels(0, 1, 0)).unwrap();
+        for qtype in 1..ZONES_MAX as u16 {
+            assert!(s.acquire(labels(1, qtype, 0)).is_some());
+        }
+        assert_eq!(
+            s.acquire(labels(2, 1, 0)),
+            None,
+            "all 64 in use: left to userspace"
+        );
+        s.release(first);
+        assert_eq!(
+            s.acquire(labels(2, 1, 0)),
+            Some(first),
+            "the freed slot counts the new labels"
+        );
+        s.reset();
+        assert!(s.slots.iter().all(Option::is_none));
+    }
+}

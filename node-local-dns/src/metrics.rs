@@ -713,6 +713,37 @@ mod tests {
     }
 
     #[test]
+    fn kernel_answers_count_as_udp_requests_and_cache_responses() {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let zone = metrics.zone("dns://169.254.20.10:53", "cluster.local.");
+        zone.kernel_answers(false, rtype::A, 0, 5, 0);
+        zone.kernel_answers(false, rtype::AAAA, 3, 0, 2);
+        zone.kernel_answers(true, rtype::A, 9, 1, 0);
+        let t = text(&registry);
+        for line in [
+            r#"coredns_dns_requests_total{family="1",proto="udp",server="dns://169.254.20.10:53",type="A",view="",zone="cluster.local."} 5"#,
+            r#"coredns_dns_requests_total{family="1",proto="udp",server="dns://169.254.20.10:53",type="AAAA",view="",zone="cluster.local."} 2"#,
+            r#"coredns_dns_requests_total{family="2",proto="udp",server="dns://169.254.20.10:53",type="A",view="",zone="cluster.local."} 1"#,
+            r#"coredns_dns_responses_total{plugin="cache",rcode="NOERROR",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 5"#,
+            r#"coredns_dns_responses_total{plugin="cache",rcode="NXDOMAIN",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 2"#,
+            r#"coredns_dns_responses_total{plugin="cache",rcode="NOTAUTH",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 1"#,
+            r#"coredns_cache_hits_total{server="dns://169.254.20.10:53",type="success",view="",zones="cluster.local."} 6"#,
+            r#"coredns_cache_hits_total{server="dns://169.254.20.10:53",type="denial",view="",zones="cluster.local."} 2"#,
+            r#"coredns_cache_requests_total{server="dns://169.254.20.10:53",view="",zones="cluster.local."} 8"#,
+            r#"node_local_dns_fast_path_responses_total{rcode="NXDOMAIN",server="dns://169.254.20.10:53",type="AAAA",zone="cluster.local."} 2"#,
+        ] {
+            assert!(t.contains(line), "missing {line}\n{t}");
+        }
+        assert!(
+            t.lines()
+                .filter(|l| l.starts_with("coredns_dns_request_duration_seconds_count{"))
+                .all(|l| l.ends_with(" 0")),
+            "the kernel does not time its answers"
+        );
+    }
+
+    #[test]
     fn setup_errors_start_at_zero_for_every_type() {
         let registry = Registry::new();
         let setup = SetupMetrics::new(&registry).unwrap();
