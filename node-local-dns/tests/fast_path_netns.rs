@@ -279,6 +279,20 @@ async fn fast_path_end_to_end(mode: Mode) {
     agent.wait_serving().await;
     let log = agent.log();
     assert!(log.contains("fast path attached"), "{log}");
+    if mode == Mode::Xdp {
+        // The self-test: the program read back on vh0, the pod's end able to take XDP_TX.
+        assert!(log.contains("XDP_TX replies can reach the pod"), "{log}");
+        assert!(!log.contains("attaching at tc instead"), "{log}");
+        let link = run("ip", &["-n", t.node.name(), "link", "show", "vh0"]);
+        assert!(link.contains(" xdp"), "XDP on vh0: {link}");
+    }
+    assert_eq!(
+        gauge(
+            &t.metrics(),
+            "node_local_dns_fast_path_xdp_fallback_interfaces"
+        ),
+        0
+    );
 
     let name = "api.fast.test.";
     assert_answer(
