@@ -892,7 +892,7 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
             _ = sync.tick() => agent.ensure_interception(),
             _ = mirror_tick.tick(), if agent.fast_path.is_some() => {
                 mirror_ticks = mirror_ticks.wrapping_add(1);
-                // Counters and re-attach attempts once a second; map updates every tick.
+                // Re-attach attempts and XDP rechecks once a second; map updates every tick.
                 tokio::task::block_in_place(|| agent.sync_fast_path(mirror_ticks % 10 == 0));
             }
             _ = ready_tick.tick() => {
