@@ -12,7 +12,7 @@
 //! Bounded size: `dns_cache` is an LRU hash, so when it is full the kernel drops the entry
 //! least recently answered, and hot entries stay.
 
-use std::{fmt, net::IpAddr, os::fd::BorrowedFd, time::Duration};
+use std::{fmt, net::IpAddr, os::fd::BorrowedFd, sync::Arc, time::Duration};
 
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
@@ -24,7 +24,7 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 
-use crate::{test_run, Error, Result};
+use crate::{link, test_run, Error, Result};
 
 /// Longest qname mirrored, in wire form with the root label (`DNS_NAME_MAX`).
 pub const NAME_MAX: usize = 128;
@@ -315,6 +315,83 @@ impl std::str::FromStr for Mode {
     }
 }
 
+/// How an XDP program runs on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// In the driver (`XDP_FLAGS_DRV_MODE`): `XDP_TX` hands the frame to the driver's own
+    /// transmit, which for a veth is the peer's NAPI queue.
+    Native,
+    /// Generic (`XDP_FLAGS_SKB_MODE`): `XDP_TX` transmits the skb through the device's normal
+    /// xmit, which delivers into a veth's peer with or without NAPI.
+    Generic,
+}
+
+/// Whether an `XDP_TX` reply from an XDP program attached (natively) to an interface reaches
+/// the other end: see [`xdp_tx_delivery`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XdpTx {
+    /// It does; the reason says how we know.
+    Delivers(String),
+    /// It does not, or we cannot tell: the reason says which, for the operator.
+    Cannot(String),
+}
+
+/// Whether `XDP_TX` from a native XDP program on `interface` can deliver, as far as this
+/// namespace can see.
+///
+/// Linux (`drivers/net/veth.c`): a veth in native XDP mode transmits an `XDP_TX` frame by
+/// putting it on the *peer's* XDP ring (`veth_xdp_xmit`), which only the peer's NAPI drains,
+/// and it wakes that NAPI only if the peer has an XDP program (`veth_xdp_flush` checks the
+/// peer queue's `xdp_prog`). Without NAPI the frame is dropped (counted only as tx drops on
+/// the host end); with NAPI from GRO but no program it waits in the ring until something
+/// else wakes the peer: `ebpf/tests/xdp_tx.rs` shows both on this kernel (6.18). So a veth
+/// delivers only if its peer, read over rtnetlink (`IFLA_LINK`, `IFLA_LINK_NETNSID`,
+/// `IFLA_TARGET_NETNSID`, no need to enter the pod's namespace), is up and has a native XDP
+/// program. Anything that cannot be read counts as "cannot" (the safe side). Other drivers
+/// (NICs) transmit `XDP_TX` themselves and are not checked.
+pub fn xdp_tx_delivery(interface: &str) -> XdpTx {
+    let link = match link::by_name(interface) {
+        Ok(l) => l,
+        Err(e) => return XdpTx::Cannot(format!("{interface} cannot be read over rtnetlink: {e}")),
+    };
+    if link.kind.as_deref() != Some("veth") {
+        return XdpTx::Delivers(format!(
+            "{interface} is not a veth (kind {}): XDP_TX goes to its driver's transmit",
+            link.kind.as_deref().unwrap_or("none")
+        ));
+    }
+    let Some(peer_index) = link.link.filter(|&i| i != 0) else {
+        return XdpTx::Cannot(format!("{interface} is a veth whose peer is unknown"));
+    };
+    let nsid = link.link_netnsid;
+    let place = match nsid {
+        Some(id) => format!("ifindex {peer_index} in the namespace with id {id}"),
+        None => format!("ifindex {peer_index} in this namespace"),
+    };
+    let peer = match link::by_index(peer_index, nsid) {
+        Ok(p) => p,
+        Err(e) => {
+            return XdpTx::Cannot(format!(
+                "the peer of veth {interface} ({place}) cannot be read: {e}"
+            ))
+        }
+    };
+    let name = &peer.name;
+    if !peer.up {
+        return XdpTx::Cannot(format!(
+            "the peer of veth {interface} ({name}, {place}) is down"
+        ));
+    }
+    if peer.xdp_drv_prog.is_some() {
+        return XdpTx::Delivers(format!(
+            "the peer of veth {interface} ({name}, {place}) has a native XDP program, which gives it NAPI and wakes it"
+        ));
+    }
+    XdpTx::Cannot(format!(
+        "the peer of veth {interface} ({name}, {place}) has no native XDP program, so XDP_TX replies are dropped or left in its ring (GRO alone does not wake it)"
+    ))
+}
+
 /// What the programs did with packets, summed over CPUs (the `dns_stats` counters).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -353,13 +430,69 @@ impl Stats {
     }
 }
 
+/// The programs' per-CPU counters (`dns_stats`, `dns_zone_hits`), readable from any thread
+/// while the owner keeps changing the cache map: [`DnsFastPath::counters`] hands out a shared
+/// handle, so that a metrics scrape reads the kernel's counts itself (one bpf syscall per
+/// counter) instead of waiting for the owner.
+pub struct DnsCounters {
+    stats: PerCpuArray<MapData, u64>,
+    zone_hits: PerCpuArray<MapData, u64>,
+}
+
+impl fmt::Debug for DnsCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DnsCounters").finish_non_exhaustive()
+    }
+}
+
+impl DnsCounters {
+    /// The packet counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats> {
+        let mut sums = [0u64; 8];
+        for (index, sum) in sums.iter_mut().enumerate() {
+            let values = self
+                .stats
+                .get(&(index as u32), 0)
+                .map_err(|source| Error::Map {
+                    what: "reading dns_stats",
+                    source,
+                })?;
+            *sum = values.iter().sum();
+        }
+        let [hit, miss, expired, not_local, unsupported, malformed, too_big, error] = sums;
+        Ok(Stats {
+            hit,
+            miss,
+            expired,
+            not_local,
+            unsupported,
+            malformed,
+            too_big,
+            error,
+        })
+    }
+
+    /// Kernel hits counted under `zone` (below [`ZONES_MAX`]: the entry's `zone` byte, which
+    /// the owner chooses), summed over CPUs: (success, denial).
+    pub fn zone_hits(&self, zone: u8) -> Result<(u64, u64)> {
+        let read = |slot: u32| -> Result<u64> {
+            let values = self.zone_hits.get(&slot, 0).map_err(|source| Error::Map {
+                what: "reading dns_zone_hits",
+                source,
+            })?;
+            Ok(values.iter().sum())
+        };
+        let slot = 2 * u32::from(zone);
+        Ok((read(slot)?, read(slot + 1)?))
+    }
+}
+
 /// The loaded programs and their maps. Dropping it detaches every attachment.
 pub struct DnsFastPath {
     ebpf: Ebpf,
     cache: HashMap<MapData, DnsKey, DnsEntry>,
     locals: HashMap<MapData, DnsLocal, u32>,
-    stats: PerCpuArray<MapData, u64>,
-    zone_hits: PerCpuArray<MapData, u64>,
+    counters: Arc<DnsCounters>,
     capacity: u32,
     xdp_links: Vec<(String, XdpLinkId)>,
     tc_links: Vec<(String, SchedClassifierLinkId)>,
@@ -418,14 +551,16 @@ impl DnsFastPath {
                 what: "dns_locals",
                 source,
             })?,
-            stats: PerCpuArray::try_from(stats).map_err(|source| Error::Map {
-                what: "dns_stats",
-                source,
-            })?,
-            zone_hits: PerCpuArray::try_from(zone_hits).map_err(|source| Error::Map {
-                what: "dns_zone_hits",
-                source,
-            })?,
+            counters: Arc::new(DnsCounters {
+                stats: PerCpuArray::try_from(stats).map_err(|source| Error::Map {
+                    what: "dns_stats",
+                    source,
+                })?,
+                zone_hits: PerCpuArray::try_from(zone_hits).map_err(|source| Error::Map {
+                    what: "dns_zone_hits",
+                    source,
+                })?,
+            }),
             ebpf,
             capacity: capacity.max(1),
             xdp_links: Vec::new(),
@@ -490,6 +625,63 @@ impl DnsFastPath {
         let xdp = self.xdp_links.iter().map(|(i, _)| (i.clone(), Mode::Xdp));
         let tc = self.tc_links.iter().map(|(i, _)| (i.clone(), Mode::Tc));
         xdp.chain(tc).collect()
+    }
+
+    /// Detaches from `interface` in `mode`; false if it was not attached so.
+    pub fn detach(&mut self, interface: &str, mode: Mode) -> Result<bool> {
+        let what = || format!("detaching {} from {interface}", mode.program());
+        match mode {
+            Mode::Xdp => {
+                let Some(at) = self.xdp_links.iter().position(|(i, _)| i == interface) else {
+                    return Ok(false);
+                };
+                let (_, id) = self.xdp_links.remove(at);
+                let program: &mut Xdp = self.program_mut(mode)?;
+                program.detach(id).map_err(|source| Error::Program {
+                    what: what(),
+                    source,
+                })?;
+            }
+            Mode::Tc => {
+                let Some(at) = self.tc_links.iter().position(|(i, _)| i == interface) else {
+                    return Ok(false);
+                };
+                let (_, id) = self.tc_links.remove(at);
+                let program: &mut SchedClassifier = self.program_mut(mode)?;
+                program.detach(id).map_err(|source| Error::Program {
+                    what: what(),
+                    source,
+                })?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// How the kernel reports `dns_xdp` attached to `interface` (read back over rtnetlink);
+    /// None if the program there is not ours, or there is none.
+    pub fn xdp_attach_mode(&self, interface: &str) -> Result<Option<XdpAttachMode>> {
+        let program = self
+            .ebpf
+            .program(Mode::Xdp.program())
+            .ok_or_else(|| Error::Unsupported("no program dns_xdp".into()))?;
+        let id = program
+            .info()
+            .map_err(|source| Error::Program {
+                what: "reading dns_xdp's id".into(),
+                source,
+            })?
+            .id();
+        let link = link::by_name(interface).map_err(|source| Error::Io {
+            what: format!("reading {interface} over rtnetlink"),
+            source,
+        })?;
+        Ok(if link.xdp_drv_prog == Some(id) {
+            Some(XdpAttachMode::Native)
+        } else if link.xdp_skb_prog == Some(id) {
+            Some(XdpAttachMode::Generic)
+        } else {
+            None
+        })
     }
 
     /// Detaches from every interface (also done on drop).
@@ -564,41 +756,17 @@ impl DnsFastPath {
 
     /// The counters, summed over CPUs.
     pub fn stats(&self) -> Result<Stats> {
-        let mut sums = [0u64; 8];
-        for (index, sum) in sums.iter_mut().enumerate() {
-            let values = self
-                .stats
-                .get(&(index as u32), 0)
-                .map_err(|source| Error::Map {
-                    what: "reading dns_stats",
-                    source,
-                })?;
-            *sum = values.iter().sum();
-        }
-        let [hit, miss, expired, not_local, unsupported, malformed, too_big, error] = sums;
-        Ok(Stats {
-            hit,
-            miss,
-            expired,
-            not_local,
-            unsupported,
-            malformed,
-            too_big,
-            error,
-        })
+        self.counters.stats()
     }
 
     /// Kernel hits of `zone` (below [`ZONES_MAX`]), summed over CPUs: (success, denial).
     pub fn zone_hits(&self, zone: u8) -> Result<(u64, u64)> {
-        let read = |slot: u32| -> Result<u64> {
-            let values = self.zone_hits.get(&slot, 0).map_err(|source| Error::Map {
-                what: "reading dns_zone_hits",
-                source,
-            })?;
-            Ok(values.iter().sum())
-        };
-        let slot = 2 * u32::from(zone);
-        Ok((read(slot)?, read(slot + 1)?))
+        self.counters.zone_hits(zone)
+    }
+
+    /// A handle to the counters that other threads can read (the metrics scrape).
+    pub fn counters(&self) -> Arc<DnsCounters> {
+        Arc::clone(&self.counters)
     }
 
     /// Runs the program of `mode` once on `packet` (an Ethernet frame) with

@@ -5,6 +5,7 @@
 //! - [`dns`]: DNS cache hits answered at XDP or tc ingress, from a map node-local-dns fills.
 //! - [`sockmap`]: two TCP sockets spliced in the kernel for sni-proxy (sk_skb stream verdict).
 //! - [`test_run`]: `BPF_PROG_TEST_RUN`, for tests and the nanoseconds-per-packet benchmark.
+//! - [`link`]: interfaces and veth peers over rtnetlink (may XDP_TX reach a pod?).
 //! - [`frame`]: Ethernet/IP/UDP frames built and checked in userspace, for both.
 //!
 //! Attachments are bpf links owned by the handle that made them: dropping the handle detaches
@@ -13,6 +14,7 @@
 
 pub mod dns;
 pub mod frame;
+pub mod link;
 pub mod sockmap;
 pub mod test_run;
 

@@ -232,8 +232,8 @@ pub struct Agent {
     fast_path: Option<fast_path::Mirror>,
     /// Its options from the Corefile's `fastpath` (the flags win).
     fast_path_config: Option<crate::config::FastPath>,
-    /// The kernel counters already added to the metrics.
-    fast_path_reported: ebpf::dns::Stats,
+    /// The kernel's counters, reported at each scrape.
+    fast_path_counters: fast_path::Counters,
 }
 
 impl std::fmt::Debug for Agent {
@@ -315,7 +315,7 @@ impl Agent {
             runtime: tokio::runtime::Handle::current(),
             fast_path: None,
             fast_path_config: None,
-            fast_path_reported: ebpf::dns::Stats::default(),
+            fast_path_counters: fast_path::Counters::default(),
         };
         if let Err(e) = agent.apply(loaded, true) {
             // Nothing of a failed start keeps serving.
@@ -439,7 +439,9 @@ impl Agent {
     fn endpoints(&self, (metrics, health): (bool, bool)) -> Endpoints {
         let zones = Arc::clone(&self.zones);
         let m = self.metrics.clone();
+        let fast_path = self.fast_path_counters.clone();
         let before_scrape = move || {
+            fast_path.report(&m);
             let mut broken = 0;
             let mut rejects = 0;
             let mut dropped = 0;
@@ -613,8 +615,10 @@ impl Agent {
 
     /// The addresses the kernel answers for and the zones it mirrors: the listeners on a
     /// specific address (not a wildcard) that serve the most common set of zones, so that
-    /// whatever the kernel answers on any of them is what that listener would answer.
-    fn fast_path_plan(&self) -> (Vec<SocketAddr>, Vec<Arc<Zone>>) {
+    /// whatever the kernel answers on any of them is what that listener would answer. Each
+    /// zone comes with the metrics of the first of those listeners, where its kernel answers
+    /// are counted.
+    fn fast_path_plan(&self) -> (Vec<SocketAddr>, fast_path::ZonesToMirror) {
         let mut groups: Vec<(Vec<Arc<Zone>>, Vec<SocketAddr>)> = Vec::new();
         for (addr, listener) in &self.dns {
             if addr.ip().is_unspecified() {
@@ -638,6 +642,24 @@ impl Agent {
         match groups.into_iter().next() {
             Some((zones, mut addrs)) => {
                 addrs.sort();
+                let served = addrs
+                    .first()
+                    .and_then(|a| self.dns.get(a))
+                    .map(|l| l.server.zones());
+                let metrics_of = |zone: &Arc<Zone>| {
+                    served.as_ref().and_then(|s| {
+                        s.iter()
+                            .find(|s| Arc::ptr_eq(&s.zone, zone))
+                            .and_then(|s| s.metrics.clone())
+                    })
+                };
+                let zones = zones
+                    .into_iter()
+                    .map(|z| {
+                        let m = metrics_of(&z);
+                        (z, m)
+                    })
+                    .collect();
                 (addrs, zones)
             }
             None => (Vec::new(), Vec::new()),
@@ -655,8 +677,10 @@ impl Agent {
             error!("fast path: no listener on a specific address (bind one); serving from userspace only");
             return;
         }
-        let started =
-            tokio::task::block_in_place(|| fast_path::Mirror::start(options.clone(), &locals));
+        let counters = self.fast_path_counters.clone();
+        let started = tokio::task::block_in_place(|| {
+            fast_path::Mirror::start(options.clone(), &locals, counters)
+        });
         match started {
             Ok(mut mirror) => {
                 let report = mirror.set_zones(zones);
@@ -664,6 +688,9 @@ impl Agent {
                 self.metrics
                     .fast_path_attached
                     .set(mirror.attached().len() as i64);
+                self.metrics
+                    .fast_path_xdp_fallbacks
+                    .set(mirror.xdp_fallbacks().len() as i64);
                 info!(
                     mode = options.mode.as_str(),
                     interfaces = ?options.interfaces,
@@ -677,8 +704,10 @@ impl Agent {
         }
     }
 
-    /// Applies the caches' changes to the kernel map; with `report`, also retries pending
-    /// attachments and brings the metrics up to date with the kernel's counters.
+    /// Applies the caches' changes to the kernel map; with `report` (once a second), also
+    /// retries pending attachments, checks the XDP ones' pods can still take XDP_TX, and
+    /// updates the attachment gauges. The kernel's counters are read at each scrape
+    /// ([`fast_path::Counters::report`]), not here.
     pub fn sync_fast_path(&mut self, report: bool) {
         let Some(mirror) = &mut self.fast_path else {
             return;
@@ -689,32 +718,13 @@ impl Agent {
             return;
         }
         mirror.retry_attach();
+        mirror.recheck_xdp();
         self.metrics
             .fast_path_attached
             .set(mirror.attached().len() as i64);
-        if let Ok(now) = mirror.stats() {
-            let before = self.fast_path_reported.by_result();
-            for ((result, n), (_, was)) in now.by_result().into_iter().zip(before) {
-                self.metrics
-                    .fast_path_packets
-                    .with_label_values(&[result])
-                    .inc_by(n.saturating_sub(was));
-            }
-            self.fast_path_reported = now;
-        }
-        let hits = mirror.new_hits();
-        if !hits.is_empty() {
-            let gauges = lock(&self.zones);
-            for (zone, success, denial) in hits {
-                let first = gauges
-                    .iter()
-                    .find(|(z, _)| Arc::ptr_eq(z, &zone))
-                    .and_then(|(_, children)| children.first());
-                if let Some(m) = first {
-                    m.kernel_hits(success, denial);
-                }
-            }
-        }
+        self.metrics
+            .fast_path_xdp_fallbacks
+            .set(mirror.xdp_fallbacks().len() as i64);
     }
 
     /// Applies a Corefile the reloader loaded, or counts the failure to load one.
@@ -975,7 +985,7 @@ pub async fn run(flags: Flags, shutdown: Shutdown) -> anyhow::Result<()> {
             },
             _ = mirror_tick.tick(), if agent.fast_path.is_some() => {
                 mirror_ticks = mirror_ticks.wrapping_add(1);
-                // Counters and re-attach attempts once a second; map updates every tick.
+                // Re-attach attempts and XDP rechecks once a second; map updates every tick.
                 tokio::task::block_in_place(|| agent.sync_fast_path(mirror_ticks % 10 == 0));
             }
             Some(attempt) = reloader.next() => {

@@ -56,6 +56,11 @@ fn type_index(qtype: u16) -> usize {
         .unwrap_or(OTHER_TYPE)
 }
 
+/// The `type` label of query type `qtype` (`A`, ..., else `other`).
+pub fn type_label(qtype: u16) -> &'static str {
+    type_name(type_index(qtype))
+}
+
 fn type_name(index: usize) -> &'static str {
     TYPES.get(index).map_or("other", |(_, n)| n)
 }
@@ -140,6 +145,12 @@ pub struct Metrics {
     pub fast_path_packets: IntCounterVec,
     /// Interfaces the fast path is attached to.
     pub fast_path_attached: IntGauge,
+    /// Interfaces asked for in XDP mode but attached at tc, because an XDP_TX reply could not
+    /// reach the pod there.
+    pub fast_path_xdp_fallbacks: IntGauge,
+    /// Queries the kernel answered, by server, zone, type and rcode (already in the CoreDNS
+    /// request, response and cache totals).
+    fast_path_answers: IntCounterVec,
     /// Cache entries the kernel could not hold (name, records or size beyond its limits).
     pub fast_path_skipped: IntCounter,
     /// Loop-detection probes seen back (a forwarding loop).
@@ -343,6 +354,20 @@ impl Metrics {
                 registry.register(Box::new(g.clone()))?;
                 g
             },
+            fast_path_xdp_fallbacks: {
+                let g = IntGauge::new(
+                    "node_local_dns_fast_path_xdp_fallback_interfaces",
+                    "Interfaces asked for in XDP mode but attached at tc, because an XDP_TX reply would not reach the pod there (a veth whose peer has no NAPI).",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            fast_path_answers: counter_vec(
+                registry,
+                "node_local_dns_fast_path_responses_total",
+                "Queries answered by the kernel fast path, by type and rcode. They are included in coredns_dns_requests_total, coredns_dns_responses_total and the coredns_cache_* counters.",
+                &["server", "zone", "type", "rcode"],
+            )?,
             fast_path_skipped: counter(
                 registry,
                 "node_local_dns_fast_path_mirror_skipped_total",
@@ -395,6 +420,7 @@ impl Metrics {
             requests,
             responses,
             responses_vec: self.responses.clone(),
+            fast_path_answers: self.fast_path_answers.clone(),
             server: server.to_owned(),
             zone: zone.to_owned(),
             duration: std::array::from_fn(|t| {
@@ -475,6 +501,7 @@ pub struct ZoneMetrics {
     requests: [[[IntCounter; N_TYPES]; 2]; 2],
     responses: [[IntCounter; 6]; 3],
     responses_vec: IntCounterVec,
+    fast_path_answers: IntCounterVec,
     server: String,
     zone: String,
     duration: [Histogram; N_TYPES],
@@ -534,12 +561,39 @@ impl ZoneMetrics {
         self.cache_requests.inc();
     }
 
-    /// Hits answered by the kernel fast path: counted as cache hits and cache requests like
-    /// userspace hits, so hit ratios stay right.
-    pub fn kernel_hits(&self, success: u64, denial: u64) {
+    /// Queries the kernel fast path answered from entries of type `qtype` and response code
+    /// `rcode`, `success` from the success cache and `denial` from the denial cache, to a
+    /// listener of family `v6`. They count as what they are for CoreDNS: UDP requests,
+    /// responses of the `cache` plugin, cache hits and cache requests, so the totals and
+    /// ratios stay right; `node_local_dns_fast_path_responses_total` counts them apart. Not
+    /// in the latency and size histograms, nor in `coredns_dns_do_requests_total`: the kernel
+    /// does not time or size them.
+    pub fn kernel_answers(&self, v6: bool, qtype: u16, rcode: u8, success: u64, denial: u64) {
+        let n = success + denial;
+        if n == 0 {
+            return;
+        }
+        let t = type_index(qtype);
+        self.requests[0][usize::from(v6)][t].inc_by(n);
+        match RCODES.get(usize::from(rcode)) {
+            Some(_) => self.responses[Plugin::Cache.index()][usize::from(rcode)].inc_by(n),
+            None => self
+                .responses_vec
+                .with_label_values(&[
+                    &self.server,
+                    &self.zone,
+                    "",
+                    rcode_name(rcode),
+                    Plugin::Cache.label(),
+                ])
+                .inc_by(n),
+        }
         self.hits[0].inc_by(success);
         self.hits[1].inc_by(denial);
-        self.cache_requests.inc_by(success + denial);
+        self.cache_requests.inc_by(n);
+        self.fast_path_answers
+            .with_label_values(&[&self.server, &self.zone, type_name(t), rcode_name(rcode)])
+            .inc_by(n);
     }
 
     /// A prefetch started.
@@ -672,6 +726,37 @@ mod tests {
         }
         assert!(t.contains("coredns_dns_request_duration_seconds_bucket"));
         assert!(t.contains("coredns_build_info"));
+    }
+
+    #[test]
+    fn kernel_answers_count_as_udp_requests_and_cache_responses() {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let zone = metrics.zone("dns://169.254.20.10:53", "cluster.local.");
+        zone.kernel_answers(false, rtype::A, 0, 5, 0);
+        zone.kernel_answers(false, rtype::AAAA, 3, 0, 2);
+        zone.kernel_answers(true, rtype::A, 9, 1, 0);
+        let t = text(&registry);
+        for line in [
+            r#"coredns_dns_requests_total{family="1",proto="udp",server="dns://169.254.20.10:53",type="A",view="",zone="cluster.local."} 5"#,
+            r#"coredns_dns_requests_total{family="1",proto="udp",server="dns://169.254.20.10:53",type="AAAA",view="",zone="cluster.local."} 2"#,
+            r#"coredns_dns_requests_total{family="2",proto="udp",server="dns://169.254.20.10:53",type="A",view="",zone="cluster.local."} 1"#,
+            r#"coredns_dns_responses_total{plugin="cache",rcode="NOERROR",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 5"#,
+            r#"coredns_dns_responses_total{plugin="cache",rcode="NXDOMAIN",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 2"#,
+            r#"coredns_dns_responses_total{plugin="cache",rcode="NOTAUTH",server="dns://169.254.20.10:53",view="",zone="cluster.local."} 1"#,
+            r#"coredns_cache_hits_total{server="dns://169.254.20.10:53",type="success",view="",zones="cluster.local."} 6"#,
+            r#"coredns_cache_hits_total{server="dns://169.254.20.10:53",type="denial",view="",zones="cluster.local."} 2"#,
+            r#"coredns_cache_requests_total{server="dns://169.254.20.10:53",view="",zones="cluster.local."} 8"#,
+            r#"node_local_dns_fast_path_responses_total{rcode="NXDOMAIN",server="dns://169.254.20.10:53",type="AAAA",zone="cluster.local."} 2"#,
+        ] {
+            assert!(t.contains(line), "missing {line}\n{t}");
+        }
+        assert!(
+            t.lines()
+                .filter(|l| l.starts_with("coredns_dns_request_duration_seconds_count{"))
+                .all(|l| l.ends_with(" 0")),
+            "the kernel does not time its answers"
+        );
     }
 
     #[test]

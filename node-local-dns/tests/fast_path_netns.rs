@@ -1,9 +1,12 @@
 //! Privileged: the kernel fast path end to end. A "node" namespace runs the real binary with
 //! `-fast-path-interfaces` on the host side of a veth; a "pod" namespace on the other side
 //! asks 169.254.20.10 over the veth, as a pod does. Checked in both modes (tc, xdp): the
-//! answers are right, the kernel-hit counter rises and kernel hits show in
-//! `coredns_cache_hits_total`, answers stay right when an entry expires and when the agent is
-//! restarted. Namespaces (and the veth) are deleted on drop.
+//! answers are right, the kernel-hit counter rises, and at the very next scrape kernel
+//! answers are in `coredns_dns_requests_total`, `coredns_dns_responses_total` and the cache
+//! counters, so that requests = hits + misses; answers stay right when an entry expires and
+//! when the agent is restarted. In XDP mode with a plain pod end (no XDP program), the agent
+//! attaches at tc instead, says why, and counts the fallback. Namespaces (and the veth) are
+//! deleted on drop.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 use agentkit::testing::{require_privileges, run_command as run, NetNs};
 use common::{ancount, query, rcode_of, Agent, Authority};
 use ebpf::dns::{DnsFastPath, Mode};
+use ebpf::link;
 use node_local_dns::wire::{rcode, rtype};
 
 const LOCAL: &str = "169.254.20.10:53";
@@ -28,13 +32,19 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 struct Topology {
     node: NetNs,
     pod: NetNs,
-    /// In XDP mode: a program on the pod's end of the veth, so that it has the NAPI context
-    /// XDP_TX into a veth needs (see docs/ebpf.md). It passes everything.
+    /// A program on the pod's end of the veth, so that XDP_TX into the veth reaches the pod
+    /// (see docs/ebpf.md). It passes everything.
     _pod_napi: Option<DnsFastPath>,
 }
 
 impl Topology {
+    /// With an XDP program on the pod's end in XDP mode, as XDP_TX needs.
     fn new(mode: Mode) -> Topology {
+        Topology::with_pod_program(mode == Mode::Xdp)
+    }
+
+    /// The pod's end with an XDP program or plain (no program, GRO off).
+    fn with_pod_program(pod_program: bool) -> Topology {
         let node = NetNs::create("nldfp-n");
         let pod = NetNs::create("nldfp-p");
         run(
@@ -96,13 +106,16 @@ impl Topology {
         ] {
             run("ip", &args);
         }
-        let pod_napi = (mode == Mode::Xdp).then(|| {
+        let pod_napi = pod_program.then(|| {
             pod.run(|| {
                 let mut path = DnsFastPath::load(1).unwrap();
                 path.attach("vp0", Mode::Xdp).unwrap();
                 path
             })
         });
+        if !pod_program {
+            assert!(!pod.run(|| link::set_gro("vp0", false).unwrap()), "GRO off");
+        }
         Topology {
             node,
             pod,
@@ -154,9 +167,35 @@ impl Topology {
 /// The sum of a metric's samples whose line contains every one of `labels`.
 fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|s| l.contains(s)))
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|s| l.contains(s)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// A metric without labels.
+fn gauge(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name}:\n{text}")) as u64
+}
+
+/// Per zone (here the root zone): requests = hits + misses = cache requests = responses.
+/// Returns (requests, kernel answers).
+fn assert_identities(text: &str) -> (u64, u64) {
+    let (z, zs) = ("zone=\".\"", "zones=\".\"");
+    let requests = metric(text, "coredns_dns_requests_total", &[z]);
+    let responses = metric(text, "coredns_dns_responses_total", &[z]);
+    let hits = metric(text, "coredns_cache_hits_total", &[zs]);
+    let misses = metric(text, "coredns_cache_misses_total", &[zs]);
+    let cache_requests = metric(text, "coredns_cache_requests_total", &[zs]);
+    assert_eq!(requests, hits + misses, "requests = hits + misses\n{text}");
+    assert_eq!(
+        cache_requests, requests,
+        "cache requests = requests\n{text}"
+    );
+    assert_eq!(responses, requests, "a response per request\n{text}");
+    let kernel = metric(text, "node_local_dns_fast_path_responses_total", &[z]);
+    (requests, kernel)
 }
 
 /// Asserts a right answer for `name`: NOERROR, one A record, the upstream's address.
@@ -213,7 +252,7 @@ fn wait_kernel_hits(t: &Topology, name: &str, above: u64, context: &str) -> u64 
     loop {
         id += 1;
         assert_answer(t.ask(name, id), name, id, context);
-        // The agent publishes the kernel's counters once a second.
+        // The agent reads the kernel's counters at each scrape.
         let hits = metric(
             &t.metrics(),
             "node_local_dns_fast_path_packets_total",
@@ -240,6 +279,20 @@ async fn fast_path_end_to_end(mode: Mode) {
     agent.wait_serving().await;
     let log = agent.log();
     assert!(log.contains("fast path attached"), "{log}");
+    if mode == Mode::Xdp {
+        // The self-test: the program read back on vh0, the pod's end able to take XDP_TX.
+        assert!(log.contains("XDP_TX replies can reach the pod"), "{log}");
+        assert!(!log.contains("attaching at tc instead"), "{log}");
+        let link = run("ip", &["-n", t.node.name(), "link", "show", "vh0"]);
+        assert!(link.contains(" xdp"), "XDP on vh0: {link}");
+    }
+    assert_eq!(
+        gauge(
+            &t.metrics(),
+            "node_local_dns_fast_path_xdp_fallback_interfaces"
+        ),
+        0
+    );
 
     let name = "api.fast.test.";
     assert_answer(
@@ -258,7 +311,12 @@ async fn fast_path_end_to_end(mode: Mode) {
         upstream_before,
         "hits never reach the upstream"
     );
-    std::thread::sleep(Duration::from_millis(1200));
+    // A burst of misses too (each a new name, then cached).
+    for n in 0..5u16 {
+        let other = format!("miss{n}.fast.test.");
+        assert_answer(t.ask(&other, 300 + n), &other, 300 + n, "misses");
+    }
+    // No waiting: the scrape reads the kernel's counters itself.
     let text = t.metrics();
     let now = metric(
         &text,
@@ -273,6 +331,27 @@ async fn fast_path_end_to_end(mode: Mode) {
     assert!(
         cache_hits >= now,
         "kernel hits are in coredns_cache_hits_total: {cache_hits} < {now}"
+    );
+    let (requests, kernel) = assert_identities(&text);
+    assert_eq!(
+        kernel, now,
+        "every kernel hit is counted as a kernel answer\n{text}"
+    );
+    assert!(
+        requests >= kernel + 6,
+        "kernel answers are in coredns_dns_requests_total: {requests}, {kernel} from the kernel"
+    );
+    assert!(
+        text.contains(r#"node_local_dns_fast_path_responses_total{rcode="NOERROR",server="dns://169.254.20.10:53",type="A",zone="."}"#),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "coredns_dns_responses_total",
+            &["plugin=\"cache\"", "rcode=\"NOERROR\""]
+        ) >= kernel,
+        "kernel answers are cache responses"
     );
 
     // Past the TTL the kernel passes the query on and userspace refreshes it.
@@ -356,4 +435,58 @@ async fn xdp_interface_is_taken_over_by_a_surge_instance() {
     wait_kernel_hits(&t, name, 0, "new instance's kernel");
     let status = new.terminate().await;
     assert!(status.success(), "{status}: {}", new.log());
+}
+
+/// XDP mode on a veth whose pod end has no XDP program (GRO off): XDP_TX replies would be
+/// lost, so the agent attaches at tc instead, logs the interface, the reason and the fix,
+/// and counts the fallback; the pod's cached lookups are answered by the kernel at tc, and
+/// the metrics still add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xdp_mode_falls_back_to_tc_where_xdp_tx_cannot_reach_the_pod() {
+    if !require_privileges("xdp_mode_falls_back_to_tc_where_xdp_tx_cannot_reach_the_pod") {
+        return;
+    }
+    let t = Topology::with_pod_program(false);
+    let authority = t.authority();
+    let dir = common::temp_dir("fast-path-xdp-fallback");
+    write_corefile(&dir, authority.addr);
+    let mut agent = start_agent(&dir, &t, Mode::Xdp);
+    agent.wait_serving().await;
+    let log = agent.log();
+    for needle in [
+        "XDP_TX replies would not reach the pod",
+        "vh0",
+        "vp0",
+        "no native XDP program",
+        "-fast-path-mode tc",
+    ] {
+        assert!(log.contains(needle), "the warning names {needle:?}:\n{log}");
+    }
+    assert!(log.contains("fast path attached"), "{log}");
+    assert!(
+        log.contains("mode=\"tc\"") || log.contains("mode=tc"),
+        "{log}"
+    );
+    let link = run("ip", &["-n", t.node.name(), "link", "show", "vh0"]);
+    assert!(!link.contains(" xdp"), "no XDP program on vh0: {link}");
+
+    let name = "fallback.fast.test.";
+    assert_answer(t.ask(name, 1), name, 1, "first query (a miss)");
+    let hits = wait_kernel_hits(&t, name, 0, "answered at tc");
+    for id in 2..12 {
+        assert_answer(t.ask(name, id), name, id, "kernel hits at tc");
+    }
+    let text = t.metrics();
+    assert_eq!(
+        gauge(&text, "node_local_dns_fast_path_xdp_fallback_interfaces"),
+        1
+    );
+    assert_eq!(
+        gauge(&text, "node_local_dns_fast_path_attached_interfaces"),
+        1
+    );
+    let (_, kernel) = assert_identities(&text);
+    assert!(kernel >= hits + 10, "{kernel} kernel answers\n{text}");
+    let status = agent.terminate().await;
+    assert!(status.success(), "{status}: {}", agent.log());
 }

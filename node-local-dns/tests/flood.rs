@@ -28,7 +28,8 @@ use node_local_dns::server::{
     Served, Server, Zone, MAX_PENDING_MISSES, MAX_TCP_CONNECTIONS, TCP_IDLE, TCP_WRITE_TIMEOUT,
 };
 use node_local_dns::udp;
-use node_local_dns::wire::{build_query, parse_query, rcode, rtype, ResponseBuilder};
+use node_local_dns::wire::testing::ResponseBuilder;
+use node_local_dns::wire::{build_query, parse_query, rcode, rtype};
 use prometheus::Registry;
 use tokio::runtime::Runtime;
 
