@@ -16,7 +16,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::config::{Keepalive, Listener, Mode, OnChange, ProxyProtocolMode, SendProxyProtocol};
-use crate::datapath::{self, Activity, DataPath, End};
+use crate::datapath::{self, Activity, DataPath, Leg};
+use crate::metrics::{CloseReason, HandshakeFailure, Refusal};
 use crate::protocol::{client_hello, http_connect, proxy_protocol};
 use crate::routes::{self, Route, SniMatch};
 use crate::{Runtime, Shared};
@@ -42,22 +43,22 @@ enum HeadKind {
     Connect(http_connect::ConnectRequest),
 }
 
-/// Why a connection ended before routing: a bounded metric label, and for http-connect the
+/// Why a connection ended before relaying (the metric's reason), and for http-connect the
 /// status to answer with.
 #[derive(Debug, Clone, Copy)]
 struct Failure {
-    reason: &'static str,
+    reason: HandshakeFailure,
     status: Option<u16>,
 }
 
 impl Failure {
-    fn new(reason: &'static str) -> Self {
+    fn new(reason: HandshakeFailure) -> Self {
         Failure {
             reason,
             status: None,
         }
     }
-    fn http(reason: &'static str, status: u16) -> Self {
+    fn http(reason: HandshakeFailure, status: u16) -> Self {
         Failure {
             reason,
             status: Some(status),
@@ -90,13 +91,13 @@ pub(crate) async fn handle(
     } else {
         match acquire_source(&shared, peer.ip().to_canonical(), max_per_source) {
             Some(slot) => Some(slot),
-            None => return refuse(&shared, &listener, client, "source_cap").await,
+            None => return refuse(&shared, &listener, client, Refusal::SourceCap).await,
         }
     };
     let head = tokio::select! {
         head = tokio::time::timeout(handshake_timeout, read_head(&client, &listener, peer)) => match head {
             Ok(head) => head,
-            Err(_) => Err(Failure::http("timeout", 408)),
+            Err(_) => Err(Failure::http(HandshakeFailure::Timeout, 408)),
         },
         () = shutdown.forced() => return,
     };
@@ -107,12 +108,8 @@ pub(crate) async fn handle(
     serve(&shared, index, client, peer, head, early_slot, &shutdown).await;
 }
 
-async fn refuse(shared: &Shared, listener: &Listener, mut client: TcpStream, reason: &'static str) {
-    shared
-        .metrics
-        .connections_refused
-        .with_label_values(&[&listener.name, reason])
-        .inc();
+async fn refuse(shared: &Shared, listener: &Listener, mut client: TcpStream, reason: Refusal) {
+    shared.metrics.refused(&listener.name, reason);
     if listener.mode == Mode::HttpConnect {
         let _ = respond(&mut client, 503).await;
         linger_close(client).await;
@@ -140,10 +137,8 @@ async fn linger_close(mut client: TcpStream) {
 async fn fail(shared: &Shared, listener: &Listener, mut client: TcpStream, failure: Failure) {
     shared
         .metrics
-        .handshake_failures
-        .with_label_values(&[&listener.name, failure.reason])
-        .inc();
-    debug!(listener = %listener.name, reason = failure.reason, "closing before routing");
+        .handshake_failed(&listener.name, failure.reason);
+    debug!(listener = %listener.name, reason = failure.reason.as_str(), "closing before relaying");
     if listener.mode == Mode::HttpConnect {
         if let Some(status) = failure.status {
             let _ = respond(&mut client, status).await;
@@ -187,7 +182,7 @@ async fn read_head(
     let mut proxy_pending = match listener.proxy_protocol {
         ProxyProtocolMode::Off => false,
         _ if trusted(listener, peer) => true,
-        ProxyProtocolMode::Required => return Err(Failure::new("untrusted_proxy")),
+        ProxyProtocolMode::Required => return Err(Failure::new(HandshakeFailure::UntrustedProxy)),
         ProxyProtocolMode::Optional => false,
     };
     let cap = listener.max_client_hello_bytes + HEAD_SLACK;
@@ -196,7 +191,7 @@ async fn read_head(
     let mut proxy = None;
     loop {
         if buf.len() >= cap {
-            return Err(Failure::http("too_large", 431));
+            return Err(Failure::http(HandshakeFailure::TooLarge, 431));
         }
         if buf.capacity() == buf.len() {
             // Grow by at most what the cap still allows, never past it.
@@ -204,13 +199,13 @@ async fn read_head(
         }
         loop {
             if client.readable().await.is_err() {
-                return Err(Failure::new("read_error"));
+                return Err(Failure::new(HandshakeFailure::ReadError));
             }
             match client.try_read_buf(&mut buf) {
-                Ok(0) => return Err(Failure::new("eof")),
+                Ok(0) => return Err(Failure::new(HandshakeFailure::Eof)),
                 Ok(_) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => return Err(Failure::new("read_error")),
+                Err(_) => return Err(Failure::new(HandshakeFailure::ReadError)),
             }
         }
         if proxy_pending {
@@ -227,9 +222,9 @@ async fn read_head(
                     proxy_pending = false;
                 }
                 Err(proxy_protocol::ProxyError::NotProxy) => {
-                    return Err(Failure::new("proxy_protocol_missing"))
+                    return Err(Failure::new(HandshakeFailure::ProxyProtocolMissing))
                 }
-                Err(_) => return Err(Failure::http("proxy_protocol_malformed", 400)),
+                Err(_) => return Err(Failure::http(HandshakeFailure::ProxyProtocolMalformed, 400)),
             }
         }
         let payload = &buf[start..];
@@ -240,12 +235,12 @@ async fn read_head(
             Mode::Tls => match client_hello::parse(payload, listener.max_client_hello_bytes) {
                 Ok(None) => continue,
                 Ok(Some(hello)) => HeadKind::Tls(hello),
-                Err(e) => return Err(Failure::new(e.kind())),
+                Err(e) => return Err(Failure::new(e.into())),
             },
             Mode::HttpConnect => match http_connect::parse(payload) {
                 Ok(None) => continue,
                 Ok(Some(req)) => HeadKind::Connect(req),
-                Err(e) => return Err(Failure::http(e.kind(), e.status())),
+                Err(e) => return Err(Failure::http(e.into(), e.status())),
             },
         };
         return Ok(Head {
@@ -364,13 +359,13 @@ fn route_in(runtime: &Runtime, head: &Head) -> Routed {
         ) {
             SniMatch::Route(r) => Routed::Route(Arc::clone(r), head.start),
             SniMatch::Reject => Routed::Alert,
-            SniMatch::Close => Routed::Fail(Failure::new("unknown_sni")),
+            SniMatch::Close => Routed::Fail(Failure::new(HandshakeFailure::UnknownSni)),
         },
         HeadKind::Connect(req) => match req.destination.as_deref() {
-            None => Routed::Fail(Failure::http("missing_destination", 400)),
+            None => Routed::Fail(Failure::http(HandshakeFailure::MissingDestination, 400)),
             Some(d) => match runtime.table.lookup_destination(d) {
                 Some(r) => Routed::Route(Arc::clone(r), head.start + req.head_len),
-                None => Routed::Fail(Failure::http("unknown_destination", 403)),
+                None => Routed::Fail(Failure::http(HandshakeFailure::UnknownDestination, 403)),
             },
         },
     }
@@ -405,7 +400,13 @@ async fn serve(
             let _ = client
                 .write_all(&client_hello::ALERT_UNRECOGNIZED_NAME)
                 .await;
-            fail(shared, &listener, client, Failure::new("unknown_sni")).await;
+            fail(
+                shared,
+                &listener,
+                client,
+                Failure::new(HandshakeFailure::UnknownSni),
+            )
+            .await;
             return;
         }
         Routed::Fail(failure) => return fail(shared, &listener, client, failure).await,
@@ -417,11 +418,11 @@ async fn serve(
         Some(slot) => slot,
         None => match acquire_source(shared, client_addr.ip().to_canonical(), max_per_source) {
             Some(slot) => slot,
-            None => return refuse(shared, &listener, client, "source_cap").await,
+            None => return refuse(shared, &listener, client, Refusal::SourceCap).await,
         },
     };
     let Some(mut slot) = route.try_acquire() else {
-        return refuse(shared, &listener, client, "route_cap").await;
+        return refuse(shared, &listener, client, Refusal::RouteCap).await;
     };
 
     // Backend.
@@ -434,7 +435,7 @@ async fn serve(
             shared,
             &listener,
             client,
-            Failure::http("backend_unavailable", 502),
+            Failure::http(HandshakeFailure::BackendUnavailable, 502),
         )
         .await;
     };
@@ -473,7 +474,7 @@ async fn serve(
             shared,
             &listener,
             client,
-            Failure::http("backend_write", 502),
+            Failure::http(HandshakeFailure::BackendWrite, 502),
         )
         .await;
     }
@@ -507,15 +508,11 @@ async fn serve(
         base + jitter.mul_f64(rand::rng().random::<f64>())
     });
     let reason = tokio::select! {
-        end = datapath::relay(path, &client, &backend, &activity, client_read) => match end {
-            End::Done => "done",
-            End::Reset => "reset",
-            End::Error => "error",
-        },
-        () = idle_watch(&activity, settings.idle_timeout) => "idle",
-        () = sleep_opt(lifetime) => "lifetime",
-        () = retired(&route) => "route_changed",
-        () = shutdown.forced() => "shutdown",
+        end = datapath::relay(path, &client, &backend, &activity, client_read) => CloseReason::from(end),
+        () = idle_watch(&activity, settings.idle_timeout) => CloseReason::Idle,
+        () = sleep_opt(lifetime) => CloseReason::Lifetime,
+        () = retired(&route) => CloseReason::RouteChanged,
+        () = shutdown.forced() => CloseReason::Shutdown,
     };
     // Account before closing, so whoever sees the close also sees the counters.
     active.dec();
@@ -524,11 +521,8 @@ async fn serve(
     }
     let elapsed = started.elapsed();
     route.stats.duration.observe(elapsed.as_secs_f64());
-    metrics
-        .connections_closed
-        .with_label_values(&[route_name, reason])
-        .inc();
-    if reason == "shutdown" {
+    metrics.closed(route_name, reason);
+    if reason == CloseReason::Shutdown {
         metrics.shutdown_forced.inc();
     }
     if settings.access_log {
@@ -543,7 +537,8 @@ async fn serve(
             bytes_up = activity.up.load(Ordering::Relaxed),
             bytes_down = activity.down.load(Ordering::Relaxed),
             duration_ms = elapsed.as_millis() as u64,
-            reason,
+            reason = reason.as_str(),
+            leg = reason.leg().map(Leg::as_str),
             "connection closed"
         );
     }

@@ -6,6 +6,8 @@
 //! redirects each one's bytes to the other inside the kernel ([`sockmap`]), and only watches
 //! for the ends. All propagate a half-close (FIN) in each direction as it happens, without
 //! losing bytes still in flight, and turn a reset on one leg into a reset on the other.
+//! Every error is tied to the [`Leg`] whose socket reported it, so the relay's [`End`] says
+//! whether the client or the backend failed.
 //!
 //! [`relay`] receives both sockets after routing, with every byte already read from the client
 //! forwarded, which is exactly the state a sockmap redirect needs.
@@ -109,15 +111,82 @@ fn probe_splice() -> io::Result<()> {
     }
 }
 
+/// One of the two sockets of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leg {
+    /// The accepted socket: the client, or the load balancer or proxy in front of it.
+    Client,
+    /// The socket the proxy connected: the route's backend (a kube-apiserver).
+    Backend,
+}
+
+impl Leg {
+    /// Every leg.
+    pub const ALL: [Leg; 2] = [Leg::Client, Leg::Backend];
+
+    /// The metric label and access log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Leg::Client => "client",
+            Leg::Backend => "backend",
+        }
+    }
+}
+
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
     /// Both directions saw EOF and were shut down.
     Done,
-    /// One side reset; the other was reset too.
-    Reset,
-    /// Another I/O error.
-    Error,
+    /// This leg was reset, or closed while the proxy still wrote into it; the proxy reset the
+    /// other too.
+    Reset(Leg),
+    /// Another I/O error on this leg (a keepalive timeout, an unreachable peer).
+    Error(Leg),
+}
+
+impl End {
+    /// The leg that failed; None for a clean end.
+    pub fn leg(self) -> Option<Leg> {
+        match self {
+            End::Done => None,
+            End::Reset(leg) | End::Error(leg) => Some(leg),
+        }
+    }
+}
+
+/// An I/O error and the leg whose socket reported it: a failed read names the socket read
+/// from, a failed write the socket written to.
+#[derive(Debug)]
+struct Failed {
+    leg: Leg,
+    error: io::Error,
+}
+
+impl Failed {
+    fn new(leg: Leg, error: io::Error) -> Self {
+        Failed { leg, error }
+    }
+
+    /// How the relay ends for this failure.
+    fn end(&self) -> End {
+        if is_reset(&self.error) {
+            End::Reset(self.leg)
+        } else {
+            End::Error(self.leg)
+        }
+    }
+}
+
+/// Ties an I/O result to the leg it came from.
+trait OnLeg<T> {
+    fn on(self, leg: Leg) -> Result<T, Failed>;
+}
+
+impl<T> OnLeg<T> for io::Result<T> {
+    fn on(self, leg: Leg) -> Result<T, Failed> {
+        self.map_err(|error| Failed::new(leg, error))
+    }
 }
 
 /// Which way bytes flow.
@@ -127,6 +196,24 @@ enum Direction {
     Up,
     /// Backend to client.
     Down,
+}
+
+impl Direction {
+    /// The leg read from.
+    fn source(self) -> Leg {
+        match self {
+            Direction::Up => Leg::Client,
+            Direction::Down => Leg::Backend,
+        }
+    }
+
+    /// The leg written to.
+    fn target(self) -> Leg {
+        match self {
+            Direction::Up => Leg::Backend,
+            Direction::Down => Leg::Client,
+        }
+    }
 }
 
 /// How often the sockmap path reads the kernel's byte counts into an [`Activity`] when nothing
@@ -214,8 +301,9 @@ impl Default for Activity {
     }
 }
 
-/// Relays until both directions are done or a leg fails. The caller owns the sockets and
-/// closes them after; on a reset the other leg has already been set to reset on close.
+/// Relays until both directions are done or a leg fails, and says which. The caller owns the
+/// sockets and closes them after; on a reset both legs have already been set to reset on
+/// close.
 /// `client_read` is how many bytes the caller read from the client before (the head), which
 /// the sockmap path needs for its accounting.
 pub async fn relay(
@@ -239,24 +327,25 @@ pub async fn relay(
             Err(_) => copy_both(client, backend, activity).await,
         },
     };
-    match result {
+    let end = match result {
         Ok(()) => End::Done,
-        Err(e) => {
-            if is_reset(&e) {
-                // A reset on one leg becomes a reset on the other: close both with linger 0.
-                // Linger 0 makes close send RST; it never blocks with a zero timeout.
-                for s in [client, backend] {
-                    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
-                }
-                End::Reset
-            } else {
-                End::Error
-            }
+        Err(failed) => failed.end(),
+    };
+    if let End::Reset(_) = end {
+        // A reset on one leg becomes a reset on the other: close both with linger 0.
+        // Linger 0 makes close send RST; it never blocks with a zero timeout.
+        for s in [client, backend] {
+            let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
         }
     }
+    end
 }
 
-async fn copy_both(client: &TcpStream, backend: &TcpStream, activity: &Activity) -> io::Result<()> {
+async fn copy_both(
+    client: &TcpStream,
+    backend: &TcpStream,
+    activity: &Activity,
+) -> Result<(), Failed> {
     tokio::try_join!(
         copy_one_way(client, backend, activity, Direction::Up),
         copy_one_way(backend, client, activity, Direction::Down)
@@ -329,22 +418,23 @@ async fn copy_one_way(
     to: &TcpStream,
     activity: &Activity,
     direction: Direction,
-) -> io::Result<()> {
+) -> Result<(), Failed> {
+    let (source, target) = (direction.source(), direction.target());
     loop {
-        from.readable().await?;
+        from.readable().await.on(source)?;
         // Holds a buffer only while bytes flow; idle connections give it back.
         let mut buf = PooledBuf::take();
         loop {
             let (n, drained) = match read_draining(from, |fd| recv(fd, &mut buf)) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return Err(Failed::new(source, e)),
             };
             if n == 0 {
                 shutdown_write(to);
                 return Ok(());
             }
-            write_all(to, &buf[..n]).await?;
+            write_all(to, &buf[..n]).await.on(target)?;
             activity.add(direction, n);
             // Readiness waits do not spend tokio's cooperative budget; a busy stream must
             // still yield, or its other direction and its watchdogs would starve.
@@ -499,9 +589,10 @@ async fn splice_one_way(
     to: &TcpStream,
     activity: &Activity,
     direction: Direction,
-) -> io::Result<()> {
+) -> Result<(), Failed> {
+    let (source, target) = (direction.source(), direction.target());
     loop {
-        from.readable().await?;
+        from.readable().await.on(source)?;
         let pipe = match PooledPipe::take() {
             Ok(p) => p,
             // Out of descriptors for a pipe: move this burst through a buffer instead.
@@ -509,12 +600,13 @@ async fn splice_one_way(
         };
         let (pipe_read, pipe_write) = pipe.fds();
         loop {
-            // Socket → pipe (the pipe is empty here, so it takes up to BUFFER_BYTES).
+            // Socket → pipe (the pipe is empty here, so it takes up to BUFFER_BYTES). The pipe
+            // is ours and empty: an error is the socket's.
             let (n, drained) = match read_draining(from, |fd| splice(fd, pipe_write, BUFFER_BYTES))
             {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+                Err(e) => return Err(Failed::new(source, e)),
             };
             if n == 0 {
                 pipe.release();
@@ -524,13 +616,13 @@ async fn splice_one_way(
             // Pipe → socket, until the pipe is empty.
             let mut left = n;
             while left > 0 {
-                to.writable().await?;
+                to.writable().await.on(target)?;
                 match to.try_io(Interest::WRITABLE, || {
                     splice(pipe_read, to.as_raw_fd(), left)
                 }) {
                     Ok(m) => left -= m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(Failed::new(target, e)),
                 }
             }
             activity.add(direction, n);
@@ -649,7 +741,9 @@ mod tests {
     #[tokio::test]
     async fn sockmap_propagates_reset() {
         if sockmap_here("sockmap_propagates_reset") {
-            reset_propagates(DataPath::Sockmap).await;
+            for leg in Leg::ALL {
+                reset_propagates(DataPath::Sockmap, leg).await;
+            }
         }
     }
 
@@ -663,8 +757,34 @@ mod tests {
         backend_half_closes_first(DataPath::Splice).await;
     }
 
-    async fn reset_propagates(path: DataPath) {
+    /// `reset` resets its end; the relay names that leg, and the other end sees a reset.
+    async fn reset_propagates(path: DataPath, reset: Leg) {
         let (client_end, proxy_client) = pair().await;
+        let (proxy_backend, backend_end) = pair().await;
+        let relay = tokio::spawn(async move {
+            let a = Activity::new();
+            let end = relay(path, &proxy_client, &proxy_backend, &a, 0).await;
+            drop((proxy_client, proxy_backend));
+            end
+        });
+        let (gone, mut other) = match reset {
+            Leg::Client => (client_end, backend_end),
+            Leg::Backend => (backend_end, client_end),
+        };
+        socket2::SockRef::from(&gone)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(gone); // RST
+        assert_eq!(relay.await.unwrap(), End::Reset(reset), "{path:?}");
+        let mut buf = [0u8; 16];
+        let err = other.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// A leg resets while bytes flow both ways: the relay still names that leg, whichever
+    /// direction noticed first (a read from it, or a write to it).
+    async fn reset_mid_stream(path: DataPath, reset: Leg) {
+        let (mut client_end, proxy_client) = pair().await;
         let (proxy_backend, mut backend_end) = pair().await;
         let relay = tokio::spawn(async move {
             let a = Activity::new();
@@ -672,23 +792,89 @@ mod tests {
             drop((proxy_client, proxy_backend));
             end
         });
-        socket2::SockRef::from(&client_end)
+        // Both ways carry bytes, and each end has read what it was sent so far.
+        client_end.write_all(&[1u8; 100_000]).await.unwrap();
+        let mut up = vec![0u8; 100_000];
+        backend_end.read_exact(&mut up).await.unwrap();
+        backend_end.write_all(&[2u8; 100_000]).await.unwrap();
+        let mut down = vec![0u8; 100_000];
+        client_end.read_exact(&mut down).await.unwrap();
+        // The surviving end keeps sending, so the proxy is writing into it too.
+        let (gone, mut other) = match reset {
+            Leg::Client => (client_end, backend_end),
+            Leg::Backend => (backend_end, client_end),
+        };
+        socket2::SockRef::from(&gone)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
-        drop(client_end); // RST
-        assert_eq!(relay.await.unwrap(), End::Reset);
-        let mut buf = [0u8; 16];
-        let err = backend_end.read(&mut buf).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        let _ = other.write_all(&[3u8; 64 * 1024]).await;
+        drop(gone); // RST
+        let end = tokio::time::timeout(Duration::from_secs(5), relay)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(end, End::Reset(reset), "{path:?}");
     }
 
     #[tokio::test]
     async fn copy_propagates_reset() {
-        reset_propagates(DataPath::Copy).await;
+        for leg in Leg::ALL {
+            reset_propagates(DataPath::Copy, leg).await;
+            reset_mid_stream(DataPath::Copy, leg).await;
+        }
     }
 
     #[tokio::test]
     async fn splice_propagates_reset() {
-        reset_propagates(DataPath::Splice).await;
+        for leg in Leg::ALL {
+            reset_propagates(DataPath::Splice, leg).await;
+            reset_mid_stream(DataPath::Splice, leg).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn sockmap_reset_mid_stream_names_the_leg() {
+        if sockmap_here("sockmap_reset_mid_stream_names_the_leg") {
+            for leg in Leg::ALL {
+                reset_mid_stream(DataPath::Sockmap, leg).await;
+            }
+        }
+    }
+
+    #[test]
+    fn directions_read_one_leg_and_write_the_other() {
+        assert_eq!(Direction::Up.source(), Leg::Client);
+        assert_eq!(Direction::Up.target(), Leg::Backend);
+        assert_eq!(Direction::Down.source(), Leg::Backend);
+        assert_eq!(Direction::Down.target(), Leg::Client);
+    }
+
+    #[test]
+    fn failures_end_as_reset_or_error_on_their_leg() {
+        use io::ErrorKind::*;
+        for leg in Leg::ALL {
+            for kind in [ConnectionReset, ConnectionAborted, BrokenPipe] {
+                let f = Err::<(), _>(io::Error::from(kind)).on(leg).unwrap_err();
+                assert_eq!(f.end(), End::Reset(leg), "{kind:?}");
+            }
+            for kind in [TimedOut, HostUnreachable, Other] {
+                let f = Err::<(), _>(io::Error::from(kind)).on(leg).unwrap_err();
+                assert_eq!(f.end(), End::Error(leg), "{kind:?}");
+            }
+            assert_eq!(End::Reset(leg).leg(), Some(leg));
+            assert_eq!(End::Error(leg).leg(), Some(leg));
+        }
+        assert_eq!(End::Done.leg(), None);
+        // ETIMEDOUT is what a keepalive or user timeout gives.
+        let timed_out = io::Error::from_raw_os_error(libc::ETIMEDOUT);
+        assert_eq!(
+            Failed::new(Leg::Backend, timed_out).end(),
+            End::Error(Leg::Backend)
+        );
+        let reset = io::Error::from_raw_os_error(libc::ECONNRESET);
+        assert_eq!(
+            Failed::new(Leg::Client, reset).end(),
+            End::Reset(Leg::Client)
+        );
     }
 }

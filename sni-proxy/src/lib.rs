@@ -359,11 +359,7 @@ fn admit(
     let max = shared.state.load().config.max_connections;
     if shared.active_total.fetch_add(1, Ordering::AcqRel) >= max {
         shared.active_total.fetch_sub(1, Ordering::AcqRel);
-        shared
-            .metrics
-            .connections_refused
-            .with_label_values(&[name, "global_cap"])
-            .inc();
+        shared.metrics.refused(name, metrics::Refusal::GlobalCap);
         return;
     }
     let slot = GlobalSlot(Arc::clone(shared));

@@ -1,5 +1,6 @@
 //! Connection lifecycle with real sockets: reloads under load, route change policies, caps,
-//! the handshake deadline, idle timeout, maximum lifetime, backend failover and ejection.
+//! the handshake deadline, idle timeout, maximum lifetime, backend failover and ejection, and
+//! which leg a reset is counted and logged on.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use agentkit::testing::{client_hello, EchoServer};
 use common::*;
+use sni_proxy::datapath::Leg;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -401,4 +403,19 @@ async fn shutdown_lets_open_connections_finish() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// A kube-apiserver that resets mid-stream is counted and logged as the backend's reset, on
+/// both userspace data paths.
+#[tokio::test]
+async fn a_backend_reset_mid_stream_is_the_backends() {
+    reset_mid_stream("copy", "", Leg::Backend).await;
+    reset_mid_stream("splice", "", Leg::Backend).await;
+}
+
+/// A client that resets mid-stream is counted and logged as the client's reset.
+#[tokio::test]
+async fn a_client_reset_mid_stream_is_the_clients() {
+    reset_mid_stream("copy", "", Leg::Client).await;
+    reset_mid_stream("splice", "", Leg::Client).await;
 }

@@ -1,8 +1,9 @@
 //! Privileged: `data_path: sockmap` through the proxy, every byte checked. Concurrent large
 //! transfers (one way per connection, both ways across them), half-close in each direction,
 //! close with bytes still in flight, a client that half-closes before its sockets can be
-//! spliced, and the fallbacks to splice: on a kernel not trusted with the path, and where the
-//! program cannot be loaded (the binary run without capabilities).
+//! spliced, a reset mid-stream on either leg (counted and logged on that leg), and the
+//! fallbacks to splice: on a kernel not trusted with the path, and where the program cannot
+//! be loaded (the binary run without capabilities).
 //!
 //! On 6.18.44 the kernel's redirect is not exact, whatever the proxy does (docs/sni-proxy.md,
 //! "Data paths"): it repeats skbs under concurrent two-way load (`ebpf/tests/sockmap.rs`, the
@@ -477,6 +478,21 @@ async fn half_closed_before_the_splice_is_copied() {
             .await,
         1.0
     );
+}
+
+/// A reset mid-stream on the sockmap path is counted and logged on the leg that reset: the
+/// backend's seen by the proxy's watch of the backend socket or by the kernel failing to
+/// deliver into it, the client's likewise. Small transfers only: this is not a bulk test.
+/// (Single-threaded, so that the access log of this test's proxy can be captured.)
+#[tokio::test]
+async fn a_reset_mid_stream_is_counted_on_its_leg() {
+    let _serial = SERIAL.lock().await;
+    if !sockmap_here("a_reset_mid_stream_is_counted_on_its_leg") {
+        return;
+    }
+    for leg in sni_proxy::datapath::Leg::ALL {
+        reset_mid_stream("sockmap", "allow_sockmap_on_untrusted_kernel: true\n", leg).await;
+    }
 }
 
 /// Without the override, this kernel (not in `TRUSTED_KERNELS`) gets splice, and the bytes

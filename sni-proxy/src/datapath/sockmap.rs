@@ -15,18 +15,24 @@
 //! 4. After its own direction ends, keep watching each socket until the other direction
 //!    ends too: the kernel may still be writing into it, and a reset there must reset the
 //!    other leg, not leave the kernel dropping bytes into a dead socket.
+//!
+//! Each error names its leg: a socket that fails a read, a peek or the guard is that socket's
+//! leg; bytes that stayed with their source because the kernel found no peer, a flush that
+//! broke, or a peer that received more than its source sent, are the target's.
 
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use ebpf::sockmap::{self, Flush, Leg, Pair, Peek, Side, Splicer};
+use ebpf::sockmap::{self, Flush, Pair, Peek, Side, Splicer};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::{copy_one_way, shutdown_write, write_all, Activity, Direction, PooledBuf};
+use super::{
+    copy_one_way, shutdown_write, write_all, Activity, Direction, Failed, Leg, OnLeg, PooledBuf,
+};
 
 /// Full reads of the client before giving up on splicing it (it kept sending faster than it
 /// could be forwarded; the connection is then copied in userspace, correct either way).
@@ -43,7 +49,7 @@ pub(super) async fn relay(
     backend: &TcpStream,
     activity: &Activity,
     client_read: u64,
-) -> io::Result<()> {
+) -> Result<(), Failed> {
     let (drained, client_eof) = drain(client, backend, activity).await?;
     if client_eof {
         // Half-closed already: not spliceable; the backend's answer is copied.
@@ -55,12 +61,13 @@ pub(super) async fn relay(
         activity.unspliced.store(true, Ordering::Relaxed);
         return super::copy_both(client, backend, activity).await;
     };
+    // Side A is the client, side B the backend (see `leg_of`).
     let pair = match splicer.splice(
-        Leg {
+        sockmap::Leg {
             fd: client.as_fd(),
             read_before: client_read + drained,
         },
-        Leg {
+        sockmap::Leg {
             fd: backend.as_fd(),
             read_before: 0,
         },
@@ -94,7 +101,7 @@ async fn drain(
     client: &TcpStream,
     backend: &TcpStream,
     activity: &Activity,
-) -> io::Result<(Option<u64>, bool)> {
+) -> Result<(Option<u64>, bool), Failed> {
     let mut total = 0u64;
     let mut buf: Option<PooledBuf> = None;
     for _ in 0..MAX_DRAIN_READS {
@@ -102,7 +109,7 @@ async fn drain(
         match client.try_read(b) {
             Ok(0) => return Ok((Some(total), true)),
             Ok(n) => {
-                write_all(backend, &b[..n]).await?;
+                write_all(backend, &b[..n]).await.on(Leg::Backend)?;
                 activity.add(Direction::Up, n);
                 total += n as u64;
                 if n < b.len() {
@@ -111,7 +118,7 @@ async fn drain(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Some(total), false)),
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failed::new(Leg::Client, e)),
         }
     }
     Ok((None, false))
@@ -171,6 +178,13 @@ impl Ends {
     }
 }
 
+fn other(side: Side) -> Side {
+    match side {
+        Side::A => Side::B,
+        Side::B => Side::A,
+    }
+}
+
 fn index(side: Side) -> usize {
     match side {
         Side::A => 0,
@@ -185,6 +199,14 @@ fn direction(from: Side) -> Direction {
     }
 }
 
+/// The relay's leg of a spliced socket: the client is side A, the backend side B.
+fn leg_of(side: Side) -> Leg {
+    match side {
+        Side::A => Leg::Client,
+        Side::B => Leg::Backend,
+    }
+}
+
 /// Moves (or watches the kernel move) the bytes of `src` to `dst` and passes the FIN on, then
 /// guards `src` until the other direction ends too.
 async fn leg(
@@ -194,7 +216,7 @@ async fn leg(
     dst: &TcpStream,
     activity: &Activity,
     ends: &Ends,
-) -> io::Result<()> {
+) -> Result<(), Failed> {
     if pair.redirected(from) {
         let moved = watch_redirect(pair, from, src).await?;
         ends.finish(activity, from, Some(moved));
@@ -205,16 +227,18 @@ async fn leg(
     }
     tokio::select! {
         () = ends.both() => Ok(()),
-        e = guard(src, ends) => Err(e),
+        e = guard(src, ends) => Err(Failed::new(leg_of(from), e)),
     }
 }
 
 /// Waits for `src`'s EOF without consuming anything, then for the kernel to have written all
 /// of its bytes into the other socket; the caller then shuts that one down for writing.
-/// Returns how many bytes the kernel moved.
-async fn watch_redirect(pair: &Pair<'_>, from: Side, src: &TcpStream) -> io::Result<u64> {
+/// Returns how many bytes the kernel moved. An error is `src`'s when `src` itself fails, the
+/// other socket's when the kernel could not deliver into it.
+async fn watch_redirect(pair: &Pair<'_>, from: Side, src: &TcpStream) -> Result<u64, Failed> {
+    let (source, target) = (leg_of(from), leg_of(other(from)));
     loop {
-        src.readable().await?;
+        src.readable().await.on(source)?;
         let seen = src.try_io(Interest::READABLE, || match sockmap::peek(src.as_fd())? {
             // Clears tokio's readiness: the redirect consumed what woke us.
             Peek::Empty => Err(io::ErrorKind::WouldBlock.into()),
@@ -224,36 +248,48 @@ async fn watch_redirect(pair: &Pair<'_>, from: Side, src: &TcpStream) -> io::Res
             Ok(Peek::Eof) => break,
             Ok(_) => {
                 // Bytes stayed with us: the verdict found no peer, which the kernel removes
-                // only when it closed or was reset.
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "the spliced peer socket is gone",
+                // only when it closed or was reset. The peer failed, not `src`.
+                return Err(Failed::new(
+                    target,
+                    io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the spliced peer socket is gone",
+                    ),
                 ));
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failed::new(source, e)),
         }
     }
     let mut pause = FLUSH_POLL_MIN;
     loop {
-        match pair.flushed(from)? {
+        // The check reads both sockets' TCP_INFO; the target's first and foremost.
+        match pair.flushed(from).on(target)? {
             Flush::Done(moved) => return Ok(moved),
             Flush::Broken => {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "the spliced peer closed with bytes in flight",
+                return Err(Failed::new(
+                    target,
+                    io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the spliced peer closed with bytes in flight",
+                    ),
                 ))
             }
             Flush::Excess(bytes) => {
                 // Rare and serious: say so above debug. The reset keeps a corrupt stream from
-                // ending like a clean one.
+                // ending like a clean one. It is the kernel's fault, not a peer's; it counts on
+                // the target, whose stream is the corrupt one, and the warning tells them apart.
                 tracing::warn!(
                     bytes,
+                    leg = target.as_str(),
                     "the kernel repeated bytes on a sockmap splice; resetting"
                 );
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    "the kernel repeated bytes on the splice",
+                return Err(Failed::new(
+                    target,
+                    io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the kernel repeated bytes on the splice",
+                    ),
                 ));
             }
             Flush::Pending => {
