@@ -1,18 +1,18 @@
-#!/usr/bin/env python3
 """DNS cache benchmark: node-local-dns against unbound, pdns-recursor, knot-resolver, dnsmasq.
 
-    python3 bench/harness/dns.py [--smoke] [--bin PATH] [--out bench/results]
+    python3 -m bench.harness.dns [--smoke] [--bin PATH] [--out bench/results]
 
-Everything runs on loopback (127.0.0.1).  Knot DNS serves the zone `bench.test.` as the
-authoritative upstream; one caching server at a time forwards it there and caches.  The
-server under test is pinned to core 0; dnsperf, knot and this harness to core 1.  Measured
+(from the repository root). Everything runs on loopback (127.0.0.1).  Knot DNS serves the
+zone `bench.test.` as the authoritative upstream; one caching server at a time forwards it
+there and caches.  The server under test is pinned to core 0; dnsperf, knot and this harness
+to core 1.  Measured
 per server: cache-hit queries/s over 10,000 names, the server's CPU time per answered query
 (/proc/PID/stat of its process tree), p50/p99 latency (dnsperf -v, every query's latency),
 and RSS per 100,000 cached names.  See bench/README.md ("DNS") for the method.
 
 Python 3.11 standard library only, plus Debian tools (knot, dnsperf, unbound, pdns-recursor,
-knot-resolver, dnsmasq, taskset, prlimit).  Reuses run.py's /proc accounting, process
-runner and SVG helpers (imported, not copied).
+knot-resolver, dnsmasq, taskset, prlimit).  The /proc accounting, process runner, rounds
+and SVG pieces are the package's (`common`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as rh  # noqa: E402  (the sni-proxy harness: shared /proc, process and SVG helpers)
-from run import BenchError, Meter, Runner, Server, free_port, log, wait_quiet  # noqa: E402
+from . import common
+from .common import REPO, BenchError, Meter, Runner, Server, figure, fmt, free_port, log, wait_quiet
 
-REPO = rh.REPO
-HARNESS = rh.HARNESS
 ZONE = "bench.test"
 ZONE_TTL_S = 3600  # every record's TTL: hits stay hits for the whole run
 OUR_CACHE_CAP_S = 3600  # our `cache` TTL cap (>= any run)
@@ -48,11 +45,11 @@ MEM_NAMES = 100_000  # distinct names of the memory test (scaled to per 100,000 
 SERVER_CORE, LOAD_CORE = 0, 1
 SERVER_BUSY_LIMIT = 0.90  # server process CPU / wall above this: the server was the limit
 LOAD_BUSY_LIMIT = 0.90  # dnsperf CPU / wall above this: the load generator was the limit
-NOERROR_MIN = 0.999
+NOERROR_MIN = 0.999  # share of answers that must be NOERROR for a run to count
 FILL_OUTSTANDING = 64  # dnsperf -q while filling: every query is a miss that goes to knot
 FILL_PASSES = 3
 MIN_ENTRIES = 1000  # the cache capacity of the memory test's baseline instance (dnsmasq: no cache)
-MEM_SLACK = 1.25  # the memory instance's capacity = names x this (sharded caches fill unevenly)  # share of answers that must be NOERROR for a run to count
+MEM_SLACK = 1.25  # the memory instance's capacity = names x this (sharded caches fill unevenly)
 
 ROWS = ["node-local-dns", "unbound", "pdns-recursor", "knot-resolver", "dnsmasq"]
 LABELS = {
@@ -352,6 +349,44 @@ def percentile(sorted_vals: list[float], p: float) -> float:
     return sorted_vals[k]
 
 
+def per_query(r: dict[str, Any]) -> None:
+    """Sets a cache-hit run's figures: the server's CPU per answered query (µs), the server's and
+    dnsperf's busy share of their cores, and the limit: `server` when the server's share reached
+    SERVER_BUSY_LIMIT, else `dnsperf` when dnsperf's reached LOAD_BUSY_LIMIT, else `neither`."""
+    wall = r["wall_s"]  # dnsperf's whole life, incl. waiting for the last answers (run_s is not)
+    r["cpu_us_per_query"] = r["server_cpu_s"] * 1e6 / r["completed"]
+    r["server_busy"] = r["server_cpu_s"] / wall
+    r["load_busy"] = r["load_cpu_s"] / wall
+    if r["server_busy"] >= SERVER_BUSY_LIMIT:
+        r["limit"] = "server"
+    elif r["load_busy"] >= LOAD_BUSY_LIMIT:
+        r["limit"] = "dnsperf"
+    else:
+        r["limit"] = "neither"
+    r["limit_text"] = (f"{r['limit']} (server {r['server_busy'] * 100:.0f}% of its core, "
+                       f"dnsperf {r['load_busy'] * 100:.0f}%)")
+
+
+def latency_figures(lat: list[float], rate: int) -> dict[str, Any]:
+    """The latency run's figures from every answered query's latency (ms, any order): nearest-rank
+    p50, p90, p99 and p99.9, and the maximum."""
+    lat = sorted(lat)
+    return {
+        "rate_qps": rate,
+        "samples": len(lat),
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "p999_ms": percentile(lat, 99.9),
+        "max_ms": lat[-1] if lat else None,
+    }
+
+
+def per_100k_mib(grown_kib: int, names: int) -> float:
+    """RSS growth (KiB) for `names` cached names, as MiB per 100,000 names."""
+    return grown_kib / names * 100_000 / 1024
+
+
 class Load:
     """dnsperf runs against one server.  `server_ip` and `prefix` (a command dnsperf runs under, e.g.
     `ip netns exec POD`) are for dns_fastpath.py, which asks from a pod namespace."""
@@ -406,34 +441,14 @@ class Load:
     def throughput(self, port: int, names: Path, duration: int, server: Server) -> dict[str, Any]:
         r, _ = self.dnsperf(port, names, ["-l", str(duration), "-q", str(self.outstanding)],
                             duration + 60, server)
-        wall = r["wall_s"]  # dnsperf's whole life, incl. waiting for the last answers (run_s is not)
-        r["cpu_us_per_query"] = r["server_cpu_s"] * 1e6 / r["completed"]
-        r["server_busy"] = r["server_cpu_s"] / wall
-        r["load_busy"] = r["load_cpu_s"] / wall
-        if r["server_busy"] >= SERVER_BUSY_LIMIT:
-            r["limit"] = "server"
-        elif r["load_busy"] >= LOAD_BUSY_LIMIT:
-            r["limit"] = "dnsperf"
-        else:
-            r["limit"] = "neither"
-        r["limit_text"] = (f"{r['limit']} (server {r['server_busy'] * 100:.0f}% of its core, "
-                           f"dnsperf {r['load_busy'] * 100:.0f}%)")
+        per_query(r)
         return r
 
     def latency(self, port: int, names: Path, duration: int, rate: int, server: Server) -> dict[str, Any]:
         """dnsperf -v at a fixed offered rate: every answered query's latency."""
         r, lat = self.dnsperf(port, names, ["-l", str(duration), "-Q", str(rate), "-q", str(self.outstanding)],
                               duration + 60, server, verbose=True)
-        lat.sort()
-        r.update({
-            "rate_qps": rate,
-            "samples": len(lat),
-            "p50_ms": percentile(lat, 50),
-            "p90_ms": percentile(lat, 90),
-            "p99_ms": percentile(lat, 99),
-            "p999_ms": percentile(lat, 99.9),
-            "max_ms": lat[-1] if lat else None,
-        })
+        r.update(latency_figures(lat, rate))
         if not lat:
             raise BenchError("dnsperf -v printed no latency")
         return r
@@ -516,8 +531,8 @@ def memory_test(ctx: Ctx, row: str) -> dict[str, Any]:
             "rss_baseline_kib": base["rss_kib"], "rss_start_kib": start["rss_kib"],
             "rss_after_kib": after["rss_kib"], "pss_after_kib": after["pss_kib"],
             "processes": after["processes"], "fill_passes": fill["passes"],
-            "mib_per_100k": (after["rss_kib"] - base["rss_kib"]) / ctx.mem_names * 100_000 / 1024,
-            "mib_per_100k_from_start": (after["rss_kib"] - start["rss_kib"]) / ctx.mem_names * 100_000 / 1024}
+            "mib_per_100k": per_100k_mib(after["rss_kib"] - base["rss_kib"], ctx.mem_names),
+            "mib_per_100k_from_start": per_100k_mib(after["rss_kib"] - start["rss_kib"], ctx.mem_names)}
 
 
 def measure_row(ctx: Ctx, row: str, with_memory: bool) -> dict[str, Any]:
@@ -570,23 +585,18 @@ def measure_row(ctx: Ctx, row: str, with_memory: bool) -> dict[str, Any]:
     return res
 
 
-# Per row, the median round's run of each measure (rh.merge_rounds): hits by queries/s, latency
+# Per row, the median round's run of each measure (common.merge_rounds): hits by queries/s, latency
 # by p99, the warm-up by queries/s; memory from round 1.
 MEDIAN_KEY = {"hits": "qps", "latency": "p99_ms", "warm": "qps"}
 SPREAD = {"cpu_us_per_query": ("hits", "cpu_us_per_query")}
 
 
 def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    return rh.merge_rounds(rounds, MEDIAN_KEY, once=("memory",), spread=SPREAD)
+    return common.merge_rounds(rounds, MEDIAN_KEY, once=("memory",), spread=SPREAD)
 
 
 # --------------------------------------------------------------------------------------
 # derived figures and targets
-
-
-def g(r: dict[str, Any] | None, k: str, f: str) -> Any:
-    v = (r or {}).get(k)
-    return v.get(f) if isinstance(v, dict) else None
 
 
 def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -601,7 +611,7 @@ def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
         def add(what: str, value: Any, goal: str, ok: bool | None, shown: str) -> None:
             targets.append({"row": row, "what": what, "value": value, "target": goal, "met": ok, "text": shown})
 
-        v, b = g(r, "hits", "cpu_us_per_query"), g(ub, "hits", "cpu_us_per_query")
+        v, b = figure(r, "hits", "cpu_us_per_query"), figure(ub, "hits", "cpu_us_per_query")
         goal = f"<= {T_CPU_VS_UNBOUND}x unbound"
         if v is None or b is None:
             add("server CPU per cache-hit query", v, goal, None,
@@ -609,15 +619,15 @@ def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             add("server CPU per cache-hit query", v / b, goal, v <= T_CPU_VS_UNBOUND * b,
                 f"{v:.2f} µs vs unbound {b:.2f} µs = {v / b:.2f}x")
-        v, b = g(r, "hits", "qps"), g(ub, "hits", "qps")
+        v, b = figure(r, "hits", "qps"), figure(ub, "hits", "qps")
         goal = f">= {T_QPS_VS_UNBOUND}x unbound"
         if v is None or b is None:
             add("cache-hit queries/s", v, goal, None, "not measured" if v is None else "unbound was not measured")
         else:
-            lim = g(r, "hits", "limit")
+            lim, ub_lim = figure(r, "hits", "limit"), figure(ub, "hits", "limit")
             add("cache-hit queries/s", v / b, goal, v >= T_QPS_VS_UNBOUND * b,
-                f"{v:,.0f} vs unbound {b:,.0f} = {v / b:.3f}x (limit: ours {lim}, unbound {g(ub, 'hits', 'limit')})")
-        v, b = g(r, "latency", "p99_ms"), g(ub, "latency", "p99_ms")
+                f"{v:,.0f} vs unbound {b:,.0f} = {v / b:.3f}x (limit: ours {lim}, unbound {ub_lim})")
+        v, b = figure(r, "latency", "p99_ms"), figure(ub, "latency", "p99_ms")
         goal = "< unbound"
         if v is None or b is None:
             add("p99 latency", v, goal, None, "not measured" if v is None else "unbound was not measured")
@@ -628,10 +638,6 @@ def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------
 # output
-
-
-def fmt(v: Any, digits: int = 0) -> str:
-    return "–" if v is None else f"{v:,.{digits}f}"
 
 
 def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict[str, Any]) -> str:
@@ -709,8 +715,8 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
             (f"{h['load_busy'] * 100:.0f}% · {h['foreign_frac'] * 100:.0f}%" if h else "–"),
         ]) + " |")
     L.append("")
-    rh.rounds_table(L, results, [("queries/s", "hits", ",.0f"), ("CPU µs/query", "cpu_us_per_query", ".2f"),
-                                 ("p99 ms", "latency", ".3f")], first="server")
+    common.rounds_table(L, results, [("queries/s", "hits", ",.0f"), ("CPU µs/query", "cpu_us_per_query", ".2f"),
+                                     ("p99 ms", "latency", ".3f")], first="server")
     notes = []
     for r in results:
         for e in r.get("errors", []):
@@ -719,7 +725,7 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
         for k, v in r.get("background", {}).items():
             mm = r.get(k)
             ff = mm.get("foreign_frac") if isinstance(mm, dict) else None
-            if v > rh.BG_BUSY_WARN or (ff is not None and ff > rh.FOREIGN_WARN):
+            if v > common.BG_BUSY_WARN or (ff is not None and ff > common.FOREIGN_WARN):
                 notes.append(f"- {r['label']} {k}: other work on the machine ({v * 100:.0f}% of all cores busy "
                              "just before" + (f"; {ff * 100:.0f}% of the busy time during the run was not ours"
                                               if ff is not None else "") + "): its figures are suspect")
@@ -739,13 +745,13 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
 
 def _svg(title: str, sub: str, panels: list[tuple[str, str, list, float | None, str, int]], W: int = 1080,
          H: int = 380) -> str:
-    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" {rh.FONT}>',
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" {common.FONT}>',
          f'<rect width="{W}" height="{H}" fill="white"/>',
-         rh._text(W / 2, 28, title, 17, "middle", "bold"),
-         rh._text(W / 2, 50, sub, 12, "middle", fill="#555")]
+         common.svg_text(W / 2, 28, title, 17, "middle", "bold"),
+         common.svg_text(W / 2, 50, sub, 12, "middle", fill="#555")]
     pw = (W - 40) / len(panels)
     for i, (ptitle, unit, items, target, tl, digits) in enumerate(panels):
-        rh._hbar_panel(o, 20 + i * pw, 88, pw - 10, H - 110, ptitle, unit, items, target, tl, digits)
+        common.hbar_panel(o, 20 + i * pw, 88, pw - 10, H - 110, ptitle, unit, items, target, tl, digits)
     o.append("</svg>")
     return "\n".join(o)
 
@@ -753,14 +759,14 @@ def _svg(title: str, sub: str, panels: list[tuple[str, str, list, float | None, 
 def _items(results: list[dict[str, Any]], k: str, f: str) -> list[tuple[str, float | None, str, bool]]:
     out = []
     for r in results:
-        v = g(r, k, f)
+        v = figure(r, k, f)
         out.append((r["label"], v, r["status"] if r["status"] != "ok" else "no data", r["row"] in OURS))
     return out
 
 
 def svg_qps(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     by = {r["row"]: r for r in results}
-    ub_q, ub_p = g(by.get(BASELINE), "hits", "qps"), g(by.get(BASELINE), "latency", "p99_ms")
+    ub_q, ub_p = figure(by.get(BASELINE), "hits", "qps"), figure(by.get(BASELINE), "latency", "p99_ms")
     return _svg("Cache hits: queries/s (higher is better) and p99 latency (lower is better)",
                 f"server pinned to 1 core, one dnsperf thread on the other; {meta['mode']} run {meta['date']} · "
                 f"commit {meta['commit']}",
@@ -772,7 +778,7 @@ def svg_qps(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def svg_cpu(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     by = {r["row"]: r for r in results}
-    ub = g(by.get(BASELINE), "hits", "cpu_us_per_query")
+    ub = figure(by.get(BASELINE), "hits", "cpu_us_per_query")
     return _svg("Server CPU per cache-hit query and memory per 100,000 cached names — lower is better",
                 f"/proc/PID/stat utime+stime of the server's process tree; RSS (VmRSS) filled − baseline instance; "
                 f"{meta['mode']} run {meta['date']}",
@@ -797,7 +803,7 @@ def versions() -> dict[str, str]:
     def first_line(argv: list[str], pat: str) -> str:
         if not shutil.which(argv[0]):
             return "missing"
-        out = rh.sh_any(argv)
+        out = common.sh_any(argv)
         m = re.search(pat, out)
         return m.group(1) if m else "?"
 
@@ -816,7 +822,8 @@ def versions() -> dict[str, str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python3 -m {__spec__.name}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
                     help=f"short runs, {', '.join(SMOKE_ROWS)} only, output to a temp dir; sanity checks")
     ap.add_argument("--bin", default=str(REPO / "target/release/node-local-dns"), help="node-local-dns binary")
@@ -860,11 +867,11 @@ def main() -> int:
         ap.error(f"unknown rows: {bad}")
     rows = [r for r in ROWS if r in rows]
 
-    out = rh.output_dir(args, smoke, "dns-bench-smoke-")
-    status = rh.install_and_check(args, smoke, ("knotd", "knotc", "dnsperf", "taskset", "prlimit"))
+    out = common.output_dir(args, smoke, "dns-bench-smoke-")
+    status = common.install_and_check(args, smoke, ("knotd", "knotc", "dnsperf", "taskset", "prlimit"))
     if status:
         return status
-    rh.raise_nofile()
+    common.raise_nofile()
     pin = len(os.sched_getaffinity(0)) >= 2 and {SERVER_CORE, LOAD_CORE} <= os.sched_getaffinity(0)
     if pin:
         os.sched_setaffinity(0, {LOAD_CORE})  # the harness, dnsperf (children inherit) and knot
@@ -934,12 +941,11 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    meta = rh.collect_meta(args, pin)
-    meta["versions"] = versions()
-    meta["pinning"] = (f"server on core {SERVER_CORE} (taskset); dnsperf, knot and the harness on core {LOAD_CORE}"
-                       if pin else "none (fewer than 2 cores)")
+    pinning = (f"server on core {SERVER_CORE} (taskset); dnsperf, knot and the harness on core {LOAD_CORE}"
+               if pin else "none (fewer than 2 cores)")
+    meta = common.collect_meta(pinning, versions())
     meta.update({
-        "command": "python3 bench/harness/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join(["python3", "-m", __spec__.name] + sys.argv[1:]),
         "mode": "smoke" if smoke else "full", "duration_s": duration, "lat_duration_s": lat_duration,
         "lat_rate": lat_rate, "mem_names": mem_names, "hit_names": HIT_NAMES, "clients": args.clients,
         "outstanding": args.outstanding, "repeat": args.repeat, "binary": str(binary),

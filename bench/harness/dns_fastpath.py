@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """DNS kernel fast-path benchmark: node-local-dns with and without its XDP/tc fast path, and unbound.
 
-    python3 bench/harness/dns_fastpath.py [--smoke] [--bin PATH] [--ns-bin PATH] [--out bench/results]
+    python3 -m bench.harness.dns_fastpath [--smoke] [--bin PATH] [--ns-bin PATH] [--out bench/results]
 
-Two parts, one run:
+(from the repository root). Two parts, one run:
 
 1. Nanoseconds per query of the kernel programs under BPF_PROG_TEST_RUN (the Rust binary
    `fastpath-ns`, built from bench/src/bin/fastpath-ns.rs): hit, miss and the not-local early
@@ -22,8 +21,8 @@ their probes see the node's 127.0.0.1; dnsperf is started through `ip netns exec
 Needs root.  See bench/README.md ("DNS kernel fast path") for the method.
 
 Python 3.11 standard library only, plus Debian tools (iproute2, knot, dnsperf, unbound,
-taskset, prlimit).  Reuses run.py's /proc accounting and process runner and dns.py's knot,
-unbound and dnsperf helpers (imported, not copied).
+taskset, prlimit).  Uses the package's /proc accounting and process runner (`common`) and
+the dns harness's knot, unbound and dnsperf helpers.
 """
 
 from __future__ import annotations
@@ -44,14 +43,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dns as dh  # noqa: E402  (knot, unbound, dnsperf helpers)
-import run as rh  # noqa: E402  (/proc accounting, process runner, metadata)
-from run import BenchError, Meter, Runner, Server, free_port, log, wait_quiet  # noqa: E402
+from . import common, dns
+from .common import REPO, BenchError, Runner, Server, figure, fmt, free_port, log, wait_quiet
 
-REPO = rh.REPO
-ZONE = dh.ZONE
-HIT_NAMES = dh.HIT_NAMES
+ZONE = dns.ZONE
+HIT_NAMES = dns.HIT_NAMES
 SMOKE_HIT_NAMES = 1_000
 OBJECT = REPO / "ebpf/obj/dns.bpf.o"
 
@@ -61,7 +57,7 @@ NODE_ADDR, POD_ADDR, PREFIX = "10.201.0.1", "10.201.0.2", 24
 LOCAL_IP, DNS_PORT = "169.254.20.10", 53
 CLONE_NEWNET = 0x40000000
 
-SERVER_CORE, LOAD_CORE = dh.SERVER_CORE, dh.LOAD_CORE
+SERVER_CORE, LOAD_CORE = dns.SERVER_CORE, dns.LOAD_CORE
 BUSY_LIMIT = 0.90  # a core (or dnsperf's thread) this busy was the limit
 KERNEL_CAPACITY = 20_000  # -fast-path-capacity: room for the hit names and the probes
 ATTACH_TIMEOUT_S = 10.0
@@ -232,8 +228,8 @@ def ours_conf(tmp: Path, binary: Path, up: int, mode: str | None) -> tuple[list[
     conf = tmp / "Corefile"
     conf.write_text(f"""{ZONE}:{DNS_PORT} {{
     errors
-    cache {dh.OUR_CACHE_CAP_S} {{
-        success {dh.CACHE_ENTRIES}
+    cache {dns.OUR_CACHE_CAP_S} {{
+        success {dns.CACHE_ENTRIES}
     }}
     bind {LOCAL_IP} 127.0.0.1
     forward . 127.0.0.1:{up}
@@ -275,7 +271,7 @@ def fast_path_counters(metrics_port: int) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------
-# CPU accounting beyond run.py's Meter: per core, and NAPI kernel threads
+# CPU accounting beyond common.Meter: per core, and NAPI kernel threads
 
 
 def core_times() -> dict[int, dict[str, float]]:
@@ -291,7 +287,7 @@ def core_times() -> dict[int, dict[str, float]]:
                 t = {"task": user + nice + system, "soft": irq + softirq, "steal": steal}
                 t["busy"] = t["task"] + t["soft"] + steal
                 t["total"] = t["busy"] + idle + iowait
-                out[int(m.group(1))] = {k: v / rh.CLK_TCK for k, v in t.items()}
+                out[int(m.group(1))] = {k: v / common.CLK_TCK for k, v in t.items()}
     return out
 
 
@@ -302,7 +298,7 @@ def thread_cpu(pids: list[int]) -> float:
             rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(rest[11]) + int(rest[12])) / rh.CLK_TCK
+        total += (int(rest[11]) + int(rest[12])) / common.CLK_TCK
     return total
 
 
@@ -322,13 +318,21 @@ def measured(napi: list[int]) -> Iterator[dict[str, Any]]:
     yield out
     c1, n1 = core_times(), thread_cpu(napi)
     out["wall_s"] = time.monotonic() - t0
-    d = {c: {k: c1[c][k] - c0[c][k] for k in c1[c]} for c in c1 if c in c0}
-    out["cores"] = {str(c): v for c, v in d.items()}
-    out["core_busy"] = {str(c): v["busy"] / max(1e-9, v["total"]) for c, v in d.items()}
-    out["core_softirq"] = {str(c): v["soft"] / max(1e-9, v["total"]) for c, v in d.items()}
-    out["node_cpu_s"] = sum(v["busy"] if c == SERVER_CORE else v["soft"] for c, v in d.items())
-    out["client_cpu_s"] = sum(v["task"] for c, v in d.items() if c != SERVER_CORE)
+    out.update(per_core({c: {k: c1[c][k] - c0[c][k] for k in c1[c]} for c in c1 if c in c0}))
     out["napi_cpu_s"] = n1 - n0
+
+
+def per_core(d: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """The split of a run's CPU from its per-core deltas (core_times kinds): each core's busy and
+    softirq share; the node's seconds (all of SERVER_CORE, irq + softirq of the others) and the
+    client's (task time of the other cores)."""
+    return {
+        "cores": {str(c): v for c, v in d.items()},
+        "core_busy": {str(c): v["busy"] / max(1e-9, v["total"]) for c, v in d.items()},
+        "core_softirq": {str(c): v["soft"] / max(1e-9, v["total"]) for c, v in d.items()},
+        "node_cpu_s": sum(v["busy"] if c == SERVER_CORE else v["soft"] for c, v in d.items()),
+        "client_cpu_s": sum(v["task"] for c, v in d.items() if c != SERVER_CORE),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -377,11 +381,22 @@ def in_situ(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]
     """The program that ran most between two prog_stats snapshots (ours: the pod's pass
     program is excluded by id): its runs and nanoseconds per run."""
     best = None
-    for pid, (cnt, ns) in after.items():
-        c0, n0 = before.get(pid, (0, 0))
-        if pid != exclude and cnt - c0 > 0 and (best is None or cnt - c0 > best["runs"]):
-            best = {"id": pid, "runs": cnt - c0, "ns_per_run": (ns - n0) / (cnt - c0)}
+    for pid in after:
+        runs = program_runs(before, after, pid)
+        if pid != exclude and runs and (best is None or runs["runs"] > best["runs"]):
+            best = runs
     return best
+
+
+def program_runs(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+                 pid: int) -> dict[str, Any] | None:
+    """Program `pid`'s runs and nanoseconds per run between two prog_stats snapshots, None if
+    it did not run."""
+    c0, n0 = before.get(pid, (0, 0))
+    c1, n1 = after.get(pid, (0, 0))
+    if c1 - c0 <= 0:
+        return None
+    return {"id": pid, "runs": c1 - c0, "ns_per_run": (n1 - n0) / (c1 - c0)}
 
 
 # --------------------------------------------------------------------------------------
@@ -389,7 +404,7 @@ def in_situ(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]
 
 
 class Ctx:
-    def __init__(self, args: argparse.Namespace, tmp: Path, runner: Runner, load: dh.Load, up: dh.Upstream,
+    def __init__(self, args: argparse.Namespace, tmp: Path, runner: Runner, load: dns.Load, up: dns.Upstream,
                  topo: Topology, binary: Path, duration: int, lat_duration: int, lat_rate: int,
                  hit_file: Path, names: int, pin: bool):
         self.args, self.tmp, self.runner, self.load, self.up, self.topo = args, tmp, runner, load, up, topo
@@ -402,13 +417,13 @@ def start_row(ctx: Ctx, row: str) -> tuple[Server, int | None]:
     tmp.mkdir(exist_ok=True)  # again in every round
     env, metrics = None, None
     if row == "unbound":
-        argv = dh.unbound_conf(tmp, DNS_PORT, ctx.up.port, dh.CACHE_ENTRIES, listen=(LOCAL_IP, "127.0.0.1"),
-                               allow=(f"{NODE_ADDR.rsplit('.', 1)[0]}.0/{PREFIX}",))
+        argv = dns.unbound_conf(tmp, DNS_PORT, ctx.up.port, dns.CACHE_ENTRIES, listen=(LOCAL_IP, "127.0.0.1"),
+                                allow=(f"{NODE_ADDR.rsplit('.', 1)[0]}.0/{PREFIX}",))
     else:
         argv, env, metrics = ours_conf(tmp, ctx.binary, ctx.up.port, FAST.get(row))
     srv = ctx.runner.start(f"{row}-{ctx.topo.steer and 'steered' or 'default'}", argv, DNS_PORT, SERVER_CORE, env=env, timeout=20)
     try:
-        dh.probe(DNS_PORT, f"probe.{ZONE}")
+        dns.probe(DNS_PORT, f"probe.{ZONE}")
     except BenchError as e:
         tail = srv.log_tail()
         ctx.runner.stop(srv)
@@ -445,6 +460,29 @@ def limit_of(r: dict[str, Any]) -> None:
                        f"of it softirq {soft * 100:.0f}%)")
 
 
+def per_query(r: dict[str, Any]) -> None:
+    """Sets a cache-hit run's figures once `measured`'s are in: other work on the machine less the
+    NAPI thread (Meter counts it as other work; it is the node's kernel work here), the server's
+    and dnsperf's busy shares over the measured wall time, the machine's, node's and client's
+    CPU per answered query (µs), and the limit (limit_of)."""
+    n = r["completed"]
+    r["foreign_s"] = max(0.0, r["foreign_s"] - r["napi_cpu_s"])
+    r["foreign_frac"] = r["foreign_s"] / r["busy_s"] if r["busy_s"] > 0 else 0.0
+    r["load_busy"] = r["load_cpu_s"] / r["wall_s"]  # Meter's wall (jiffies / cores) runs short on this VM
+    r["server_busy"] = r["server_cpu_s"] / r["wall_s"]
+    r["machine_us_per_query"] = r["busy_s"] * 1e6 / n
+    r["node_us_per_query"] = r["node_cpu_s"] * 1e6 / n
+    r["client_us_per_query"] = r["client_cpu_s"] * 1e6 / n
+    limit_of(r)
+
+
+def kernel_answers(before: dict[str, int] | None, after: dict[str, int], completed: int) -> dict[str, Any]:
+    """The fast path's counters over a run (`kernel`: packets by result, none without a first
+    reading) and the share of the answered queries it answered (`kernel_hit_share`)."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after} if before is not None else {}
+    return {"kernel": delta, "kernel_hit_share": delta.get("hit", 0) / completed if completed else 0.0}
+
+
 def throughput(ctx: Ctx, row: str, srv: Server, napi: list[int], metrics: int | None) -> dict[str, Any]:
     """The cache-hit run. In the fast-path rows the kernel's run-time statistics are on meanwhile:
     they give the attached program's own nanoseconds per packet under this load (and the pod-side
@@ -458,28 +496,15 @@ def throughput(ctx: Ctx, row: str, srv: Server, napi: list[int], metrics: int | 
             r = ctx.load.throughput(DNS_PORT, ctx.hit_file, ctx.duration, srv)
         p1, pod1 = (prog_stats(name), prog_stats("dns_xdp")) if on and name else ({}, {})
     r.update(m)
-    n = r["completed"]
-    # Meter counts the NAPI thread as other work; it is the node's kernel work here.
-    r["foreign_s"] = max(0.0, r["foreign_s"] - r["napi_cpu_s"])
-    r["foreign_frac"] = r["foreign_s"] / r["busy_s"] if r["busy_s"] > 0 else 0.0
-    r["load_busy"] = r["load_cpu_s"] / m["wall_s"]  # run.py's wall (jiffies / cores) runs short on this VM
-    r["server_busy"] = r["server_cpu_s"] / m["wall_s"]
-    r["machine_us_per_query"] = r["busy_s"] * 1e6 / n
-    r["node_us_per_query"] = r["node_cpu_s"] * 1e6 / n
-    r["client_us_per_query"] = r["client_cpu_s"] * 1e6 / n
-    limit_of(r)
+    per_query(r)
     if on:
         r["in_situ"] = in_situ(p0, p1, ctx.topo.pod_xdp)
-        pid = ctx.topo.pod_xdp
-        if pid is not None and pid in pod1 and pod1[pid][0] > pod0.get(pid, (0, 0))[0]:
-            (c0, n0), (c1, n1) = pod0.get(pid, (0, 0)), pod1[pid]
-            r["pod_pass"] = {"id": pid, "runs": c1 - c0, "ns_per_run": (n1 - n0) / (c1 - c0)}
+        pod = program_runs(pod0, pod1, ctx.topo.pod_xdp) if ctx.topo.pod_xdp is not None else None
+        if pod:
+            r["pod_pass"] = pod
     if metrics:
         time.sleep(METRICS_PERIOD_S)
-        after = fast_path_counters(metrics)
-        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after} if before is not None else {}
-        r["kernel"] = delta
-        r["kernel_hit_share"] = delta.get("hit", 0) / n if n else 0.0
+        r.update(kernel_answers(before, fast_path_counters(metrics), r["completed"]))
     return r
 
 
@@ -593,11 +618,6 @@ def ns_derived(ns: dict[str, Any] | None) -> dict[str, Any]:
 # derived figures and targets
 
 
-def g(r: dict[str, Any] | None, k: str, f: str) -> Any:
-    v = (r or {}).get(k)
-    return v.get(f) if isinstance(v, dict) else None
-
-
 def index(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["row"], r.get("placement", "default")): r for r in results}
 
@@ -627,10 +647,10 @@ def derive(ns: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str
 
     def cpu_text(row: str, placement: str) -> tuple[float | None, str]:
         r, u = by.get((row, placement)), by.get((BASELINE, placement))
-        v, ub = g(r, "hits", "node_us_per_query"), g(u, "hits", "node_us_per_query")
+        v, ub = figure(r, "hits", "node_us_per_query"), figure(u, "hits", "node_us_per_query")
         if v is None or ub is None or v <= 0:
             return None, f"{placement}: not measured"
-        vm, ubm = g(r, "hits", "machine_us_per_query"), g(u, "hits", "machine_us_per_query")
+        vm, ubm = figure(r, "hits", "machine_us_per_query"), figure(u, "hits", "machine_us_per_query")
         return ub / v, (f"{placement}: node {v:.2f} µs vs unbound {ub:.2f} µs = {ub / v:.1f}x less "
                         f"(whole machine, dnsperf included: {vm:.2f} vs {ubm:.2f} µs = {ubm / vm:.1f}x)")
 
@@ -638,8 +658,8 @@ def derive(ns: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str
         goal = f">= {T_CPU_FACTOR:.0f}x less node CPU per answered query than unbound"
         factor, text = cpu_text(row, "default")
         _, other = cpu_text(row, "steered")
-        ins = g(by.get((row, "default")), "hits", "in_situ")
-        ub_p = g(by.get((BASELINE, "default")), "hits", "cpu_us_per_query")
+        ins = figure(by.get((row, "default")), "hits", "in_situ")
+        ub_p = figure(by.get((BASELINE, "default")), "hits", "cpu_us_per_query")
         alone = (f"; the attached program alone {ins['ns_per_run']:.0f} ns vs unbound's process "
                  f"{ub_p * 1000:.0f} ns = {ub_p * 1000 / ins['ns_per_run']:.1f}x" if ins and ub_p else "")
         add(LABELS[row], "CPU per answered query", goal, None if factor is None else factor >= T_CPU_FACTOR,
@@ -647,23 +667,19 @@ def derive(ns: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str
     for row in ("xdp", "tc", "userspace"):
         goal = "limited by the load generator, not the server (steered placement)"
         r, d = by.get((row, "steered")), by.get((row, "default"))
-        lim = g(r, "hits", "limit")
-        dtext = (f"; default placement: {g(d, 'hits', 'qps'):,.0f} queries/s, {g(d, 'hits', 'limit_text')}"
-                 if g(d, "hits", "qps") else "")
+        lim = figure(r, "hits", "limit")
+        dtext = (f"; default placement: {figure(d, 'hits', 'qps'):,.0f} queries/s, "
+                 f"{figure(d, 'hits', 'limit_text')}" if figure(d, "hits", "qps") else "")
         if lim is None:
             add(LABELS[row], "end-to-end limit", goal, None, "steered placement not measured" + dtext)
             continue
         add(LABELS[row], "end-to-end limit", goal, lim == "dnsperf",
-            f"{g(r, 'hits', 'qps'):,.0f} queries/s; {g(r, 'hits', 'limit_text')}{dtext}")
+            f"{figure(r, 'hits', 'qps'):,.0f} queries/s; {figure(r, 'hits', 'limit_text')}{dtext}")
     return {"targets": targets, "ns": nd}
 
 
 # --------------------------------------------------------------------------------------
 # output
-
-
-def fmt(v: Any, digits: int = 0) -> str:
-    return "–" if v is None else f"{v:,.{digits}f}"
 
 
 def main_table(L: list[str], results: list[dict[str, Any]]) -> None:
@@ -739,14 +755,15 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
         L.append("not measured")
     for row in FAST:
         for placement in PLACEMENTS:
-            ins, pod = g(by.get((row, placement)), "hits", "in_situ"), g(by.get((row, placement)), "hits", "pod_pass")
+            r = by.get((row, placement))
+            ins, pod = figure(r, "hits", "in_situ"), figure(r, "hits", "pod_pass")
             if ins:
                 L.append(f"- dns_{FAST[row]} attached, during the end-to-end cache-hit run below ({placement} "
                          f"placement; the kernel's run-time statistics, BPF_ENABLE_STATS): {ins['ns_per_run']:.0f} ns "
                          f"per packet over {ins['runs']:,} packets"
                          + (f"; the pod-side pass program {pod['ns_per_run']:.0f} ns" if pod else "") + ".")
-    us_p = g(by.get(("userspace", "default")), "hits", "cpu_us_per_query")
-    ub_p = g(by.get((BASELINE, "default")), "hits", "cpu_us_per_query")
+    us_p = figure(by.get(("userspace", "default")), "hits", "cpu_us_per_query")
+    ub_p = figure(by.get((BASELINE, "default")), "hits", "cpu_us_per_query")
     L.append(f"- For comparison, the process CPU per cache hit in the end-to-end run below (default placement): "
              f"node-local-dns userspace {fmt(us_p and us_p * 1000)} ns, unbound {fmt(ub_p and ub_p * 1000)} ns "
              "(their socket work included; the kernel's receive path before the socket is not).")
@@ -806,8 +823,8 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
             f"{h['foreign_frac'] * 100:.0f}%" if h else "–",
         ]) + " |")
     L.append("")
-    rh.rounds_table(L, results, [("queries/s", "hits", ",.0f"), ("node µs/q", "node_us_per_query", ".2f"),
-                                 ("p99 ms", "latency", ".3f")], first="server", placement=True)
+    common.rounds_table(L, results, [("queries/s", "hits", ",.0f"), ("node µs/q", "node_us_per_query", ".2f"),
+                                     ("p99 ms", "latency", ".3f")], first="server", placement=True)
     notes = []
     for r in results:
         who = f"{r['label']} ({r.get('placement', 'default')})"
@@ -817,7 +834,7 @@ def render_md(meta: dict[str, Any], ns: dict[str, Any] | None, results: list[dic
         for k, v in r.get("background", {}).items():
             mm = r.get(k)
             ff = mm.get("foreign_frac") if isinstance(mm, dict) else None
-            if k != "warm" and (v > rh.BG_BUSY_WARN or (ff is not None and ff > rh.FOREIGN_WARN)):
+            if k != "warm" and (v > common.BG_BUSY_WARN or (ff is not None and ff > common.FOREIGN_WARN)):
                 notes.append(f"- {who} {k}: other work on the machine ({v * 100:.0f}% of all cores busy "
                              "just before" + (f"; {ff * 100:.0f}% of the busy time during the run was not ours"
                                               if ff is not None else "") + "): its figures are suspect")
@@ -857,9 +874,9 @@ def loadavg() -> str:
 
 
 def versions() -> dict[str, str]:
-    v = dh.versions()
+    v = dns.versions()
     return {k: v[k] for k in ("knot", "dnsperf", "unbound")} | {
-        "iproute2": (re.findall(r"iproute2-([\w.]+)", rh.sh(["ip", "-V"])) or ["?"])[0]}
+        "iproute2": (re.findall(r"iproute2-([\w.]+)", common.sh(["ip", "-V"])) or ["?"])[0]}
 
 
 # --------------------------------------------------------------------------------------
@@ -881,7 +898,7 @@ def smoke_checks(ns: dict[str, Any] | None, results: list[dict[str, Any]]) -> li
             continue
         h, la = r["hits"], r["latency"]
         for ok, what in ((h["qps"] > 0, "queries/s is 0"),
-                         (h["rcodes"].get("NOERROR", 0) >= dh.NOERROR_MIN * h["completed"], "answers not NOERROR"),
+                         (h["rcodes"].get("NOERROR", 0) >= dns.NOERROR_MIN * h["completed"], "answers not NOERROR"),
                          (h["machine_us_per_query"] > 0, "no machine CPU measured"),
                          (0 < la["p50_ms"] <= la["p99_ms"], "latency percentiles out of order"),
                          (r["row"] not in FAST or h.get("kernel_hit_share", 0) >= 0.9,
@@ -893,7 +910,8 @@ def smoke_checks(ns: dict[str, Any] | None, results: list[dict[str, Any]]) -> li
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python3 -m {__spec__.name}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny runs (1,000 names, 1 s), output to a temp dir; sanity checks; for the test suite")
     ap.add_argument("--bin", default=str(REPO / "target/release/node-local-dns"), help="node-local-dns binary")
@@ -952,11 +970,11 @@ def main() -> int:
         log("SKIP: needs root (network namespaces, eBPF); set REQUIRE_PRIVILEGED=1 to make this a failure")
         return 0
 
-    out = rh.output_dir(args, smoke, "dns-fastpath-smoke-")
-    status = rh.install_and_check(args, smoke, ("ip", "knotd", "knotc", "dnsperf", "taskset", "prlimit"))
+    out = common.output_dir(args, smoke, "dns-fastpath-smoke-")
+    status = common.install_and_check(args, smoke, ("ip", "knotd", "knotc", "dnsperf", "taskset", "prlimit"))
     if status:
         return status
-    rh.raise_nofile()
+    common.raise_nofile()
     pin = len(os.sched_getaffinity(0)) >= 2 and {SERVER_CORE, LOAD_CORE} <= os.sched_getaffinity(0)
     if pin:
         os.sched_setaffinity(0, {LOAD_CORE})  # the harness, dnsperf, fastpath-ns (children inherit) and knot
@@ -999,18 +1017,18 @@ def main() -> int:
                 log(f"FAIL fastpath-ns: {e}")
         remove_stale_namespaces()
         topo.create()
-        dh.write_zone(tmp)
+        dns.write_zone(tmp)
         hit_file = tmp / "hits.txt"
         hit_file.write_text("".join(f"h{i}.{ZONE} A\n" for i in range(names)))
         kport = free_port()
-        kconf = dh.knot_conf(tmp, kport)
+        kconf = dns.knot_conf(tmp, kport)
         ksrv = runner.start("knot", ["knotd", "-c", str(kconf)], kport, LOAD_CORE)
-        up = dh.Upstream(ksrv, kconf)
-        dh.probe(kport, f"h0.{ZONE}")
+        up = dns.Upstream(ksrv, kconf)
+        dns.probe(kport, f"h0.{ZONE}")
         log(f"namespaces {topo.node} (knot on 127.0.0.1:{kport}, servers on {LOCAL_IP}:{DNS_PORT}) and {topo.pod} "
             f"(dnsperf from {POD_ADDR})")
-        load = dh.Load(up, args.clients, args.outstanding, 1 if smoke else 2, server_ip=LOCAL_IP,
-                       prefix=topo.in_pod([]))
+        load = dns.Load(up, args.clients, args.outstanding, 1 if smoke else 2, server_ip=LOCAL_IP,
+                        prefix=topo.in_pod([]))
         ctx = Ctx(args, tmp, runner, load, up, topo, binary, duration, lat_duration, lat_rate, hit_file, names, pin)
         rounds: list[list[dict[str, Any]]] = []
         for rnd in range(args.repeat):
@@ -1035,8 +1053,8 @@ def main() -> int:
                             f"node {h['node_us_per_query']:.2f} µs/q, limit {h['limit_text']}"
                             + (f", kernel {h['kernel_hit_share'] * 100:.1f}%" if "kernel_hit_share" in h else "")
                             + f"; p50/p99 {la.get('p50_ms', float('nan')):.3f}/{la.get('p99_ms', float('nan')):.3f} ms")
-        results = rh.merge_rounds(rounds, dh.MEDIAN_KEY, once=(),
-                                  spread={"node_us_per_query": ("hits", "node_us_per_query")})
+        results = common.merge_rounds(rounds, dns.MEDIAN_KEY, once=(),
+                                      spread={"node_us_per_query": ("hits", "node_us_per_query")})
     except KeyboardInterrupt:
         log("interrupted: stopping servers")
         return 130
@@ -1051,14 +1069,13 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    meta = rh.collect_meta(args, pin)
-    meta["versions"] = versions()
-    meta["pinning"] = (f"server on core {SERVER_CORE} (taskset); dnsperf, knot and the harness on core {LOAD_CORE}"
-                       if pin else "none (fewer than 2 cores)")
+    pinning = (f"server on core {SERVER_CORE} (taskset); dnsperf, knot and the harness on core {LOAD_CORE}"
+               if pin else "none (fewer than 2 cores)")
+    meta = common.collect_meta(pinning, versions())
     meta["placements"] = placements
     meta["repeat"] = args.repeat
     meta.update({
-        "command": "python3 bench/harness/" + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join(["python3", "-m", __spec__.name] + sys.argv[1:]),
         "mode": "smoke" if smoke else "full", "duration_s": duration, "lat_duration_s": lat_duration,
         "lat_rate": lat_rate, "names": names, "clients": args.clients, "outstanding": args.outstanding,
         "binary": str(binary), "ns_binary": str(ns_bin), "elapsed_s": time.monotonic() - t_start,

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Installs the Debian packages the macro benchmarks (bench/harness/run.py for sni-proxy,
-# bench/harness/dns.py for node-local-dns) and the privileged tests (network namespaces
+# Installs the Debian packages the macro benchmarks (the harnesses of bench/harness: sni for
+# sni-proxy, dns and dns_fastpath for node-local-dns) and the privileged tests (network namespaces
 # via iproute2, node-local-dns interception via iptables, unbound for its differential test)
 # need, and clang/llvm/libbpf-dev for ebpf/build.sh (the objects are in the repository; the
 # test suite only checks that they match a fresh compile).

@@ -1,12 +1,11 @@
-#!/usr/bin/env python3
 """Macro benchmark of sni-proxy against direct, HAProxy, nginx stream and sniproxy.
 
-    python3 bench/harness/run.py [--smoke] [--proxy-bin PATH] [--out bench/results]
+    python3 -m bench.harness.sni [--smoke] [--proxy-bin PATH] [--out bench/results]
 
-Everything runs on loopback (127.0.0.1): an nginx HTTPS backend, one proxy at a
-time in front of it, wrk/curl as the load.  The proxy under test is pinned to
-core 0, the load generator and the backend to core 1.  See bench/README.md for
-what is measured and how to read it.
+(from the repository root). Everything runs on loopback (127.0.0.1): an nginx HTTPS
+backend, one proxy at a time in front of it, wrk/curl as the load.  The proxy under test
+is pinned to core 0, the load generator and the backend to core 1.  See bench/README.md
+for what is measured and how to read it.
 
 Python 3.11 standard library only, plus Debian tools (wrk, curl, openssl,
 nginx, haproxy, sniproxy, taskset, prlimit).
@@ -15,13 +14,10 @@ nginx, haproxy, sniproxy, taskset, prlimit).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import errno
 import json
 import os
-import platform
 import re
-import resource
 import select
 import shutil
 import signal
@@ -31,17 +27,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[2]
-HARNESS = Path(__file__).resolve().parent
-NOFILE = 262144  # nofile limit for the harness and every server (lowered to the hard limit by raise_nofile)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+from . import common
+from .common import (BG_BUSY_WARN, C_OURS, FONT, FOREIGN_WARN, REPO, BenchError, Meter, Runner, Server,
+                     collect_meta, figure, fmt, free_port, hbar_panel, install_and_check, listen_overflows, log,
+                     merge_rounds, nice_step, output_dir, raise_nofile, rounds_table, sh, sh_any, svg_text,
+                     wait_quiet)
+
 SNI = "localhost"
 WRK_CONNS = 64
 MIB = 1024 * 1024
@@ -68,194 +64,9 @@ T_BULK = 0.90
 T_CPU_VS_BEST_PEER = 0.5
 T_MEM_KIB = 8.0
 
-BG_BUSY_WARN = 0.10  # fraction of the whole machine busy before a run that is flagged
-FOREIGN_WARN = 0.10  # fraction of a run's busy time spent outside proxy/backend/load/irq that is flagged
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    """A row could not produce a number."""
-
 
 # --------------------------------------------------------------------------------------
-# /proc helpers
-
-
-def cpu_times() -> tuple[float, float]:
-    """(busy, total) seconds of the whole machine from the aggregate line of /proc/stat.
-
-    busy = user + nice + system + irq + softirq + steal (guest is already in user).
-    """
-    b, t, _ = cpu_times3()
-    return b, t
-
-
-def cpu_times3() -> tuple[float, float, float]:
-    """(busy, total, irq + softirq) seconds of the whole machine (all cores)."""
-    b, t, i, _ = cpu_times4()
-    return b, t, i
-
-
-def cpu_times4() -> tuple[float, float, float, float]:
-    """(busy, total, irq + softirq, steal) seconds of the whole machine (all cores)."""
-    with open("/proc/stat") as f:
-        parts = f.readline().split()
-    v = [int(x) for x in parts[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = v
-    busy = user + nice + system + irq + softirq + steal
-    return busy / CLK_TCK, sum(v) / CLK_TCK, (irq + softirq) / CLK_TCK, steal / CLK_TCK
-
-
-class Meter:
-    """CPU accounting over one load run.
-
-    busy_s is the figure the report uses: the whole machine's busy time.  The rest
-    splits it: the proxy's process tree, the backend's, the load generator's (wrk/curl,
-    children of the harness), interrupts; foreign_s is what is left, i.e. other work on
-    the machine (a build, ...), and flags a noisy run.
-    """
-
-    def __init__(self, proxy: "Server | None", backend: "Server | None"):
-        self.proxy, self.backend = proxy, backend
-        self.b0, self.t0, self.i0, self.s0 = cpu_times4()
-        self.p0 = proxy.cpu_seconds() if proxy else 0.0
-        self.k0 = backend.cpu_seconds() if backend else 0.0
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.c0 = ru.ru_utime + ru.ru_stime
-        self.lo0 = listen_overflows()
-
-    def stop(self) -> dict[str, float]:
-        b1, t1, i1, s1 = cpu_times4()
-        p1 = self.proxy.cpu_seconds() if self.proxy else 0.0
-        k1 = self.backend.cpu_seconds() if self.backend else 0.0
-        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-        c1 = ru.ru_utime + ru.ru_stime
-        busy = b1 - self.b0
-        r = {
-            "busy_s": busy,
-            "wall_s": (t1 - self.t0) / max(1, os.cpu_count() or 1),
-            "irq_s": i1 - self.i0,
-            "steal_s": s1 - self.s0,
-            "proxy_cpu_s": p1 - self.p0,
-            "backend_cpu_s": k1 - self.k0,
-            "load_cpu_s": c1 - self.c0,
-            "listen_overflows": listen_overflows() - self.lo0,
-        }
-        r["foreign_s"] = max(0.0, busy - r["irq_s"] - r["steal_s"] - r["proxy_cpu_s"] - r["backend_cpu_s"]
-                             - r["load_cpu_s"])
-        r["foreign_frac"] = r["foreign_s"] / busy if busy > 0 else 0.0
-        return r
-
-
-def background_busy(seconds: float = 1.0) -> float:
-    """Fraction of the whole machine (all cores) busy during `seconds` of doing nothing."""
-    b0, t0 = cpu_times()
-    time.sleep(seconds)
-    b1, t1 = cpu_times()
-    return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-
-
-def wait_quiet(max_wait: float) -> float:
-    """Wait (bounded) until the machine is quiet; return the last background busy fraction."""
-    deadline = time.monotonic() + max_wait
-    bg = background_busy(0.5)
-    while bg > BG_BUSY_WARN and time.monotonic() < deadline:
-        bg = background_busy(1.0)
-    return bg
-
-
-def _all_stats() -> dict[int, tuple[int, float]]:
-    """pid -> (ppid, utime+stime seconds) for every process."""
-    out: dict[int, tuple[int, float]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data.rsplit(")", 1)[1].split()
-        # rest[0] = state, rest[1] = ppid, rest[11] = utime, rest[12] = stime
-        out[int(name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / CLK_TCK)
-    return out
-
-
-def process_tree(root: int) -> list[int]:
-    stats = _all_stats()
-    if root not in stats:
-        return []
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def tree_cpu_seconds(root: int) -> float:
-    stats = _all_stats()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in stats:
-            total += stats[pid][1]
-        todo.extend(children.get(pid, []))
-    return total
-
-
-def _status_kib(pid: int, key: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def tree_memory(root: int) -> dict[str, int]:
-    pids = process_tree(root)
-    return {
-        "rss_kib": sum(_status_kib(p, "VmRSS") for p in pids),
-        "pss_kib": sum(_pss_kib(p) for p in pids),
-        "processes": len(pids),
-    }
-
-
-def listen_overflows() -> int:
-    """TcpExt ListenOverflows: SYNs/ACKs dropped because an accept queue was full."""
-    try:
-        with open("/proc/net/netstat") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return 0
-    for names, values in zip(lines[::2], lines[1::2]):
-        if names.startswith("TcpExt:"):
-            d = dict(zip(names.split()[1:], values.split()[1:]))
-            return int(d.get("ListenOverflows", 0))
-    return 0
+# /proc
 
 
 def count_established(local_port: int) -> int:
@@ -270,120 +81,6 @@ def count_established(local_port: int) -> int:
             if parts[3] == "01" and parts[1].endswith(want):
                 n += 1
     return n
-
-
-# --------------------------------------------------------------------------------------
-# processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise BenchError(f"exited with status {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
-    port: int
-    admin: int = 0  # sni-proxy's admin port (0: not ours)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def memory(self) -> dict[str, int]:
-        return tree_memory(self.pid)
-
-    def cpu_seconds(self) -> float:
-        return tree_cpu_seconds(self.pid)
-
-    def log_tail(self, n: int = 15) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout=8)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=5)
-
-
-class Runner:
-    """Starts servers (each in its own session/process group) and stops them all."""
-
-    def __init__(self, tmp: Path, pin: bool):
-        self.tmp = tmp
-        self.pin = pin
-        self.servers: list[Server] = []
-
-    def start(self, name: str, argv: list[str], port: int, core: int,
-              env: dict[str, str] | None = None, timeout: float = 15.0) -> Server:
-        cmd = []
-        if self.pin:
-            cmd += ["taskset", "-c", str(core)]
-        cmd += ["prlimit", f"--nofile={NOFILE}:{NOFILE}", "--"] + argv
-        log_path = self.tmp / f"{name}.log"
-        logf = open(log_path, "ab")
-        full_env = dict(os.environ)
-        if env:
-            full_env.update(env)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                env=full_env, start_new_session=True, cwd=self.tmp)
-        logf.close()
-        srv = Server(name, proc, log_path, port)
-        self.servers.append(srv)
-        try:
-            wait_port(port, timeout, proc)
-        except BenchError as e:
-            tail = srv.log_tail()
-            srv.stop()
-            raise BenchError(f"{name}: {e}" + (f"\n--- {log_path.name} ---\n{tail}" if tail else ""))
-        return srv
-
-    def stop(self, srv: Server) -> None:
-        srv.stop()
-        if srv in self.servers:
-            self.servers.remove(srv)
-
-    def stop_all(self) -> None:
-        for srv in list(reversed(self.servers)):
-            try:
-                srv.stop()
-            except Exception as e:  # keep stopping the others
-                log(f"stopping {srv.name} (pid {srv.pid}): {e}")
-        self.servers.clear()
 
 
 # --------------------------------------------------------------------------------------
@@ -408,7 +105,7 @@ def nginx_main(d: Path, error_log: Path) -> str:
     return f"""
 user root;
 worker_processes 1;
-worker_rlimit_nofile {NOFILE};
+worker_rlimit_nofile {common.NOFILE};
 daemon off;
 master_process on;
 pid {d}/nginx.pid;
@@ -477,12 +174,12 @@ def haproxy_conf(tmp: Path, port: int, backend: int) -> Path:
     conf = tmp / "haproxy.cfg"
     conf.write_text(f"""global
     nbthread 1
-    maxconn {(NOFILE - 200) // 2}
+    maxconn {(common.NOFILE - 200) // 2}
     pidfile {tmp}/haproxy.pid
 
 defaults
     mode tcp
-    maxconn {(NOFILE - 200) // 2}
+    maxconn {(common.NOFILE - 200) // 2}
     timeout connect 5s
     timeout client 1h
     timeout server 1h
@@ -623,9 +320,7 @@ class Load:
             raise BenchError("wrk completed no request:\n" + p.stdout[-800:])
         if r["non_2xx"] > r["requests"] * 0.01:
             raise BenchError(f"wrk: {r['non_2xx']} of {r['requests']} responses were not 2xx")
-        r["cpu_us_per_req"] = r["busy_s"] * 1e6 / r["requests"]
-        r["own_cpu_us_per_req"] = (r["busy_s"] - r["foreign_s"]) * 1e6 / r["requests"]
-        r["proxy_cpu_us_per_req"] = (r["proxy_cpu_s"] * 1e6 / r["requests"]) if server else None
+        per_request(r, server is not None)
         r["raw"] = p.stdout
         return r
 
@@ -648,17 +343,7 @@ class Load:
             nbytes += int(got)
             for k, v in cpu.items():
                 acc[k] = acc.get(k, 0.0) + v
-        gib = nbytes / GIB
-        acc["foreign_frac"] = acc["foreign_s"] / acc["busy_s"] if acc["busy_s"] > 0 else 0.0
-        return {
-            "mib_s": max(speeds),
-            "runs_mib_s": speeds,
-            "bytes": nbytes,
-            **acc,
-            "cpu_s_per_gib": acc["busy_s"] / gib,
-            "own_cpu_s_per_gib": (acc["busy_s"] - acc["foreign_s"]) / gib,
-            "proxy_cpu_s_per_gib": (acc["proxy_cpu_s"] / gib) if server else None,
-        }
+        return per_gib(speeds, nbytes, acc, server is not None)
 
     def probe(self, port: int) -> None:
         argv = ["curl", "-sk", "--max-time", "10", "--resolve", f"{SNI}:{port}:127.0.0.1",
@@ -756,7 +441,6 @@ def idle_connections(server: Server, backend_port: int, n: int, hello: bytes,
         raise BenchError(f"{server.name} died during the idle-connection test:\n{server.log_tail()}")
     if opened == 0:
         raise BenchError("no idle connection could be opened")
-    delta = after["rss_kib"] - before["rss_kib"]
     return {
         "requested": n,
         "opened": opened,
@@ -770,10 +454,7 @@ def idle_connections(server: Server, backend_port: int, n: int, hello: bytes,
         "pss_before_kib": before["pss_kib"],
         "pss_after_kib": after["pss_kib"],
         "processes": after["processes"],
-        "kib_per_conn": delta / n,
-        "held": min(upstream, client_legs, n),
-        "kib_per_held_conn": delta / min(upstream, client_legs, n) if min(upstream, client_legs, n) > 0 else None,
-        "pss_kib_per_conn": (after["pss_kib"] - before["pss_kib"]) / n,
+        **per_idle_connection(n, before, after, upstream, client_legs),
     }
 
 
@@ -851,7 +532,7 @@ def start_row(ctx: Ctx, row: str, tag: str) -> Server:
                                        "-e", str(ctx.tmp / "nginx.error.log")], port, 0)
     if row == "sniproxy":
         conf = sniproxy_conf(ctx.tmp, port, b)
-        return ctx.runner.start(name, ["sniproxy", "-f", "-c", str(conf), "-n", str(NOFILE)], port, 0)
+        return ctx.runner.start(name, ["sniproxy", "-f", "-c", str(conf), "-n", str(common.NOFILE)], port, 0)
     raise ValueError(row)
 
 
@@ -962,31 +643,82 @@ def measure_row(ctx: Ctx, row: str, with_idle: bool = True) -> dict[str, Any]:
 # derived figures
 
 
+def per_request(r: dict[str, Any], proxied: bool) -> None:
+    """Sets a wrk run's CPU per request, in µs: the whole machine's busy time (`cpu_us_per_req`),
+    the same less other work on the machine (`own_`), the proxy's process tree alone (`proxy_`,
+    None without a proxy)."""
+    r["cpu_us_per_req"] = r["busy_s"] * 1e6 / r["requests"]
+    r["own_cpu_us_per_req"] = (r["busy_s"] - r["foreign_s"]) * 1e6 / r["requests"]
+    r["proxy_cpu_us_per_req"] = (r["proxy_cpu_s"] * 1e6 / r["requests"]) if proxied else None
+
+
+def per_gib(speeds: list[float], nbytes: int, cpu: dict[str, float], proxied: bool) -> dict[str, Any]:
+    """The bulk measure from its downloads (MiB/s each, bytes in all, Meter figures summed over
+    them): the best speed, and CPU seconds per GiB as per_request divides per request."""
+    gib = nbytes / GIB
+    cpu["foreign_frac"] = cpu["foreign_s"] / cpu["busy_s"] if cpu["busy_s"] > 0 else 0.0
+    return {
+        "mib_s": max(speeds),
+        "runs_mib_s": speeds,
+        "bytes": nbytes,
+        **cpu,
+        "cpu_s_per_gib": cpu["busy_s"] / gib,
+        "own_cpu_s_per_gib": (cpu["busy_s"] - cpu["foreign_s"]) / gib,
+        "proxy_cpu_s_per_gib": (cpu["proxy_cpu_s"] / gib) if proxied else None,
+    }
+
+
+def per_idle_connection(n: int, before: dict[str, int], after: dict[str, int], upstream: int,
+                        client_legs: int) -> dict[str, Any]:
+    """The idle test's memory figures from the proxy's memory before and after opening `n`
+    connections and the legs still established: RSS and PSS growth per connection asked, the
+    connections held (both legs up) and the RSS growth per connection held."""
+    delta = after["rss_kib"] - before["rss_kib"]
+    held = min(upstream, client_legs, n)
+    return {
+        "kib_per_conn": delta / n,
+        "held": held,
+        "kib_per_held_conn": delta / held if held > 0 else None,
+        "pss_kib_per_conn": (after["pss_kib"] - before["pss_kib"]) / n,
+    }
+
+
+def idle_held(idle: dict[str, Any]) -> int:
+    """Connections the proxy really held: both legs still established."""
+    return min(idle["upstream_established"], idle["client_legs_established"], idle["requested"])
+
+
+def idle_kib(idle: dict[str, Any]) -> float | None:
+    """RSS growth per connection held (= per connection asked when all were held)."""
+    held = idle_held(idle)
+    if held <= 0:
+        return None
+    return (idle["rss_after_kib"] - idle["rss_before_kib"]) / held
+
+
 def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sets each result's `ratio` (throughput ÷ direct's) and `cpu_overhead` (CPU per unit of
+    work − direct's); returns direct's figures, the best (lowest) peer overhead per CPU figure and
+    the target verdicts of our rows."""
     by = {r["row"]: r for r in results}
-    d = by.get("direct", {})
-
-    def get(r: dict[str, Any], k: str, f: str) -> float | None:
-        v = r.get(k)
-        return v.get(f) if isinstance(v, dict) else None
-
+    d = by.get("direct")
     base = {
-        "keepalive": get(d, "keepalive", "per_s"),
-        "newconn": get(d, "newconn", "per_s"),
-        "bulk": get(d, "bulk", "mib_s"),
-        "cpu_req": get(d, "keepalive", "cpu_us_per_req"),
-        "cpu_conn": get(d, "newconn", "cpu_us_per_req"),
-        "cpu_gib": get(d, "bulk", "cpu_s_per_gib"),
+        "keepalive": figure(d, "keepalive", "per_s"),
+        "newconn": figure(d, "newconn", "per_s"),
+        "bulk": figure(d, "bulk", "mib_s"),
+        "cpu_req": figure(d, "keepalive", "cpu_us_per_req"),
+        "cpu_conn": figure(d, "newconn", "cpu_us_per_req"),
+        "cpu_gib": figure(d, "bulk", "cpu_s_per_gib"),
     }
     for r in results:
         ratios, over = {}, {}
         for k, f in (("keepalive", "per_s"), ("newconn", "per_s"), ("bulk", "mib_s")):
-            v = get(r, k, f)
+            v = figure(r, k, f)
             ratios[k] = (v / base[k]) if (v is not None and base[k]) else None
         for k, src, f in (("cpu_req", "keepalive", "cpu_us_per_req"),
                           ("cpu_conn", "newconn", "cpu_us_per_req"),
                           ("cpu_gib", "bulk", "cpu_s_per_gib")):
-            v = get(r, src, f)
+            v = figure(r, src, f)
             over[k] = (v - base[k]) if (v is not None and base[k] is not None) else None
         r["ratio"] = ratios
         r["cpu_overhead"] = over
@@ -1000,7 +732,6 @@ def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
     targets = []
     for row in OURS:
         r = by.get(row)
-        label = LABELS[row]
         if r is None:
             continue
 
@@ -1044,24 +775,6 @@ def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # output
 
-
-def idle_held(idle: dict[str, Any]) -> int:
-    """Connections the proxy really held: both legs still established."""
-    return min(idle["upstream_established"], idle["client_legs_established"], idle["requested"])
-
-
-def idle_kib(idle: dict[str, Any]) -> float | None:
-    """RSS growth per connection held (= per connection asked when all were held)."""
-    held = idle_held(idle)
-    if held <= 0:
-        return None
-    return (idle["rss_after_kib"] - idle["rss_before_kib"]) / held
-
-
-def fmt_num(v: float | None, digits: int = 0) -> str:
-    if v is None:
-        return "–"
-    return f"{v:,.{digits}f}"
 
 
 def fmt_ratio(v: float | None) -> str:
@@ -1124,14 +837,14 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
                 mem += f" (held only {idle_held(idle):,})"
         cols = [
             r["label"] + ("" if r["status"] == "ok" else f" ({r['status']})"),
-            (fmt_num(ka["per_s"]) + ("" if row_is_direct else fmt_ratio(ratio.get("keepalive")))) if ka else "failed",
-            fmt_num(ka["p99_ms"], 2) if ka and ka.get("p99_ms") is not None else "–",
-            (fmt_num(nc["per_s"]) + ("" if row_is_direct else fmt_ratio(ratio.get("newconn")))) if nc else "failed",
-            (fmt_num(bu["mib_s"]) + ("" if row_is_direct else fmt_ratio(ratio.get("bulk")))) if bu else "failed",
+            (fmt(ka["per_s"]) + ("" if row_is_direct else fmt_ratio(ratio.get("keepalive")))) if ka else "failed",
+            fmt(ka["p99_ms"], 2) if ka and ka.get("p99_ms") is not None else "–",
+            (fmt(nc["per_s"]) + ("" if row_is_direct else fmt_ratio(ratio.get("newconn")))) if nc else "failed",
+            (fmt(bu["mib_s"]) + ("" if row_is_direct else fmt_ratio(ratio.get("bulk")))) if bu else "failed",
             mem,
-            (fmt_num(ka["cpu_us_per_req"], 1) + ("" if row_is_direct else fmt_over(over.get("cpu_req")))) if ka else "–",
-            (fmt_num(nc["cpu_us_per_req"], 1) + ("" if row_is_direct else fmt_over(over.get("cpu_conn")))) if nc else "–",
-            (fmt_num(bu["cpu_s_per_gib"], 2) + ("" if row_is_direct else fmt_over(over.get("cpu_gib"), 2))) if bu else "–",
+            (fmt(ka["cpu_us_per_req"], 1) + ("" if row_is_direct else fmt_over(over.get("cpu_req")))) if ka else "–",
+            (fmt(nc["cpu_us_per_req"], 1) + ("" if row_is_direct else fmt_over(over.get("cpu_conn")))) if nc else "–",
+            (fmt(bu["cpu_s_per_gib"], 2) + ("" if row_is_direct else fmt_over(over.get("cpu_gib"), 2))) if bu else "–",
         ]
         L.append("| " + " | ".join(cols) + " |")
     L.append("")
@@ -1156,7 +869,7 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
         pc = []
         for m, f, dg in ((ka, "proxy_cpu_us_per_req", 1), (nc, "proxy_cpu_us_per_req", 1),
                          (bu, "proxy_cpu_s_per_gib", 2)):
-            pc.append(fmt_num(m.get(f), dg) if m and m.get(f) is not None else "–")
+            pc.append(fmt(m.get(f), dg) if m and m.get(f) is not None else "–")
         bg = r.get("background", {})
         noise = []
         for k in ("keepalive", "newconn", "bulk", "idle"):
@@ -1167,8 +880,8 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
             noise.append(f"{k} {bg[k] * 100:.0f}%{during}")
         L.append("| " + " | ".join([
             r["label"],
-            f"{fmt_num(ka.get('p50_ms'), 2)} / {fmt_num(ka.get('p99_ms'), 2)}" if ka else "–",
-            fmt_num(nc.get("p99_ms"), 2) if nc else "–",
+            f"{fmt(ka.get('p50_ms'), 2)} / {fmt(ka.get('p99_ms'), 2)}" if ka else "–",
+            fmt(nc.get("p99_ms"), 2) if nc else "–",
             ", ".join(f"{s:,.0f}" for s in bu["runs_mib_s"]) if bu else "–",
             " · ".join(pc) if r["row"] != "direct" else "–",
             (f"{idle['opened']:,} / {idle['upstream_established']:,} / {idle['client_legs_established']:,} / "
@@ -1207,36 +920,6 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
     return "\n".join(L)
 
 
-# ---- SVG (hand-written) ----
-
-FONT = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\""
-C_OURS = "#d6452f"
-C_OURS2 = "#f08a5d"
-C_PEER = "#7f8c9b"
-C_DIRECT = "#3b6ea5"
-
-
-def _esc(s: str) -> str:
-    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _text(x: float, y: float, s: str, size: int = 12, anchor: str = "start", weight: str = "normal",
-          fill: str = "#222", rotate: float | None = None, halo: bool = False) -> str:
-    tr = f' transform="rotate({rotate} {x:.1f} {y:.1f})"' if rotate is not None else ""
-    # halo: a white outline under the glyphs keeps a label readable across grid/target lines
-    h = ' stroke="white" stroke-width="3" stroke-linejoin="round" paint-order="stroke"' if halo else ""
-    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" '
-            f'font-weight="{weight}" fill="{fill}"{h}{tr}>{_esc(s)}</text>')
-
-
-def _nice_step(span: float, n: int = 5) -> float:
-    raw = span / n if span > 0 else 1
-    mag = 10 ** __import__("math").floor(__import__("math").log10(raw))
-    for m in (1, 2, 2.5, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag
-
 
 def svg_throughput(results: list[dict[str, Any]], derived: dict[str, Any], meta: dict[str, Any]) -> str:
     W, H = 960, 540
@@ -1249,30 +932,30 @@ def svg_throughput(results: list[dict[str, Any]], derived: dict[str, Any], meta:
     vals = [r.get("ratio", {}).get(k) for r in results for k, _, _ in metrics]
     vmax = max([v for v in vals if v is not None] + [1.0])
     ymax = max(1.2, (int(vmax * 10) + 2) / 10)
-    step = _nice_step(ymax, 6)
+    step = nice_step(ymax, 6)
 
     def y(v: float) -> float:
         return top + ph - (v / ymax) * ph
 
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" {FONT}>',
          f'<rect width="{W}" height="{H}" fill="white"/>',
-         _text(W / 2, 28, "Throughput relative to direct (client → backend, no proxy) — higher is better",
+         svg_text(W / 2, 28, "Throughput relative to direct (client → backend, no proxy) — higher is better",
                17, "middle", "bold"),
-         _text(W / 2, 50, f"proxy pinned to 1 core; {meta['mode']} run {meta['date']} · commit {meta['commit']}",
+         svg_text(W / 2, 50, f"proxy pinned to 1 core; {meta['mode']} run {meta['date']} · commit {meta['commit']}",
                12, "middle", fill="#555")]
     # grid
     g = 0.0
     while g <= ymax + 1e-9:
         yy = y(g)
         o.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{W - right}" y2="{yy:.1f}" stroke="#e3e3e3"/>')
-        o.append(_text(left - 8, yy + 4, f"{g:g}×", 11, "end", fill="#555"))
+        o.append(svg_text(left - 8, yy + 4, f"{g:g}×", 11, "end", fill="#555"))
         g += step
     o.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#888"/>')
     o.append(f'<line x1="{left}" y1="{top + ph}" x2="{W - right}" y2="{top + ph}" stroke="#888"/>')
     # direct = 1 and target lines
     o.append(f'<line x1="{left}" y1="{y(1):.1f}" x2="{W - right}" y2="{y(1):.1f}" stroke="#333" '
              f'stroke-dasharray="6 4"/>')
-    o.append(_text(W - right - 4, y(1) - 5, "direct = 1.0×", 11, "end", fill="#333"))
+    o.append(svg_text(W - right - 4, y(1) - 5, "direct = 1.0×", 11, "end", fill="#333"))
     o.append(f'<line x1="{left}" y1="{y(T_KEEPALIVE):.1f}" x2="{W - right}" y2="{y(T_KEEPALIVE):.1f}" '
              f'stroke="{C_OURS}" stroke-width="1.2" stroke-dasharray="2 3"/>')
     o.append(f'<line x1="{left}" y1="{y(T_BULK):.1f}" x2="{W - right}" y2="{y(T_BULK):.1f}" '
@@ -1282,23 +965,23 @@ def svg_throughput(results: list[dict[str, Any]], derived: dict[str, Any], meta:
     bw = min(38.0, gw * 0.8 / 3)
     for i, r in enumerate(results):
         cx = left + gw * (i + 0.5)
-        o.append(_text(cx, top + ph + 20, r["label"], 12, "middle",
+        o.append(svg_text(cx, top + ph + 20, r["label"], 12, "middle",
                        "bold" if r["row"] in OURS else "normal"))
         d = r.get("ratio", {})
         if r["status"] == "missing" or all(d.get(k) is None for k, _, _ in metrics):
-            o.append(_text(cx, top + ph - 12, r["status"] if r["status"] != "ok" else "no data",
+            o.append(svg_text(cx, top + ph - 12, r["status"] if r["status"] != "ok" else "no data",
                            12, "middle", fill="#a00"))
             continue
         for j, (k, _, col) in enumerate(metrics):
             v = d.get(k)
             x0 = cx - 1.5 * bw + j * bw
             if v is None:
-                o.append(_text(x0 + bw / 2, top + ph - 6, "×", 12, "middle", fill="#a00"))
+                o.append(svg_text(x0 + bw / 2, top + ph - 6, "×", 12, "middle", fill="#a00"))
                 continue
             vv = min(v, ymax)
             o.append(f'<rect x="{x0 + 1:.1f}" y="{y(vv):.1f}" width="{bw - 2:.1f}" '
                      f'height="{top + ph - y(vv):.1f}" fill="{col}"/>')
-            o.append(_text(x0 + bw / 2, y(vv) - 4, f"{v:.2f}", 10, "middle", fill="#333", halo=True))
+            o.append(svg_text(x0 + bw / 2, y(vv) - 4, f"{v:.2f}", 10, "middle", fill="#333", halo=True))
     # legend with the absolute direct figures
     base = derived["direct"]
     absd = {"keepalive": f"{base['keepalive']:,.0f}/s" if base["keepalive"] else "–",
@@ -1309,80 +992,28 @@ def svg_throughput(results: list[dict[str, Any]], derived: dict[str, Any], meta:
     for k, name, col in metrics:
         o.append(f'<rect x="{lx}" y="{ly - 10}" width="12" height="12" fill="{col}"/>')
         label = f"{name} (direct = {absd[k]})"
-        o.append(_text(lx + 17, ly, label, 12))
+        o.append(svg_text(lx + 17, ly, label, 12))
         lx += 20 + len(label) * 6.8
     ly += 22
     o.append(f'<line x1="{left}" y1="{ly - 4}" x2="{left + 24}" y2="{ly - 4}" stroke="{C_OURS}" '
              f'stroke-width="1.2" stroke-dasharray="2 3"/>')
-    o.append(_text(left + 30, ly, f"target {T_KEEPALIVE}× (req/s, conns/s)", 12))
+    o.append(svg_text(left + 30, ly, f"target {T_KEEPALIVE}× (req/s, conns/s)", 12))
     o.append(f'<line x1="{left + 250}" y1="{ly - 4}" x2="{left + 274}" y2="{ly - 4}" stroke="#2e7d32" '
              f'stroke-width="1.2" stroke-dasharray="2 3"/>')
-    o.append(_text(left + 280, ly, f"target {T_BULK}× (MiB/s)", 12))
-    o.append(_text(W - right, ly, "sni-proxy rows in bold", 12, "end", fill="#555"))
+    o.append(svg_text(left + 280, ly, f"target {T_BULK}× (MiB/s)", 12))
+    o.append(svg_text(W - right, ly, "sni-proxy rows in bold", 12, "end", fill="#555"))
     o.append("</svg>")
     return "\n".join(o)
 
-
-def _hbar_panel(o: list[str], x: float, y0: float, w: float, h: float, title: str, unit: str,
-                items: list[tuple[str, float | None, str, bool]], target: float | None, target_label: str,
-                digits: int) -> None:
-    """items: (label, value or None, text when None, ours?)."""
-    label_w = 130
-    px, pw = x + label_w, w - label_w - 50
-    vals = [v for _, v, _, _ in items if v is not None] + ([target] if target is not None else [])
-    vmin = min([0.0] + vals)
-    vmax = max([0.0] + vals)
-    if vmax - vmin < 1e-12:
-        vmax = vmin + 1
-    span = vmax - vmin
-    vmin -= span * (0.02 if vmin < 0 else 0)
-    vmax += span * 0.12
-    step = _nice_step(vmax - vmin, 4)
-
-    def X(v: float) -> float:
-        return px + (v - vmin) / (vmax - vmin) * pw
-
-    o.append(_text(x + w / 2, y0, title, 14, "middle", "bold"))
-    top = y0 + 14
-    rows = len(items)
-    rh = (h - 40) / max(rows, 1)
-    # grid
-    import math
-    g = math.ceil(vmin / step) * step
-    while g <= vmax + 1e-12:
-        gx = X(g)
-        o.append(f'<line x1="{gx:.1f}" y1="{top}" x2="{gx:.1f}" y2="{top + rows * rh:.1f}" stroke="#e6e6e6"/>')
-        o.append(_text(gx, top + rows * rh + 14, f"{g:g}", 10, "middle", fill="#555"))
-        g += step
-    o.append(_text(px + pw / 2, top + rows * rh + 30, unit, 11, "middle", fill="#444"))
-    o.append(f'<line x1="{X(0):.1f}" y1="{top}" x2="{X(0):.1f}" y2="{top + rows * rh:.1f}" stroke="#666"/>')
-    for i, (label, v, none_text, ours) in enumerate(items):
-        cy = top + rh * (i + 0.5)
-        o.append(_text(px - 8, cy + 4, label, 12, "end", "bold" if ours else "normal"))
-        if v is None:
-            o.append(_text(px + 6, cy + 4, none_text, 11, "start", fill="#a00"))
-            continue
-        x1, x2 = sorted((X(0), X(v)))
-        bh = min(22.0, rh * 0.6)
-        o.append(f'<rect x="{x1:.1f}" y="{cy - bh / 2:.1f}" width="{max(x2 - x1, 1):.1f}" height="{bh:.1f}" '
-                 f'fill="{C_OURS if ours else C_PEER}"/>')
-        # a positive value is written after its bar, a negative one right of the zero line
-        tx = X(v) + 5 if v >= 0 else X(0) + 5
-        o.append(_text(tx, cy + 4, f"{v:.{digits}f}", 11, "start", fill="#222", halo=True))
-    if target is not None:
-        tx = X(target)
-        o.append(f'<line x1="{tx:.1f}" y1="{top - 2}" x2="{tx:.1f}" y2="{top + rows * rh:.1f}" '
-                 f'stroke="{C_OURS}" stroke-dasharray="4 3"/>')
-        o.append(_text(tx, top + rows * rh + 44, target_label, 10, "middle", fill=C_OURS))
 
 
 def svg_cpu(results: list[dict[str, Any]], derived: dict[str, Any], meta: dict[str, Any]) -> str:
     W, H = 1080, 440
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" {FONT}>',
          f'<rect width="{W}" height="{H}" fill="white"/>',
-         _text(W / 2, 28, "CPU overhead of each proxy: whole-machine busy time minus direct's — lower is better",
+         svg_text(W / 2, 28, "CPU overhead of each proxy: whole-machine busy time minus direct's — lower is better",
                17, "middle", "bold"),
-         _text(W / 2, 50, "/proc/stat user+nice+system+irq+softirq+steal, all cores, over each wrk/curl run; "
+         svg_text(W / 2, 50, "/proc/stat user+nice+system+irq+softirq+steal, all cores, over each wrk/curl run; "
                f"{meta['mode']} run {meta['date']}", 12, "middle", fill="#555")]
     rows = [r for r in results if r["row"] != "direct"]
     base = derived["direct"]
@@ -1406,7 +1037,7 @@ def svg_cpu(results: list[dict[str, Any]], derived: dict[str, Any], meta: dict[s
         if k in ("cpu_req", "cpu_gib") and bp and bp[0] > 0:
             target = T_CPU_VS_BEST_PEER * bp[0]
             tl = f"target ≤ {T_CPU_VS_BEST_PEER}× best peer = {target:.{digits}f}"
-        _hbar_panel(o, 20 + i * pw, 88, pw - 10, H - 110, title, unit, items, target, tl, digits)
+        hbar_panel(o, 20 + i * pw, 88, pw - 10, H - 110, title, unit, items, target, tl, digits)
     o.append("</svg>")
     return "\n".join(o)
 
@@ -1415,37 +1046,14 @@ def svg_cpu(results: list[dict[str, Any]], derived: dict[str, Any], meta: dict[s
 # main
 
 
-def sh(argv: list[str], default: str = "?") -> str:
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO)
-        out = (p.stdout + p.stderr).strip()
-        return out if p.returncode == 0 and out else default
-    except (OSError, subprocess.TimeoutExpired):
-        return default
+# Per row, the median round's run of each throughput measure (common.merge_rounds); the idle test
+# runs in round 1 only.
+MEDIAN_KEY = {"keepalive": "per_s", "newconn": "per_s", "bulk": "mib_s"}
 
 
-def sh_any(argv: list[str]) -> str:
-    """Output of a command whatever its exit status (wrk -v exits 1)."""
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-        return (p.stdout + p.stderr).strip() or "?"
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-
-
-def collect_meta(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
-    commit = sh(["git", "rev-parse", "--short", "HEAD"], "no commit yet")
-    if sh(["git", "status", "--porcelain", "--untracked-files=no"], ""):
-        commit += " (dirty)"
-    cpu_model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {
+def tool_versions() -> dict[str, str]:
+    """The versions of the load tools and the peers, for the report's header."""
+    return {
         "wrk": sh_any(["wrk", "-v"]).splitlines()[0].split(" Copyright")[0].removeprefix("wrk ") if shutil.which("wrk") else "missing",
         "curl": sh(["curl", "--version"]).split()[1] if shutil.which("curl") else "missing",
         "OpenSSL": sh(["openssl", "version"]).split()[1] if shutil.which("openssl") else "missing",
@@ -1453,83 +1061,6 @@ def collect_meta(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
         "HAProxy": sh(["haproxy", "-v"]).split()[2] if shutil.which("haproxy") else "missing",
         "sniproxy": sh(["sniproxy", "-V"]).split()[-1] if shutil.which("sniproxy") else "missing",
     }
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "commit": commit,
-        "kernel": platform.release(),
-        "cpu_model": cpu_model,
-        "cores": os.cpu_count(),
-        "pinning": ("proxy on core 0 (taskset -c 0); wrk/curl and the nginx backend on core 1 (taskset -c 1)"
-                    if pin else "none (fewer than 2 cores)"),
-        "versions": versions,
-    }
-
-
-MEDIAN_KEY = {"keepalive": "per_s", "newconn": "per_s", "bulk": "mib_s"}
-
-
-def rounds_table(L: list[str], results: list[dict[str, Any]], columns: list[tuple[str, str, str]],
-                 first: str = "row", placement: bool = False) -> None:
-    """The report's "Rounds" section (nothing after a single round): per result, every round's
-    figures, sorted, of `columns` (header, name in the result's `rounds`, format spec)."""
-    spread = [r for r in results if r.get("rounds")]
-    if not spread:
-        return
-    heads = [first] + (["placement"] if placement else []) + [head for head, _, _ in columns]
-    L.append("## Rounds (sorted; the median is reported)")
-    L.append("")
-    L.append("| " + " | ".join(heads) + " |")
-    L.append("|" + "---|" * len(heads))
-    for r in spread:
-        cells = [r["label"]] + ([r.get("placement", "default")] if placement else [])
-        cells += [", ".join(format(v, spec) for v in r["rounds"].get(name, [])) or "–" for _, name, spec in columns]
-        L.append("| " + " | ".join(cells) + " |")
-    L.append("")
-
-
-def merge_rounds(rounds: list[list[dict[str, Any]]], median_key: dict[str, str] | None = None,
-                 once: tuple[str, ...] = ("idle",),
-                 spread: dict[str, tuple[str, str]] | None = None) -> list[dict[str, Any]]:
-    """One result per row from several rounds (each round the same rows in the same order): per
-    measure of `median_key` (measure -> the figure to sort by), the run with the median figure
-    (whole, so its CPU numbers stay consistent; the lower middle one for an even count); the
-    measures in `once` come from round 1. `rounds` of each result lists the sorted figures,
-    plus those named in `spread` (name -> measure, figure)."""
-    if len(rounds) == 1:
-        return rounds[0]
-    median_key = MEDIAN_KEY if median_key is None else median_key
-    merged = []
-    for i, first in enumerate(rounds[0]):
-        runs = [rnd[i] for rnd in rounds]
-        res = dict(first)
-        res["errors"] = [e for r in runs for e in r.get("errors", [])]
-        res["background"] = {}
-        res["rounds"] = {}
-        for k, f in median_key.items():
-            cands = sorted((r[k] for r in runs if isinstance(r.get(k), dict)), key=lambda m: m[f])
-            res.pop(k, None)
-            if cands:
-                res[k] = cands[(len(cands) - 1) // 2]
-                res["rounds"][k] = [m[f] for m in cands]
-            bgs = [r["background"][k] for r in runs if k in r.get("background", {})]
-            if bgs:
-                res["background"][k] = max(bgs)
-        for name, (k, f) in (spread or {}).items():
-            values = sorted(r[k][f] for r in runs if isinstance(r.get(k), dict) and r[k].get(f) is not None)
-            if values:
-                res["rounds"][name] = values
-        for k in once:
-            if k in first.get("background", {}):
-                res["background"][k] = first["background"][k]
-        if first["status"] != "missing":
-            needed = list(median_key) + [k for k in once if k in first or k in first.get("failed_measures", [])]
-            missing = [k for k in needed if k not in res]
-            res["status"] = "ok" if not missing else ("failed" if len(missing) == len(needed) else "partial")
-            res["failed_measures"] = missing
-            if any(r["status"] != "ok" for r in runs) and res["status"] == "ok":
-                res["status"] = "partial"
-        merged.append(res)
-    return merged
 
 
 def write_outputs(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]) -> None:
@@ -1543,43 +1074,9 @@ def write_outputs(out: Path, meta: dict[str, Any], results: list[dict[str, Any]]
     (out / "cpu.svg").write_text(svg_cpu(results, derived, meta) + "\n")
 
 
-def output_dir(args: argparse.Namespace, smoke: bool, prefix: str) -> Path:
-    """--out, else a temp dir (smoke) or bench/results; created."""
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix=prefix)) if smoke else REPO / "bench/results"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def install_and_check(args: argparse.Namespace, smoke: bool, tools: tuple[str, ...], missing_note: str = "") -> int:
-    """Runs install-deps.sh (full runs unless --no-install; smoke only with --install) and checks
-    that `tools` are on PATH: 0, or the exit status for main (2 install failed, 1 a tool missing)."""
-    if (not smoke and not args.no_install) or args.install:
-        p = subprocess.run(["sh", str(HARNESS / "install-deps.sh")], timeout=900)
-        if p.returncode != 0:
-            log("install-deps.sh failed")
-            return 2
-    for tool in tools:
-        if not shutil.which(tool):
-            log(f"FAIL: {tool} is not installed (bench/harness/install-deps.sh installs it){missing_note}")
-            return 1
-    return 0
-
-
-def raise_nofile() -> None:
-    """Raises the nofile limit of the harness (and so of every server, through prlimit) to
-    NOFILE; without CAP_SYS_RESOURCE the hard limit is the ceiling for everyone."""
-    global NOFILE
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, max(hard, NOFILE)))
-    except (ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log(f"RLIMIT_NOFILE hard limit is {hard} and cannot be raised: servers get {hard}")
-        NOFILE = hard
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=f"python3 -m {__spec__.name}", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
                     help="2 s runs, 500 idle conns, 16 MiB download; output to a temp dir; non-zero exit if a row fails")
     ap.add_argument("--proxy-bin", default=str(REPO / "target/release/sni-proxy"))
@@ -1633,10 +1130,10 @@ def main() -> int:
 
     # harness limits and pinning
     raise_nofile()
-    idle_cap = (NOFILE - 200) // 2  # a proxy needs 2 fds per proxied connection
+    idle_cap = (common.NOFILE - 200) // 2  # a proxy needs 2 fds per proxied connection
     idle_note = ""
     if idle_n > idle_cap:
-        idle_note = (f"idle connections capped at {idle_cap:,} (asked {idle_n:,}): the nofile limit is {NOFILE:,} "
+        idle_note = (f"idle connections capped at {idle_cap:,} (asked {idle_n:,}): the nofile limit is {common.NOFILE:,} "
                      f"and cannot be raised here; a proxy needs 2 descriptors per connection")
         log(idle_note)
         idle_n = idle_cap
@@ -1694,7 +1191,7 @@ def main() -> int:
                 elif r["errors"]:
                     log(f"{row}: {r['status']}: " + " | ".join(e.splitlines()[0] for e in r["errors"]))
             rounds.append(this)
-        results = merge_rounds(rounds)
+        results = merge_rounds(rounds, MEDIAN_KEY, once=("idle",))
         drift = None
         by = {r["row"]: r for r in results}
         if "direct" in by and isinstance(by["direct"].get("keepalive"), dict) and len(results) > 1:
@@ -1718,12 +1215,13 @@ def main() -> int:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    meta = collect_meta(args, pin)
+    meta = collect_meta("proxy on core 0 (taskset -c 0); wrk/curl and the nginx backend on core 1 (taskset -c 1)"
+                        if pin else "none (fewer than 2 cores)", tool_versions())
     meta.update({
         "mode": "smoke" if smoke else "full",
         "duration_s": duration, "warmup_s": warmup, "bulk_mib": bulk_mib, "bulk_runs": bulk_runs,
         "idle_conns": idle_n, "elapsed_s": time.monotonic() - t_start, "proxy_bin": str(proxy_bin),
-        "wrk_connections": WRK_CONNS, "nofile": NOFILE, "idle_note": idle_note, "repeat": args.repeat,
+        "wrk_connections": WRK_CONNS, "nofile": common.NOFILE, "idle_note": idle_note, "repeat": args.repeat,
     })
     meta["drift"] = drift
     write_outputs(out, meta, results)
