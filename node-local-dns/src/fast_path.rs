@@ -36,6 +36,7 @@ use crate::{
     server::Zone,
     wire::WireImage,
 };
+use agentkit::sync::lock;
 
 /// How often the cache's events are applied to the kernel map.
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
@@ -608,10 +609,6 @@ impl Mirror {
 /// The prefetch percentage of a cache's policy, if it prefetches.
 fn prefetch_percentage(cache: &Mutex<Cache>) -> Option<u8> {
     lock(cache).policy().prefetch.map(|p| p.percentage)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rand::seq::SliceRandom;
@@ -35,6 +35,7 @@ use tracing::debug;
 
 use crate::config::{self, Policy};
 use crate::wire::{self, Query};
+use agentkit::sync::lock;
 
 /// Per-upstream timeout of one attempt when nothing else is configured (CoreDNS's
 /// `read_timeout` default is 2 s).
@@ -587,10 +588,6 @@ fn frame(packet: &[u8]) -> Vec<u8> {
 
 fn is_truncated(packet: &[u8]) -> bool {
     packet.get(2).is_some_and(|flags| flags & 0x02 != 0)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A query's claim on a connection; gives it back when dropped.

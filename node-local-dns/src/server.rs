@@ -27,6 +27,7 @@ use crate::cache::{Cache, Key, KeyBuf, Kind, Lookup, Policy};
 use crate::forward::{self, ForwardError, Forwarder};
 use crate::metrics::{CacheOutcome, Metrics, Plugin, ZoneMetrics};
 use crate::wire::{self, Query, WireImage};
+use agentkit::sync::lock;
 
 /// Waiters on one in-flight key, at most; more get SERVFAIL instead of queueing forever.
 pub const MAX_WAITERS_PER_KEY: usize = 4096;
@@ -571,12 +572,6 @@ impl Server {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the cache inconsistent in a way that matters
-    // more than answering; keep serving.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Whether wire name `name` equals `zone` or lies below it (both lower-case).
