@@ -790,27 +790,25 @@ fn deliver(
             wire::render_uncached(query, &response, limit, out);
             Plugin::Forward
         }
-        Outcome::Overloaded => match lock(&zone.cache).stale_on_failure(key, Instant::now()) {
-            // Serve-stale answers overload like any upstream failure; else REFUSED at once.
-            Some((image, ttl)) => {
-                wire::render(query, &image, ttl, limit, out);
-                Plugin::Cache
+        // Serve-stale answers overload like any upstream failure; else REFUSED (overload) or
+        // SERVFAIL at once.
+        Outcome::Overloaded | Outcome::Failed => {
+            match lock(&zone.cache).stale_on_failure(key, Instant::now()) {
+                Some((image, ttl)) => {
+                    wire::render(query, &image, ttl, limit, out);
+                    Plugin::Cache
+                }
+                None => {
+                    let rcode = if matches!(outcome, Outcome::Overloaded) {
+                        wire::rcode::REFUSED
+                    } else {
+                        wire::rcode::SERVFAIL
+                    };
+                    wire::render_error(query, u16::from(rcode), out);
+                    Plugin::Server
+                }
             }
-            None => {
-                wire::render_error(query, u16::from(wire::rcode::REFUSED), out);
-                Plugin::Server
-            }
-        },
-        Outcome::Failed => match lock(&zone.cache).stale_on_failure(key, Instant::now()) {
-            Some((image, ttl)) => {
-                wire::render(query, &image, ttl, limit, out);
-                Plugin::Cache
-            }
-            None => {
-                wire::render_error(query, u16::from(wire::rcode::SERVFAIL), out);
-                Plugin::Server
-            }
-        },
+        }
     }
 }
 
