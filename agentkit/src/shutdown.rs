@@ -4,7 +4,8 @@
 //!
 //! Every task an agent starts is spawned on the tracker ([`Shutdown::spawn`]), so that the
 //! drain knows about it; a part of the agent that stops on its own (a listener a reload
-//! removed) takes a [`Shutdown::child`].
+//! removed) takes a [`Shutdown::child`], and a part whose work must be waited for alone (a
+//! DNS listener handing its port over) takes a [`Shutdown::group`].
 
 use std::time::Duration;
 
@@ -18,6 +19,9 @@ pub struct Shutdown {
     stop: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
+    /// The trackers of the groups this one is in ([`Shutdown::group`]), innermost first: a
+    /// task spawned here counts in each of them too.
+    outer: Vec<TaskTracker>,
 }
 
 impl Shutdown {
@@ -52,16 +56,38 @@ impl Shutdown {
             stop: self.stop.child_token(),
             force: self.force.clone(),
             tracker: self.tracker.clone(),
+            outer: self.outer.clone(),
         }
     }
 
-    /// Spawns `task` on the tracker.
+    /// A [`Shutdown::child`] with a tracker of its own: its tasks still count in this one's
+    /// drain, and [`Shutdown::settle`] waits for the group's tasks alone.
+    pub fn group(&self) -> Shutdown {
+        let mut outer = Vec::with_capacity(self.outer.len() + 1);
+        outer.push(self.tracker.clone());
+        outer.extend(self.outer.iter().cloned());
+        Shutdown {
+            stop: self.stop.child_token(),
+            force: self.force.clone(),
+            tracker: TaskTracker::new(),
+            outer,
+        }
+    }
+
+    /// Spawns `task` on the tracker (and on those of the groups this one is in).
     pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.tracker.spawn(task)
+        if self.outer.is_empty() {
+            return self.tracker.spawn(task);
+        }
+        let tokens = self.outer_tokens();
+        self.tracker.spawn(async move {
+            let _tokens = tokens;
+            task.await
+        })
     }
 
     /// Runs blocking `work` on tokio's blocking pool, tracked like a task.
@@ -70,7 +96,18 @@ impl Shutdown {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.tracker.spawn_blocking(work)
+        if self.outer.is_empty() {
+            return self.tracker.spawn_blocking(work);
+        }
+        let tokens = self.outer_tokens();
+        self.tracker.spawn_blocking(move || {
+            let _tokens = tokens;
+            work()
+        })
+    }
+
+    fn outer_tokens(&self) -> Vec<tokio_util::task::task_tracker::TaskTrackerToken> {
+        self.outer.iter().map(TaskTracker::token).collect()
     }
 
     /// Starts the graceful phase: accept loops return.
@@ -104,6 +141,17 @@ impl Shutdown {
         &self.tracker
     }
 
+    /// Waits until every task on this tracker (for a [`Shutdown::group`]: the group's) has
+    /// finished, or until `deadline`; true if they all finished. Spawning goes on after it.
+    pub async fn settle(&self, deadline: tokio::time::Instant) -> bool {
+        self.tracker.close();
+        let done = tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_ok();
+        self.tracker.reopen();
+        done
+    }
+
     /// Waits for the graceful phase, then for tracked tasks up to `grace`, then forces the rest
     /// closed and waits for them to notice. Returns how many tasks were still open at the
     /// deadline.
@@ -126,6 +174,7 @@ impl Shutdown {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -159,6 +208,30 @@ mod tests {
         parent.stop_accepting();
         assert!(second.is_stopping());
         assert_eq!(parent.drain(Duration::from_secs(1)).await, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_settles_alone_and_drains_with_its_parent() {
+        let parent = Shutdown::new();
+        let group = parent.group();
+        let inner = group.group();
+        // The parent's own task runs until forced; it does not hold up the group.
+        let p = parent.clone();
+        parent.spawn(async move { p.forced().await });
+        group.spawn(tokio::time::sleep(Duration::from_secs(1)));
+        let blocking = inner.spawn_blocking(|| std::thread::sleep(Duration::from_millis(20)));
+        let start = tokio::time::Instant::now();
+        assert!(!group.settle(start + Duration::from_millis(500)).await);
+        assert!(group.settle(start + Duration::from_secs(2)).await);
+        assert!(start.elapsed() >= Duration::from_secs(1));
+        blocking.await.unwrap();
+        // Its tasks count in the parent's drain too: two open at the deadline.
+        let i = inner.clone();
+        inner.spawn(async move { i.forced().await });
+        assert_eq!(parent.tracker().len(), 2);
+        parent.stop_accepting();
+        assert!(group.is_stopping() && inner.is_stopping());
+        assert_eq!(parent.drain(Duration::from_secs(1)).await, 2);
     }
 
     #[tokio::test(start_paused = true)]
