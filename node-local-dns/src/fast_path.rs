@@ -332,7 +332,7 @@ impl Mirror {
     ///
     /// In XDP mode an interface is first checked with [`xdp_tx_delivery`]; where a reply
     /// could not reach the pod it is attached at tc instead. After an XDP attachment
-    /// [`Mirror::verify_xdp`] reads it back.
+    /// `Mirror::verify_xdp` reads it back.
     pub fn retry_attach(&mut self) -> usize {
         let mut still = Vec::new();
         for interface in std::mem::take(&mut self.pending) {

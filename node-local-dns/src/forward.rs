@@ -36,6 +36,7 @@ use tracing::debug;
 use crate::config::{self, Policy};
 use crate::wire::{self, Query};
 use agentkit::sync::lock;
+use agentkit::Shutdown;
 
 /// Per-upstream timeout of one attempt when nothing else is configured (CoreDNS's
 /// `read_timeout` default is 2 s).
@@ -156,6 +157,8 @@ struct Inner {
     /// Queries in flight (for `max_concurrent`).
     inflight: AtomicUsize,
     counters: Arc<Counters>,
+    /// Where connection readers and health probes run; both end when it is forced.
+    tasks: Shutdown,
 }
 
 #[derive(Debug, Default)]
@@ -193,8 +196,14 @@ enum AttemptError {
 }
 
 impl Forwarder {
-    /// A forwarder for `config`'s upstreams and options. Starts no task until a query fails.
+    /// A forwarder for `config`'s upstreams and options, its tasks on a tracker of its own.
     pub fn new(config: &config::Forward) -> Forwarder {
+        Forwarder::with_tasks(config, &Shutdown::new())
+    }
+
+    /// A forwarder whose connection readers and health probes run on `tasks`, and end when it
+    /// is forced. Starts no task until it connects or a query fails.
+    pub fn with_tasks(config: &config::Forward, tasks: &Shutdown) -> Forwarder {
         let mut probe = Vec::with_capacity(32);
         wire::build_query(
             0,
@@ -232,6 +241,7 @@ impl Forwarder {
                 next: AtomicUsize::new(0),
                 inflight: AtomicUsize::new(0),
                 counters: Arc::new(Counters::default()),
+                tasks: tasks.clone(),
             }),
         }
     }
@@ -352,7 +362,13 @@ impl Forwarder {
         let upstream = &self.inner.upstreams[index];
         add_fail(&upstream.fails);
         if !upstream.probing.swap(true, Ordering::AcqRel) {
-            tokio::spawn(probe_loop(Arc::downgrade(&self.inner), index));
+            let (inner, tasks) = (Arc::downgrade(&self.inner), self.inner.tasks.clone());
+            self.inner.tasks.spawn(async move {
+                tokio::select! {
+                    () = probe_loop(inner, index) => {}
+                    () = tasks.forced() => {}
+                }
+            });
         }
     }
 }
@@ -673,9 +689,7 @@ impl Conn {
         deadline: Instant,
         inner: &Inner,
     ) -> Result<Vec<u8>, AttemptError> {
-        let connect = self
-            .reader
-            .get_or_try_init(|| self.connect(addr, inner.expire, &inner.counters));
+        let connect = self.reader.get_or_try_init(|| self.connect(addr, inner));
         match timeout_at(deadline, connect).await {
             Err(_) => return Err(AttemptError::Timeout),
             Ok(Err(error)) => {
@@ -739,23 +753,25 @@ impl Conn {
         }
     }
 
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-        expire: Duration,
-        counters: &Arc<Counters>,
-    ) -> Result<AbortHandle, AttemptError> {
+    async fn connect(&self, addr: SocketAddr, inner: &Inner) -> Result<AbortHandle, AttemptError> {
         let stream = TcpStream::connect(addr).await?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         *self.shared.writer.lock().await = Some(write);
         lock(&self.shared.state).last_used = Instant::now();
-        let reader = tokio::spawn(read_loop(
+        let reader = read_loop(
             Arc::clone(&self.shared),
             read,
-            expire,
-            Arc::clone(counters),
-        ));
+            inner.expire,
+            Arc::clone(&inner.counters),
+        );
+        let tasks = inner.tasks.clone();
+        let reader = inner.tasks.spawn(async move {
+            tokio::select! {
+                () = reader => {}
+                () = tasks.forced() => {}
+            }
+        });
         Ok(reader.abort_handle())
     }
 

@@ -9,8 +9,13 @@
 //! into the typed [`config`] model. On the network: [`forward`] (pooled, pipelined, health
 //! checked upstreams), [`server`] (zones, single flight for misses, TCP), [`udp`] (the
 //! batched UDP hot path and the port hand-over), [`metrics`] (CoreDNS's metric names, served
-//! by agentkit's admin server), [`intercept`] (the `nodelocaldns` link and the iptables rules). [`app`] ties them
-//! into the agent's life: start, intercept, serve, reload, repair, hand over.
+//! by agentkit's admin server), [`intercept`] (the `nodelocaldns` link and the iptables
+//! rules), [`fast_path`] (the kernel's cache, mirrored from ours). [`app`] ties them into the
+//! agent's life: start, intercept, serve, reload, repair, hand over; its parts are private and
+//! its surface is [`app::run`] and [`app::load`].
+//!
+//! The layers are public modules because the integration tests, benches and fuzz targets
+//! drive each one directly.
 
 pub mod app;
 pub mod cache;

@@ -28,6 +28,7 @@ use crate::forward::{self, ForwardError, Forwarder};
 use crate::metrics::{CacheOutcome, Metrics, Plugin, ZoneMetrics};
 use crate::wire::{self, Query, WireImage};
 use agentkit::sync::lock;
+use agentkit::Shutdown;
 
 /// Waiters on one in-flight key, at most; more get SERVFAIL instead of queueing forever.
 pub const MAX_WAITERS_PER_KEY: usize = 4096;
@@ -70,6 +71,8 @@ pub struct Zone {
     inflight: Mutex<HashMap<Key, Vec<oneshot::Sender<Outcome>>>>,
     /// Where upstream exchanges are counted.
     metrics: Option<Metrics>,
+    /// Where its upstream fetches run.
+    tasks: Shutdown,
 }
 
 /// The result of one upstream exchange, shared by every waiter of the single flight.
@@ -102,7 +105,14 @@ impl Zone {
             forwarder,
             inflight: Mutex::new(HashMap::new()),
             metrics: None,
+            tasks: Shutdown::new(),
         }
+    }
+
+    /// Runs this zone's upstream fetches on `tasks` (a leaving agent waits for them).
+    pub fn with_tasks(mut self, tasks: &Shutdown) -> Self {
+        self.tasks = tasks.clone();
+        self
     }
 
     /// Counts this zone's upstream exchanges in `metrics`.
@@ -152,6 +162,8 @@ struct Shared {
     tcp_open: AtomicUsize,
     /// UDP queries being answered off the hit path ([`MAX_PENDING_MISSES`]).
     pending_misses: AtomicUsize,
+    /// Where misses and TCP connections are served.
+    tasks: Shutdown,
 }
 
 /// One UDP query's claim on its listener's [`MAX_PENDING_MISSES`]; given back when dropped.
@@ -168,7 +180,7 @@ impl Drop for MissPermit {
 pub const LOOP_THRESHOLD: usize = 2;
 
 impl Server {
-    /// Serves `zones` (any order), without metrics.
+    /// Serves `zones` (any order), without metrics, its tasks on a tracker of its own.
     pub fn new(zones: Vec<Arc<Zone>>) -> Self {
         let served = zones
             .into_iter()
@@ -177,19 +189,34 @@ impl Server {
                 metrics: None,
             })
             .collect();
-        Server::with_metrics(served, None, false)
+        Server::with_metrics(served, None, false, &Shutdown::new())
     }
 
-    /// Serves `zones` with their metrics; `v6` says whether the listener is IPv6.
-    pub fn with_metrics(zones: Vec<Served>, metrics: Option<Metrics>, v6: bool) -> Self {
+    /// Serves `zones` with their metrics; `v6` says whether the listener is IPv6. Misses and
+    /// TCP connections are served on `tasks`; TCP connections end when it is forced.
+    pub fn with_metrics(
+        zones: Vec<Served>,
+        metrics: Option<Metrics>,
+        v6: bool,
+        tasks: &Shutdown,
+    ) -> Self {
         Server {
             zones: Arc::new(ArcSwap::from_pointee(sorted(zones))),
             shared: Arc::new(Shared {
                 metrics,
                 v6,
+                tasks: tasks.clone(),
                 ..Shared::default()
             }),
         }
+    }
+
+    /// Runs `task` where this listener's misses run (for the batched UDP workers).
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.shared.tasks.spawn(task);
     }
 
     /// Replaces the zones (a reload): queries already in flight finish with the zones they
@@ -326,7 +353,7 @@ impl Server {
                 continue;
             };
             let (server, socket, packet) = (self.clone(), Arc::clone(&socket), packet.to_vec());
-            tokio::spawn(async move {
+            self.spawn(async move {
                 let _permit = permit;
                 let mut out = Vec::with_capacity(512);
                 if server.answer(&packet, true, &mut out).await {
@@ -530,25 +557,17 @@ impl Server {
             drop(stream);
             return;
         }
-        tokio::spawn(async move {
+        let tasks = self.shared.tasks.clone();
+        tasks.clone().spawn(async move {
             let peer = stream.peer_addr().ok();
-            if let Err(error) = server.tcp_connection(stream).await {
-                debug!(%error, ?peer, "dns tcp connection ended");
+            tokio::select! {
+                result = server.tcp_connection(stream) => if let Err(error) = result {
+                    debug!(%error, ?peer, "dns tcp connection ended");
+                },
+                () = tasks.forced() => {}
             }
             server.shared.tcp_open.fetch_sub(1, Ordering::AcqRel);
         });
-    }
-
-    /// Whether TCP connections are open, UDP misses are being answered or upstream queries
-    /// are in flight (a leaving instance waits for them).
-    pub fn busy(&self) -> bool {
-        self.shared.tcp_open.load(Ordering::Acquire) > 0
-            || self.shared.pending_misses.load(Ordering::Acquire) > 0
-            || self
-                .zones
-                .load()
-                .iter()
-                .any(|z| !lock(&z.zone.inflight).is_empty())
     }
 
     async fn tcp_connection(&self, mut stream: TcpStream) -> std::io::Result<()> {
@@ -703,7 +722,8 @@ async fn resolve(
     };
     if start {
         // The fetch runs on its own task: a waiter that goes away cannot strand the others.
-        tokio::spawn(fetch(Arc::clone(zone), packet.to_vec(), key, client_tcp));
+        zone.tasks
+            .spawn(fetch(Arc::clone(zone), packet.to_vec(), key, client_tcp));
     }
     rx.await.unwrap_or(Outcome::Failed)
 }
@@ -715,7 +735,8 @@ fn refresh(zone: &Arc<Zone>, packet: &[u8], key: Key) {
         return;
     }
     inflight.insert(key.clone(), Vec::new());
-    tokio::spawn(fetch(Arc::clone(zone), packet.to_vec(), key, false));
+    zone.tasks
+        .spawn(fetch(Arc::clone(zone), packet.to_vec(), key, false));
 }
 
 async fn fetch(zone: Arc<Zone>, packet: Vec<u8>, key: Key, client_tcp: bool) {
@@ -815,20 +836,9 @@ fn deliver(
 /// Binds UDP and TCP on `addr` with SO_REUSEPORT, so a second instance can start beside this
 /// one during a rolling update.
 pub fn bind(addr: SocketAddr) -> std::io::Result<(Arc<UdpSocket>, TcpListener)> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let domain = Domain::for_address(addr);
-    let udp = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    udp.set_reuse_port(true)?;
+    use agentkit::net::{self, Sharing};
+    let udp = net::udp_socket(addr, Sharing::ReusePort)?;
     udp.set_nonblocking(true)?;
-    udp.bind(&addr.into())?;
-    let tcp = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    tcp.set_reuse_address(true)?;
-    tcp.set_reuse_port(true)?;
-    tcp.set_nonblocking(true)?;
-    tcp.bind(&addr.into())?;
-    tcp.listen(1024)?;
-    Ok((
-        Arc::new(UdpSocket::from_std(udp.into())?),
-        TcpListener::from_std(tcp.into())?,
-    ))
+    let tcp = net::tcp_listener(addr, Sharing::ReusePort, 1024)?;
+    Ok((Arc::new(UdpSocket::from_std(udp.into())?), tcp))
 }

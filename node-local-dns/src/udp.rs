@@ -22,7 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use agentkit::net::Sharing;
+use socket2::{SockAddr, Socket};
 use tracing::debug;
 
 use crate::server::Server;
@@ -36,16 +37,12 @@ pub const MAX_QUERY: usize = 4096;
 /// How long a worker blocks before it looks at its stop flag.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Binds a UDP socket for the workers: SO_REUSEPORT, blocking with a receive timeout.
+/// Binds a UDP socket for the workers: SO_REUSEPORT (for the hand-over), blocking with a
+/// receive timeout.
 pub fn bind(addr: SocketAddr) -> io::Result<Arc<Socket>> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
+    let socket = agentkit::net::udp_socket(addr, Sharing::ReusePort)?;
     // Room for bursts: a few thousand queries.
     let _ = socket.set_recv_buffer_size(4 << 20);
-    socket.bind(&addr.into())?;
     socket.set_read_timeout(Some(POLL_INTERVAL))?;
     Ok(Arc::new(socket))
 }
@@ -135,11 +132,11 @@ fn worker(
                 }
                 continue;
             };
-            let (server, socket, packet) = (server.clone(), Arc::clone(socket), packet.to_vec());
-            runtime.spawn(async move {
+            let (serving, socket, packet) = (server.clone(), Arc::clone(socket), packet.to_vec());
+            server.spawn(async move {
                 let _permit = permit;
                 let mut out = Vec::with_capacity(512);
-                if server.answer(&packet, true, &mut out).await {
+                if serving.answer(&packet, true, &mut out).await {
                     let _ = socket.send_to_with_flags(&out, &peer, libc::MSG_DONTWAIT);
                 }
             });

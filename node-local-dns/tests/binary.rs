@@ -158,6 +158,55 @@ async fn check_renders_the_template_and_reports_the_blocks() {
     );
 }
 
+/// node-cache re-renders its template every 10 s (`DefaultConfigSyncPeriod`): a changed
+/// ConfigMap reaches the Corefile and the listeners without a signal or a `reload` plugin.
+#[tokio::test]
+async fn a_changed_template_is_rendered_and_applied_within_the_sync_period() {
+    let upstream = Authority::start("127.0.0.1:0".parse().unwrap(), 60).await;
+    let dir = common::temp_dir("template-sync");
+    let port = common::free_port();
+    let write = |zone: &str| {
+        std::fs::write(
+            dir.join("Corefile.base"),
+            format!(
+                "{zone}:{port} {{\n    cache 30\n    bind __PILLAR__LOCAL__DNS__\n    forward . {}\n}}\n",
+                upstream.addr
+            ),
+        )
+        .unwrap();
+    };
+    write("first.test");
+    let mut args = common::loopback_args("Corefile", "18082", "127.0.0.1:0");
+    args.extend(["-basecorefile", "Corefile.base"]);
+    let mut agent = Agent::start(&dir, &args);
+    agent.wait_serving().await;
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let rcode_for = |name: &'static str| async move {
+        ask(server, &query(7, name, rtype::A), Duration::from_secs(1))
+            .await
+            .map(|r| rcode_of(&r))
+    };
+    assert_eq!(rcode_for("a.first.test").await, Some(rcode::NOERROR));
+    write("second.test");
+    let changed = tokio::time::Instant::now();
+    let deadline = changed + TEMPLATE_SYNC_BOUND;
+    while rcode_for("a.second.test").await != Some(rcode::NOERROR) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "template change not applied within {:?}\n{}",
+            TEMPLATE_SYNC_BOUND,
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rendered = std::fs::read_to_string(dir.join("Corefile")).unwrap();
+    assert!(rendered.contains("second.test"), "{rendered}");
+    assert_eq!(rcode_for("a.first.test").await, Some(rcode::REFUSED));
+}
+
+/// The template sync period (10 s) and slack for a loaded machine.
+const TEMPLATE_SYNC_BOUND: Duration = Duration::from_secs(15);
+
 /// `clients` clients that each send queries one after another (1 s timeout each, about one
 /// per millisecond) over `names` names, from before `during` starts until it has finished;
 /// returns (answered, lost).

@@ -93,7 +93,12 @@ fn a_cache_hit_allocates_nothing() {
         zone: Arc::clone(&zone),
         metrics: Some(metrics.zone("dns://127.0.0.1:53", ZONE)),
     };
-    let server = Server::with_metrics(vec![served], Some(metrics), false);
+    let server = Server::with_metrics(
+        vec![served],
+        Some(metrics),
+        false,
+        &agentkit::Shutdown::new(),
+    );
 
     let edns = Edns {
         udp_size: 1232,
