@@ -36,7 +36,7 @@ impl Shutdown {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let this = self.clone();
-        tokio::spawn(async move {
+        self.tracker.spawn(async move {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
