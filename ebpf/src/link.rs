@@ -7,27 +7,20 @@
 //! [`crate::dns::xdp_tx_delivery`] needs to decide whether an `XDP_TX` reply can reach the pod.
 //! GRO can be read and set too (`ETHTOOL_GGRO`/`ETHTOOL_SGRO`), for the tests that show it is
 //! not enough.
-//! Raw netlink with `libc`, because the workspace has no netlink crate and this is one request.
+//! The request and reply bytes and the socket are [`agentkit::netlink`]'s, shared with
+//! node-local-dns's link set-up; what is here is what an interface's attributes mean.
 
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
 };
 
-const RTM_NEWLINK: u16 = 16;
-const RTM_GETLINK: u16 = 18;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 1;
-const NLMSG_HDRLEN: usize = 16;
-const IFINFOMSG_LEN: usize = 16;
+use agentkit::netlink::{self, attrs, c_string, read_u32, Ifinfo, Malformed, Message};
 
-const IFLA_IFNAME: u16 = 3;
-const IFLA_LINK: u16 = 5;
-const IFLA_LINKINFO: u16 = 18;
-const IFLA_INFO_KIND: u16 = 1;
-const IFLA_LINK_NETNSID: u16 = 37;
-const IFLA_XDP: u16 = 43;
-const IFLA_TARGET_NETNSID: u16 = 46;
+/// How long one rtnetlink receive may block (the kernel answers a GETLINK at once).
+const RECV_TIMEOUT: Duration = Duration::from_secs(2);
+
 const IFLA_XDP_ATTACHED: u16 = 2;
 const IFLA_XDP_PROG_ID: u16 = 4;
 const IFLA_XDP_DRV_PROG_ID: u16 = 5;
@@ -36,7 +29,6 @@ const IFLA_XDP_SKB_PROG_ID: u16 = 6;
 const XDP_ATTACHED_DRV: u8 = 1;
 const XDP_ATTACHED_SKB: u8 = 2;
 const XDP_ATTACHED_MULTI: u8 = 4;
-const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// An interface as rtnetlink describes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,170 +60,79 @@ pub fn by_name(name: &str) -> io::Result<Link> {
             format!("{name:?} is not an interface name"),
         ));
     }
-    let mut attr = name.as_bytes().to_vec();
-    attr.push(0);
-    get_link(0, &[(IFLA_IFNAME, &attr)])
+    let mut msg = get_link(0);
+    msg.attr_str(libc::IFLA_IFNAME, name);
+    read_link(msg)
 }
 
 /// The interface with `index` in the namespace `netnsid` (an id as this namespace knows it,
 /// from [`Link::link_netnsid`]), or in this namespace for None.
 pub fn by_index(index: u32, netnsid: Option<i32>) -> io::Result<Link> {
-    let nsid = netnsid.map(i32::to_ne_bytes);
-    let attrs: Vec<(u16, &[u8])> = nsid
-        .as_ref()
-        .map(|n| (IFLA_TARGET_NETNSID, &n[..]))
-        .into_iter()
-        .collect();
-    let index = i32::try_from(index)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ifindex out of range"))?;
-    get_link(index, &attrs)
-}
-
-fn get_link(index: i32, attrs: &[(u16, &[u8])]) -> io::Result<Link> {
-    let mut msg = vec![0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
-    msg[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-    msg[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    // ifinfomsg: family AF_UNSPEC, type 0, index, flags 0, change 0.
-    msg[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].copy_from_slice(&index.to_ne_bytes());
-    for (kind, value) in attrs {
-        let len = 4 + value.len();
-        msg.extend_from_slice(&(len as u16).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(value);
-        msg.resize(msg.len().next_multiple_of(4), 0);
+    if i32::try_from(index).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "ifindex out of range",
+        ));
     }
-    let total = msg.len() as u32;
-    msg[0..4].copy_from_slice(&total.to_ne_bytes());
-
-    parse_reply(&request(&msg)?)
-}
-
-/// Sends one request and returns the reply.
-fn request(msg: &[u8]) -> io::Result<Vec<u8>> {
-    let socket = socket()?;
-    // SAFETY: send(2) of an initialised buffer on a socket we own.
-    let sent = unsafe { libc::send(socket.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
+    let mut msg = get_link(index);
+    if let Some(nsid) = netnsid {
+        msg.attr(libc::IFLA_TARGET_NETNSID, &nsid.to_ne_bytes());
     }
-    let mut buf = vec![0u8; 32 * 1024];
-    // SAFETY: recv(2) into a buffer of the length given, on a socket we own.
-    let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
+    read_link(msg)
+}
+
+/// An `RTM_GETLINK` request for `index` (0: by the name attribute that follows).
+fn get_link(index: u32) -> Message {
+    let mut msg = Message::new(libc::RTM_GETLINK, libc::NLM_F_REQUEST as u16);
+    msg.fixed(&netlink::ifinfomsg(index, 0, 0));
+    msg
+}
+
+fn read_link(msg: Message) -> io::Result<Link> {
+    let replies = netlink::Socket::open(RECV_TIMEOUT)?.request(msg, false)?;
+    let reply = replies
+        .first()
+        .ok_or(Malformed("no answer to RTM_GETLINK"))?;
+    if reply.msg_type != libc::RTM_NEWLINK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("rtnetlink reply: message type {}", reply.msg_type),
+        ));
     }
-    buf.truncate(n as usize);
-    Ok(buf)
+    Ok(parse_link(&reply.payload)?)
 }
 
-fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; the fd is owned below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval {
-        tv_sec: 2,
-        tv_usec: 0,
-    };
-    // SAFETY: setsockopt(2) with a timeval of the size given; a failure only loses the
-    // deadline, and the kernel answers a GETLINK at once.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    Ok(socket)
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn malformed(what: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("rtnetlink reply: {what}"),
-    )
-}
-
-/// The attributes in `b`: (type without the nested/byte-order bits, payload).
-fn attributes(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16_at(b, 0)?);
-        let kind = u16_at(b, 2)? & NLA_TYPE_MASK;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        let payload = &b[4..len];
-        b = b.get(len.next_multiple_of(4)..).unwrap_or(&[]);
-        Some((kind, payload))
-    })
-}
-
-fn parse_reply(b: &[u8]) -> io::Result<Link> {
-    let len = u32_at(b, 0).ok_or_else(|| malformed("short"))? as usize;
-    let kind = u16_at(b, 4).ok_or_else(|| malformed("short"))?;
-    let b = b.get(..len).ok_or_else(|| malformed("truncated"))?;
-    if kind == NLMSG_ERROR {
-        let errno = u32_at(b, NLMSG_HDRLEN).ok_or_else(|| malformed("short error"))? as i32;
-        return Err(io::Error::from_raw_os_error(-errno));
-    }
-    if kind != RTM_NEWLINK {
-        return Err(malformed(&format!("message type {kind}")));
-    }
-    let info = b
-        .get(NLMSG_HDRLEN..NLMSG_HDRLEN + IFINFOMSG_LEN)
-        .ok_or_else(|| malformed("no ifinfomsg"))?;
+/// Reads an `RTM_NEWLINK` payload (after its `nlmsghdr`).
+fn parse_link(payload: &[u8]) -> Result<Link, Malformed> {
+    let (info, attributes) = Ifinfo::parse(payload)?;
     let mut link = Link {
-        index: u32_at(info, 4).unwrap_or(0),
-        up: u32_at(info, 8).unwrap_or(0) & libc::IFF_UP as u32 != 0,
+        index: info.index,
+        up: info.flags & libc::IFF_UP as u32 != 0,
         ..Link::default()
     };
-    for (kind, payload) in attributes(&b[NLMSG_HDRLEN + IFINFOMSG_LEN..]) {
+    for attr in attrs(attributes) {
+        let (kind, payload) = attr?;
         match kind {
-            IFLA_IFNAME => {
-                let end = payload
-                    .iter()
-                    .position(|&c| c == 0)
-                    .unwrap_or(payload.len());
-                link.name = String::from_utf8_lossy(&payload[..end]).into_owned();
-            }
-            IFLA_LINK => link.link = u32_at(payload, 0),
-            IFLA_LINK_NETNSID => link.link_netnsid = u32_at(payload, 0).map(|n| n as i32),
-            IFLA_LINKINFO => {
-                for (k, p) in attributes(payload) {
-                    if k == IFLA_INFO_KIND {
-                        let end = p.iter().position(|&c| c == 0).unwrap_or(p.len());
-                        link.kind = Some(String::from_utf8_lossy(&p[..end]).into_owned());
+            libc::IFLA_IFNAME => link.name = c_string(payload),
+            libc::IFLA_LINK => link.link = read_u32(payload, 0),
+            libc::IFLA_LINK_NETNSID => link.link_netnsid = read_u32(payload, 0).map(|n| n as i32),
+            libc::IFLA_LINKINFO => {
+                for attr in attrs(payload) {
+                    let (k, p) = attr?;
+                    if k == libc::IFLA_INFO_KIND {
+                        link.kind = Some(c_string(p));
                     }
                 }
             }
-            IFLA_XDP => {
+            libc::IFLA_XDP => {
                 let (mut attached, mut prog) = (0u8, None);
-                for (k, p) in attributes(payload) {
+                for attr in attrs(payload) {
+                    let (k, p) = attr?;
                     match k {
                         IFLA_XDP_ATTACHED => attached = p.first().copied().unwrap_or(0),
-                        IFLA_XDP_PROG_ID => prog = u32_at(p, 0),
-                        IFLA_XDP_DRV_PROG_ID => link.xdp_drv_prog = u32_at(p, 0),
-                        IFLA_XDP_SKB_PROG_ID => link.xdp_skb_prog = u32_at(p, 0),
+                        IFLA_XDP_PROG_ID => prog = read_u32(p, 0),
+                        IFLA_XDP_DRV_PROG_ID => link.xdp_drv_prog = read_u32(p, 0),
+                        IFLA_XDP_SKB_PROG_ID => link.xdp_skb_prog = read_u32(p, 0),
                         _ => {}
                     }
                 }
@@ -326,17 +227,70 @@ mod tests {
         assert_eq!(missing.raw_os_error(), Some(libc::ENODEV), "{missing}");
     }
 
+    /// An `RTM_NEWLINK` payload for ifindex 4, up, named `veth0`, with `extra` attributes.
+    fn newlink(extra: impl FnOnce(&mut Message)) -> Vec<u8> {
+        let mut msg = Message::new(libc::RTM_NEWLINK, 0);
+        msg.fixed(&netlink::ifinfomsg(4, libc::IFF_UP as u32, 0))
+            .attr_str(libc::IFLA_IFNAME, "veth0");
+        extra(&mut msg);
+        msg.finish(1)[netlink::NLMSG_HDR_LEN..].to_vec()
+    }
+
     #[test]
-    fn attributes_walk_aligned_and_stop_on_garbage() {
-        let mut b = Vec::new();
-        for (kind, payload) in [(3u16, &b"ab\0"[..]), (0x8000 | 18, &b"x"[..])] {
-            b.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-            b.extend_from_slice(&kind.to_ne_bytes());
-            b.extend_from_slice(payload);
-            b.resize(b.len().next_multiple_of(4), 0);
+    fn a_veth_with_its_peer_elsewhere_and_a_native_program() {
+        let payload = newlink(|m| {
+            m.begin_nest(libc::IFLA_LINKINFO)
+                .attr_str(libc::IFLA_INFO_KIND, "veth")
+                .end_nest()
+                .attr(libc::IFLA_LINK, &9u32.to_ne_bytes())
+                .attr(libc::IFLA_LINK_NETNSID, &3i32.to_ne_bytes())
+                .begin_nest(libc::IFLA_XDP)
+                .attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_DRV])
+                .attr(IFLA_XDP_PROG_ID, &77u32.to_ne_bytes())
+                .end_nest();
+        });
+        let link = parse_link(&payload).unwrap();
+        assert_eq!(
+            link,
+            Link {
+                index: 4,
+                name: "veth0".into(),
+                up: true,
+                kind: Some("veth".into()),
+                link: Some(9),
+                link_netnsid: Some(3),
+                xdp_drv_prog: Some(77),
+                xdp_skb_prog: None,
+            }
+        );
+    }
+
+    #[test]
+    fn both_xdp_modes_are_named_by_their_own_ids() {
+        let payload = newlink(|m| {
+            m.begin_nest(libc::IFLA_XDP)
+                .attr(IFLA_XDP_ATTACHED, &[XDP_ATTACHED_MULTI])
+                .attr(IFLA_XDP_DRV_PROG_ID, &5u32.to_ne_bytes())
+                .attr(IFLA_XDP_SKB_PROG_ID, &6u32.to_ne_bytes())
+                .end_nest();
+        });
+        let link = parse_link(&payload).unwrap();
+        assert_eq!((link.xdp_drv_prog, link.xdp_skb_prog), (Some(5), Some(6)));
+        assert_eq!(link.kind, None, "no IFLA_LINKINFO: a physical NIC");
+    }
+
+    #[test]
+    fn a_malformed_reply_is_an_error_not_a_short_link() {
+        // IFLA_LINKINFO whose inner attribute claims more bytes than the nest holds.
+        let payload = newlink(|m| {
+            m.attr(libc::IFLA_LINKINFO, &[40, 0, 1, 0, b'v', b'e', b't', b'h']);
+        });
+        let err = parse_link(&payload).unwrap_err();
+        assert_eq!(err, Malformed("attribute length out of bounds"));
+        assert!(parse_link(&payload[..netlink::IFINFOMSG_LEN - 2]).is_err());
+        // Every truncation parses or fails; none panics.
+        for end in 0..payload.len() {
+            let _ = parse_link(&payload[..end]);
         }
-        b.extend_from_slice(&[200, 0, 1, 0]);
-        let got: Vec<(u16, &[u8])> = attributes(&b).collect();
-        assert_eq!(got, vec![(3, &b"ab\0"[..]), (18, &b"x"[..])]);
     }
 }

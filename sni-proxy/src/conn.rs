@@ -427,7 +427,7 @@ async fn serve(
 
     // Backend.
     let connected = tokio::select! {
-        c = connect_backend(&route, &settings, &mut slot) => c,
+        c = connect_backend(&route, &settings, &mut slot, shutdown) => c,
         () = shutdown.forced() => return,
     };
     let Some((backend, backend_addr)) = connected else {
@@ -552,6 +552,7 @@ async fn connect_backend(
     route: &Route,
     settings: &Settings,
     slot: &mut routes::Slot,
+    shutdown: &Shutdown,
 ) -> Option<(TcpStream, Arc<routes::Backend>)> {
     for backend in route.backend_order() {
         slot.set_backend(Arc::clone(&backend));
@@ -566,7 +567,11 @@ async fn connect_backend(
                 if backend.record_failure(settings.eject_after_failures) {
                     route.stats.ejections.inc();
                     info!(backend = %backend.addr, route = %route.config.name, "backend ejected after consecutive connect failures");
-                    backend.spawn_probe(settings.probe_interval, settings.connect_timeout);
+                    backend.spawn_probe(
+                        settings.probe_interval,
+                        settings.connect_timeout,
+                        shutdown,
+                    );
                 }
             }
         }

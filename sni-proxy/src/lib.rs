@@ -364,7 +364,7 @@ fn admit(
     }
     let slot = GlobalSlot(Arc::clone(shared));
     let (s, sd) = (Arc::clone(shared), shutdown.clone());
-    shutdown.tracker().spawn(async move {
+    shutdown.spawn(async move {
         let _slot = slot;
         conn::handle(s, index, stream, peer, sd).await;
     });

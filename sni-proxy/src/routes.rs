@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use agentkit::Shutdown;
 use prometheus::{Histogram, IntCounter};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -222,32 +223,49 @@ impl Backend {
                 .is_ok()
     }
 
-    /// Probes an ejected backend every `interval` until a connect succeeds or the backend is
-    /// dropped from every route.
-    pub fn spawn_probe(self: &Arc<Self>, interval: Duration, timeout: Duration) {
+    /// Probes an ejected backend every `interval` until a connect succeeds, the backend is
+    /// dropped from every route, or `shutdown` stops accepting. The probe is spawned on the
+    /// shutdown's tracker; it only serves new connections, so it ends when the shutdown
+    /// begins instead of holding up the drain.
+    pub fn spawn_probe(
+        self: &Arc<Self>,
+        interval: Duration,
+        timeout: Duration,
+        shutdown: &Shutdown,
+    ) {
         // At most one probe per backend, however often it flaps.
         if self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
         let weak: Weak<Backend> = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let Some(backend) = weak.upgrade() else {
-                    return;
-                };
-                if !backend.is_ejected() {
-                    backend.probing.store(false, Ordering::Release);
-                    return;
-                }
-                if connect(&backend.addr, timeout).await.is_ok() {
-                    info!(backend = %backend.addr, "backend answers again; back in rotation");
-                    backend.record_success();
-                    backend.probing.store(false, Ordering::Release);
-                    return;
-                }
+        let stop = shutdown.clone();
+        shutdown.spawn(async move {
+            tokio::select! {
+                () = probe_until_back(&weak, interval, timeout) => {}
+                () = stop.stopping() => {}
+            }
+            if let Some(backend) = weak.upgrade() {
+                backend.probing.store(false, Ordering::Release);
             }
         });
+    }
+}
+
+/// Returns once the backend answers (back in rotation), is no longer ejected, or is gone.
+async fn probe_until_back(backend: &Weak<Backend>, interval: Duration, timeout: Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(backend) = backend.upgrade() else {
+            return;
+        };
+        if !backend.is_ejected() {
+            return;
+        }
+        if connect(&backend.addr, timeout).await.is_ok() {
+            info!(backend = %backend.addr, "backend answers again; back in rotation");
+            backend.record_success();
+            return;
+        }
     }
 }
 

@@ -27,6 +27,12 @@ async fn open(proxy: &TestProxy, sni: &str) -> TcpStream {
     s
 }
 
+/// A local address nothing listens on (a backend that refuses connections).
+fn unused_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
 /// Whether the stream still relays: write a few bytes, expect the echo.
 async fn alive(s: &mut TcpStream) -> bool {
     if s.write_all(b"ping").await.is_err() {
@@ -320,9 +326,7 @@ async fn dead_backend_fails_over_then_is_ejected_and_probed_back() {
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let dead_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = dead_listener.local_addr().unwrap();
-    drop(dead_listener);
+    let dead = unused_addr();
     let proxy = start(&format!(
         "{}routes: [{{name: a, hosts: [a.test], backends: ['{dead}', '{}']}}]\nhealth: {{eject_after_failures: 2, probe_interval: 100ms}}\n",
         listener(""),
@@ -403,6 +407,70 @@ async fn shutdown_lets_open_connections_finish() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// The drain counts every tracked task: a spliced connection still open at stop keeps the
+/// proxy running until the grace deadline, and is then closed and counted as forced; the
+/// probe of an ejected backend (due in an hour) is tracked too, and ends when the shutdown
+/// begins instead of holding the drain forever.
+#[tokio::test]
+async fn shutdown_forces_open_connections_at_the_grace_deadline() {
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dead = unused_addr();
+    let grace = Duration::from_millis(500);
+    let mut proxy = start(&format!(
+        "{}routes: [{{name: a, hosts: [a.test], backends: ['{dead}', '{}']}}]\n\
+         health: {{eject_after_failures: 1, probe_interval: 1h}}\n\
+         timeouts: {{shutdown_grace: 500ms}}\n",
+        listener(", data_path: splice"),
+        echo.addr
+    ))
+    .await;
+    // Ties rotate, so a few connections are needed before one tries the dead backend first.
+    let mut open_conns = Vec::new();
+    for _ in 0..4 {
+        open_conns.push(open(&proxy, "a.test").await);
+        if proxy
+            .metric("sni_proxy_backend_ejections_total{route=\"a\"}")
+            .await
+            == 1.0
+        {
+            break;
+        }
+    }
+    assert_eq!(
+        proxy
+            .metric("sni_proxy_backend_ejections_total{route=\"a\"}")
+            .await,
+        1.0,
+        "the dead backend was ejected, so its probe runs"
+    );
+    let mut s = open_conns.pop().unwrap();
+    drop(open_conns);
+
+    let stopped = Instant::now();
+    proxy.shutdown.stop_accepting();
+    tokio::time::sleep(grace / 2).await;
+    assert!(alive(&mut s).await, "relays during the grace period");
+    assert!(
+        !proxy.task.is_finished(),
+        "the drain waits for the connection"
+    );
+    tokio::time::timeout(Duration::from_secs(5), &mut proxy.task)
+        .await
+        .expect("the drain ends at the grace deadline")
+        .unwrap();
+    assert!(stopped.elapsed() >= grace, "{:?}", stopped.elapsed());
+    match read_until_close(&mut s).await {
+        Ok(_) => {}
+        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::TimedOut, "still open"),
+    }
+    assert_eq!(
+        proxy.registry_metric("sni_proxy_shutdown_forced_connections_total"),
+        1.0
+    );
 }
 
 /// A kube-apiserver that resets mid-stream is counted and logged as the backend's reset, on

@@ -18,15 +18,16 @@ pub struct TestProxy {
     pub handle: Handle,
     pub shutdown: Shutdown,
     pub task: tokio::task::JoinHandle<()>,
+    /// The proxy's registry, readable after the admin server stopped.
+    pub registry: prometheus::Registry,
 }
 
 /// `yaml` without the admin section; listeners should bind port 0.
 pub async fn start(yaml: &str) -> TestProxy {
     let text = format!("admin: {{address: 127.0.0.1:0}}\n{yaml}");
     let config = Config::from_yaml(&text).unwrap();
-    let proxy = Proxy::bind(config, prometheus::Registry::new())
-        .await
-        .unwrap();
+    let registry = prometheus::Registry::new();
+    let proxy = Proxy::bind(config, registry.clone()).await.unwrap();
     let addrs = proxy.listener_addrs();
     let admin = proxy.admin_addr().unwrap();
     let handle = proxy.handle();
@@ -38,6 +39,7 @@ pub async fn start(yaml: &str) -> TestProxy {
         handle,
         shutdown,
         task,
+        registry,
     }
 }
 
@@ -54,16 +56,31 @@ impl TestProxy {
     /// Series are compared as Prometheus stores them: labels in any order, and a label with
     /// an empty value the same as no label (`leg=""` on a close reason without a leg).
     pub async fn metric(&self, sample: &str) -> f64 {
-        let want = series(sample);
-        let text = http_get(self.admin, "/metrics").await;
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (s, value) = l.rsplit_once(' ')?;
-                (series(s) == want).then(|| value.trim().parse().unwrap())
-            })
-            .unwrap_or(0.0)
+        find_sample(&http_get(self.admin, "/metrics").await, sample)
     }
+
+    /// Like [`TestProxy::metric`], read from the registry instead of `/metrics`: for after
+    /// shutdown, when the admin server is gone.
+    pub fn registry_metric(&self, sample: &str) -> f64 {
+        use prometheus::Encoder;
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut text)
+            .unwrap();
+        find_sample(&String::from_utf8(text).unwrap(), sample)
+    }
+}
+
+/// The value of `sample` in a Prometheus text exposition; 0 if absent.
+fn find_sample(text: &str, sample: &str) -> f64 {
+    let want = series(sample);
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (s, value) = l.rsplit_once(' ')?;
+            (series(s) == want).then(|| value.trim().parse().unwrap())
+        })
+        .unwrap_or(0.0)
 }
 
 /// A sample's name and its labels with a value, from `name{a="x",b=""}`.
