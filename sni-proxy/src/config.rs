@@ -2,8 +2,9 @@
 //! validated into [`Config`], a runtime type with no optional-but-required fields. Every
 //! validation error names the field, like `routes[1].hosts[0]: ...`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use agentkit::config::{duration, opt_duration, ConfigError};
@@ -64,6 +65,29 @@ struct RawConfig {
     reload_interval: Duration,
     #[serde(default)]
     allow_sockmap_on_untrusted_kernel: bool,
+    #[serde(default)]
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    istio: Option<RawIstio>,
+    #[serde(default)]
+    gateway_api: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    connect_allow: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIstio {
+    selector: BTreeMap<String, String>,
 }
 
 fn default_unknown_sni() -> String {
@@ -315,6 +339,30 @@ pub struct Config {
     /// Whether `data_path: sockmap` may run on a kernel not in
     /// `ebpf::sockmap::TRUSTED_KERNELS` (for measurement and kernel testing only).
     pub allow_sockmap_on_untrusted_kernel: bool,
+    /// Routes from the Kubernetes API server, merged with `routes`.
+    pub kubernetes: Option<Kubernetes>,
+}
+
+/// Where routes from Kubernetes come from (`kubernetes:` in the file).
+#[derive(Debug, Clone)]
+pub struct Kubernetes {
+    /// The kubeconfig; None is the pod's service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// The proxy's namespace, for `exportTo`; None is the kubeconfig's or the pod's.
+    pub namespace: Option<String>,
+    /// Istio's objects: Gateways whose `spec.selector` equals this are served.
+    pub istio_selector: Option<BTreeMap<String, String>>,
+    /// The `X-Gardener-Destination` values that may name a Service.
+    pub connect_allow: regex::Regex,
+}
+
+impl PartialEq for Kubernetes {
+    fn eq(&self, other: &Self) -> bool {
+        self.kubeconfig == other.kubeconfig
+            && self.namespace == other.namespace
+            && self.istio_selector == other.istio_selector
+            && self.connect_allow.as_str() == other.connect_allow.as_str()
+    }
 }
 
 /// TCP keepalive settings.
@@ -378,6 +426,9 @@ pub struct Route {
     pub proxy_destinations: Vec<SocketAddr>,
     /// Backends.
     pub backends: Vec<BackendAddr>,
+    /// Each backend's share of new connections (parallel to `backends`; 0 is none); empty
+    /// when all are equal.
+    pub weights: Vec<u32>,
     /// PROXY header to backends.
     pub send_proxy_protocol: SendProxyProtocol,
     /// Route connection cap.
@@ -386,6 +437,8 @@ pub struct Route {
     pub max_connection_lifetime: Option<Duration>,
     /// Random extra lifetime, up to this.
     pub max_connection_lifetime_jitter: Duration,
+    /// TCP keepalive on the backend leg, instead of the global one (a DestinationRule's).
+    pub keepalive: Option<Keepalive>,
     /// Policy for open connections when the route is removed or changed.
     pub on_change: OnChange,
     /// Delay of `OnChange::Drain`.
@@ -410,7 +463,7 @@ pub fn normalize_host(host: &str) -> String {
     host.to_ascii_lowercase()
 }
 
-fn check_host(field: &str, host: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_host(field: &str, host: &str) -> Result<(), ConfigError> {
     let name = host.strip_prefix("*.").unwrap_or(host);
     let ok = !name.is_empty()
         && name.len() <= 253
@@ -587,10 +640,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             destination,
             proxy_destinations: r.proxy_destinations,
             backends,
+            weights: Vec::new(),
             send_proxy_protocol: r.send_proxy_protocol,
             max_connections: r.max_connections,
             max_connection_lifetime: r.max_connection_lifetime,
             max_connection_lifetime_jitter: r.max_connection_lifetime_jitter.unwrap_or_default(),
+            keepalive: None,
             on_change: r.on_change,
             drain_delay: r.drain_delay.unwrap_or(DEFAULT_DRAIN_DELAY),
         });
@@ -658,6 +713,45 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         access_log: raw.access_log,
         reload_interval: raw.reload_interval,
         allow_sockmap_on_untrusted_kernel: raw.allow_sockmap_on_untrusted_kernel,
+        kubernetes: raw.kubernetes.map(kubernetes).transpose()?,
+    })
+}
+
+fn kubernetes(raw: RawKubernetes) -> Result<Kubernetes, ConfigError> {
+    if raw.gateway_api.is_some() {
+        return Err(ConfigError::invalid(
+            "kubernetes.gateway_api",
+            "Gateway API routes are not implemented yet; use kubernetes.istio",
+        ));
+    }
+    let pattern = raw
+        .connect_allow
+        .unwrap_or_else(|| crate::kube::connect::GARDENER_CONNECT_ALLOW.to_owned());
+    let connect_allow = regex::Regex::new(&pattern)
+        .map_err(|e| ConfigError::invalid("kubernetes.connect_allow", e.to_string()))?;
+    if let Some(ns) = &raw.namespace {
+        if ns.is_empty() {
+            return Err(ConfigError::invalid(
+                "kubernetes.namespace",
+                "must not be empty",
+            ));
+        }
+    }
+    let istio_selector = match raw.istio {
+        Some(i) if i.selector.is_empty() => {
+            return Err(ConfigError::invalid(
+                "kubernetes.istio.selector",
+                "must name at least one label (an empty selector would match no Gateway)",
+            ))
+        }
+        Some(i) => Some(i.selector),
+        None => None,
+    };
+    Ok(Kubernetes {
+        kubeconfig: raw.kubeconfig,
+        namespace: raw.namespace,
+        istio_selector,
+        connect_allow,
     })
 }
 
@@ -729,5 +823,48 @@ mod tests {
             BackendAddr::Name("kube-apiserver.shoot--a--b.svc.cluster.local".into(), 443)
         );
         assert!(matches!(c.routes[0].backends[1], BackendAddr::Ip(_)));
+    }
+
+    /// The Kubernetes example, also shipped as `sni-proxy/example-kubernetes.yaml`.
+    const EXAMPLE_KUBERNETES: &str = include_str!("../example-kubernetes.yaml");
+
+    #[test]
+    fn kubernetes_example_is_valid() {
+        let c = Config::from_yaml(EXAMPLE_KUBERNETES).unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!(
+            k.kubeconfig.unwrap(),
+            PathBuf::from("/etc/sni-proxy/kubeconfig")
+        );
+        assert_eq!(k.istio_selector.unwrap()["istio"], "ingressgateway");
+        assert!(k
+            .connect_allow
+            .is_match("outbound|443||kube-apiserver.shoot--a--b.svc.cluster.local"));
+        assert!(!k
+            .connect_allow
+            .is_match("outbound|2379||etcd-main.shoot--a--b.svc.cluster.local"));
+        assert_eq!(c.routes.len(), 1);
+    }
+
+    #[test]
+    fn kubernetes_errors_name_the_field() {
+        let e = err(&format!("{BASE}kubernetes: {{connect_allow: '(('}}\n"));
+        assert!(e.starts_with("kubernetes.connect_allow:"), "{e}");
+        let e = err(&format!(
+            "{BASE}kubernetes: {{istio: {{selector: {{}}}}}}\n"
+        ));
+        assert!(e.starts_with("kubernetes.istio.selector:"), "{e}");
+        let e = err(&format!(
+            "{BASE}kubernetes: {{gateway_api: {{gateway_class: x}}}}\n"
+        ));
+        assert!(e.starts_with("kubernetes.gateway_api:"), "{e}");
+        let e = err(&format!("{BASE}kubernetes: {{kubeconfg: x}}\n"));
+        assert!(e.contains("unknown field `kubeconfg`"), "{e}");
+        // The default is Gardener's regex.
+        let c = Config::from_yaml(&format!("{BASE}kubernetes: {{}}\n")).unwrap();
+        assert_eq!(
+            c.kubernetes.unwrap().connect_allow.as_str(),
+            crate::kube::connect::GARDENER_CONNECT_ALLOW
+        );
     }
 }

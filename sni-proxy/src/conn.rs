@@ -440,7 +440,15 @@ async fn serve(
         .await;
     };
     let _ = backend.set_nodelay(true);
-    set_keepalive(&backend, &settings.keepalive);
+    // A route's own keepalive (a DestinationRule's `tcpKeepalive`) is for its backend leg.
+    set_keepalive(
+        &backend,
+        route
+            .config
+            .keepalive
+            .as_ref()
+            .unwrap_or(&settings.keepalive),
+    );
 
     // Forward what was read, PROXY header first if the route wants one.
     let mut first = Vec::new();

@@ -9,6 +9,7 @@
 pub mod config;
 mod conn;
 pub mod datapath;
+pub mod kube;
 pub mod metrics;
 pub mod protocol;
 pub mod routes;
@@ -39,7 +40,9 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// The running config: what a connection reads once, when it is accepted.
 #[derive(Debug)]
 pub(crate) struct Runtime {
+    /// The file's config (its `routes` are the static ones).
     config: Config,
+    /// The static routes and those from Kubernetes, merged.
     table: RouteTable,
     data_paths: Vec<DataPath>,
 }
@@ -54,6 +57,8 @@ pub(crate) struct Shared {
     per_source: Mutex<HashMap<IpAddr, usize>>,
     reload_lock: Mutex<()>,
     health: Health,
+    /// The routes last taken from Kubernetes (merged into every table built).
+    kube_routes: Mutex<Arc<Vec<config::Route>>>,
 }
 
 /// A proxy with its sockets bound; [`Proxy::run`] serves until shutdown.
@@ -62,6 +67,8 @@ pub struct Proxy {
     listeners: Vec<TcpListener>,
     admin: AdminServer,
     shared: Arc<Shared>,
+    /// The Kubernetes source, when the config has one, with its metrics.
+    kube: Option<(kube::watch::Source, kube::watch::Metrics)>,
 }
 
 /// A handle to reload a running proxy (from tests, or the reloader).
@@ -75,6 +82,13 @@ impl Proxy {
     /// start beside an old one), and registers the metrics in `registry`.
     pub async fn bind(config: Config, registry: prometheus::Registry) -> anyhow::Result<Proxy> {
         let metrics = Metrics::new(&registry);
+        let kube = match &config.kubernetes {
+            Some(settings) => Some((
+                kube::watch::Source::connect(settings).await?,
+                kube::watch::Metrics::new(&registry)?,
+            )),
+            None => None,
+        };
         let health = Health::default();
         let admin = AdminServer::bind(config.admin, Endpoints::standard(registry, health.clone()))
             .map_err(|e| anyhow::anyhow!("admin.address {}: {e}", config.admin))?;
@@ -94,7 +108,7 @@ impl Proxy {
             move || data_paths(&config)
         })
         .await?;
-        let (runtime, _) = build_runtime(config, data_paths, None, &live);
+        let (runtime, _) = build_runtime(config, data_paths, &[], None, &live);
         metrics.routes.set(runtime.table.len() as i64);
         metrics.config_last_reload_success.set(unix_now());
         let shared = Arc::new(Shared {
@@ -105,11 +119,13 @@ impl Proxy {
             per_source: Mutex::new(HashMap::new()),
             reload_lock: Mutex::new(()),
             health,
+            kube_routes: Mutex::new(Arc::new(Vec::new())),
         });
         Ok(Proxy {
             listeners,
             admin,
             shared,
+            kube,
         })
     }
 
@@ -170,7 +186,26 @@ impl Proxy {
                 shutdown.clone(),
             )));
         }
-        shared.health.set_ready(true);
+        match self.kube {
+            // Ready once the first full sync is in the table.
+            Some((source, metrics)) => {
+                let handle = Handle {
+                    shared: Arc::clone(&shared),
+                };
+                let stop = shutdown.clone();
+                shutdown.spawn(async move {
+                    let apply = move |update: kube::watch::Update| {
+                        handle.apply_kubernetes(update.routes);
+                        handle.shared.health.set_ready(true);
+                    };
+                    if let Err(error) = source.run(stop.clone(), metrics, apply).await {
+                        tracing::error!(error = %format!("{error:#}"), "kubernetes: routes are not followed; stopping");
+                        stop.stop_accepting();
+                    }
+                });
+            }
+            None => shared.health.set_ready(true),
+        }
         info!(listeners = accepts.len(), "serving");
         shutdown.stopping().await;
         shared.health.set_ready(false);
@@ -192,6 +227,27 @@ impl Handle {
             let paths = data_paths(&config);
             (config, paths)
         }))
+    }
+
+    /// Replaces the routes from Kubernetes and swaps in a table with them merged into the
+    /// file's routes (whose names and hosts win). Unchanged routes keep their connections.
+    pub fn apply_kubernetes(&self, routes: Vec<config::Route>) {
+        let _serialized = agentkit::sync::lock(&self.shared.reload_lock);
+        let routes = Arc::new(routes);
+        *agentkit::sync::lock(&self.shared.kube_routes) = Arc::clone(&routes);
+        let current = self.shared.state.load_full();
+        let (runtime, retired) = build_runtime(
+            current.config.clone(),
+            current.data_paths.clone(),
+            &routes,
+            Some(&current.table),
+            &self.shared.live,
+        );
+        self.shared.metrics.routes.set(runtime.table.len() as i64);
+        self.shared.state.store(Arc::new(runtime));
+        for route in retired {
+            route.retire();
+        }
     }
 
     /// Applies a config the reloader loaded (with its data paths resolved off the runtime),
@@ -231,8 +287,20 @@ impl Handle {
                 "cannot change on reload; restart the proxy",
             ));
         }
-        let (runtime, retired) =
-            build_runtime(config, data_paths, Some(&current.table), &self.shared.live);
+        if config.kubernetes != current.config.kubernetes {
+            return Err(ConfigError::invalid(
+                "kubernetes",
+                "cannot change on reload; restart the proxy",
+            ));
+        }
+        let kube_routes = Arc::clone(&agentkit::sync::lock(&self.shared.kube_routes));
+        let (runtime, retired) = build_runtime(
+            config,
+            data_paths,
+            &kube_routes,
+            Some(&current.table),
+            &self.shared.live,
+        );
         self.shared.metrics.routes.set(runtime.table.len() as i64);
         self.shared.state.store(Arc::new(runtime));
         // Only now: a connection routed after this point can no longer pick a retired route.
@@ -287,13 +355,21 @@ fn data_paths(config: &Config) -> Vec<DataPath> {
         .collect()
 }
 
+/// The runtime for the file's `config` with the routes from Kubernetes merged in.
 fn build_runtime(
     config: Config,
     data_paths: Vec<DataPath>,
+    kube_routes: &[config::Route],
     previous: Option<&RouteTable>,
     live: &Arc<LiveRoutes>,
 ) -> (Runtime, Vec<Arc<routes::Route>>) {
-    let (table, retired) = RouteTable::build(&config, previous, live);
+    let (table, retired) = if kube_routes.is_empty() {
+        RouteTable::build(&config, previous, live)
+    } else {
+        let mut merged = config.clone();
+        merged.routes = routes::merge(&config.routes, kube_routes);
+        RouteTable::build(&merged, previous, live)
+    };
     (
         Runtime {
             config,

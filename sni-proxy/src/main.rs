@@ -28,8 +28,15 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        let source = match &config.kubernetes {
+            Some(k) if k.istio_selector.is_some() => {
+                ", routes from Kubernetes (Istio objects, CONNECT destinations)"
+            }
+            Some(_) => ", routes from Kubernetes (CONNECT destinations)",
+            None => "",
+        };
         println!(
-            "{}: ok ({} listeners, {} routes)",
+            "{}: ok ({} listeners, {} routes{source})",
             args.config.display(),
             config.listeners.len(),
             config.routes.len()

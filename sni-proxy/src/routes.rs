@@ -147,8 +147,12 @@ impl Route {
     }
 
     /// The order to try backends in: healthy before ejected, fewest connections first, ties
-    /// rotated so equal backends share the load.
+    /// rotated so equal backends share the load. With weights, the first is drawn by weight
+    /// among the healthy ones, and backends of weight 0 are never tried.
     pub fn backend_order(&self) -> Vec<Arc<Backend>> {
+        if !self.config.weights.is_empty() {
+            return self.weighted_order();
+        }
         let n = self.backends.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut order: Vec<(bool, usize, usize, &Arc<Backend>)> = self
@@ -163,6 +167,81 @@ impl Route {
             .map(|(_, _, _, b)| Arc::clone(b))
             .collect()
     }
+}
+
+impl Route {
+    fn weighted_order(&self) -> Vec<Arc<Backend>> {
+        let weight = |i: usize| self.config.weights.get(i).copied().unwrap_or(0);
+        let mut rest: Vec<(bool, usize, usize)> = (0..self.backends.len())
+            .filter(|i| weight(*i) > 0)
+            .map(|i| (self.backends[i].is_ejected(), self.backends[i].active(), i))
+            .collect();
+        let healthy: u64 = rest
+            .iter()
+            .filter(|(ejected, _, _)| !ejected)
+            .map(|(_, _, i)| u64::from(weight(*i)))
+            .sum();
+        let mut order = Vec::with_capacity(rest.len());
+        if healthy > 0 {
+            let mut draw = rand::random_range(0..healthy);
+            if let Some(pos) = rest.iter().position(|(ejected, _, i)| {
+                if *ejected {
+                    return false;
+                }
+                let w = u64::from(weight(*i));
+                if draw < w {
+                    return true;
+                }
+                draw -= w;
+                false
+            }) {
+                order.push(Arc::clone(&self.backends[rest.remove(pos).2]));
+            }
+        }
+        rest.sort_unstable();
+        order.extend(
+            rest.into_iter()
+                .map(|(_, _, i)| Arc::clone(&self.backends[i])),
+        );
+        order
+    }
+}
+
+/// The file's routes with `dynamic` ones (from Kubernetes) added: a dynamic route whose name a
+/// static route has is left out, and it loses the hosts and the destination a static route
+/// has; one left with neither is left out.
+pub fn merge(static_routes: &[config::Route], dynamic: &[config::Route]) -> Vec<config::Route> {
+    let names: std::collections::HashSet<&str> =
+        static_routes.iter().map(|r| r.name.as_str()).collect();
+    let hosts: std::collections::HashSet<&str> = static_routes
+        .iter()
+        .flat_map(|r| r.hosts.iter().map(String::as_str))
+        .collect();
+    let destinations: std::collections::HashSet<&str> = static_routes
+        .iter()
+        .filter_map(|r| r.destination.as_deref())
+        .collect();
+    let mut merged = static_routes.to_vec();
+    for route in dynamic {
+        if names.contains(route.name.as_str()) {
+            continue;
+        }
+        let claims = !route.hosts.is_empty() || route.destination.is_some();
+        let mut route = route.clone();
+        route.hosts.retain(|h| !hosts.contains(h.as_str()));
+        if route
+            .destination
+            .as_deref()
+            .is_some_and(|d| destinations.contains(d))
+        {
+            route.destination = None;
+        }
+        if claims && route.hosts.is_empty() && route.destination.is_none() {
+            continue;
+        }
+        merged.push(route);
+    }
+    merged
 }
 
 impl Drop for Route {
@@ -598,5 +677,80 @@ mod tests {
         assert!(r.try_acquire().is_none());
         drop(s1);
         assert!(r.try_acquire().is_some());
+    }
+
+    fn route(name: &str, hosts: &[&str], destination: Option<&str>) -> config::Route {
+        let text = format!(
+            "admin: {{address: 127.0.0.1:1}}\nlisteners: [{{name: l, address: 127.0.0.1:2, mode: tls}}]\nroutes: [{{name: {name}, backends: [10.0.0.1:1]}}]\n"
+        );
+        let mut r = Config::from_yaml(&text).unwrap().routes.remove(0);
+        r.hosts = hosts.iter().map(|h| (*h).to_owned()).collect();
+        r.destination = destination.map(str::to_owned);
+        r
+    }
+
+    #[test]
+    fn static_routes_win_names_hosts_and_destinations() {
+        let statics = [route("a", &["a.test"], Some("outbound|443||x"))];
+        let dynamic = [
+            route("a", &["other.test"], None),
+            route("k1", &["a.test", "k1.test"], None),
+            route("k2", &["a.test"], None),
+            route("k3", &[], Some("outbound|443||x")),
+            route("k4", &[], Some("outbound|443||y")),
+        ];
+        let merged = merge(&statics, &dynamic);
+        let got: Vec<(&str, Vec<&str>, Option<&str>)> = merged
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.hosts.iter().map(String::as_str).collect(),
+                    r.destination.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", vec!["a.test"], Some("outbound|443||x")),
+                ("k1", vec!["k1.test"], None),
+                ("k4", vec![], Some("outbound|443||y")),
+            ]
+        );
+    }
+
+    #[test]
+    fn weights_share_the_first_pick_and_zero_is_never_tried() {
+        let mut config = route("w", &["w.test"], None);
+        config.backends = (1..=3)
+            .map(|i| BackendAddr::Ip(SocketAddr::from(([10, 0, 0, i], 1))))
+            .collect();
+        config.weights = vec![3, 1, 0];
+        let mut c = Config::from_yaml("admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: tls}]\n").unwrap();
+        c.routes = vec![config];
+        let live = LiveRoutes::new(Metrics::new(&prometheus::Registry::new()), vec!["l".into()]);
+        let (t, _) = RouteTable::build(&c, None, &live);
+        let r = t.lookup_host("w.test").unwrap();
+        let mut first = [0u32; 3];
+        for _ in 0..4000 {
+            let order = r.backend_order();
+            assert_eq!(order.len(), 2, "weight 0 is never tried");
+            let i = r
+                .backends
+                .iter()
+                .position(|b| Arc::ptr_eq(b, &order[0]))
+                .unwrap();
+            first[i] += 1;
+        }
+        assert_eq!(first[2], 0);
+        // 3:1, within a wide margin (binomial, n = 4000: sd of the share is under 1 %).
+        let share = f64::from(first[0]) / 4000.0;
+        assert!((0.70..0.80).contains(&share), "{first:?}");
+        // An ejected backend is drawn no more: the other healthy one goes first.
+        r.backends[0].ejected.store(true, Ordering::Release);
+        for _ in 0..100 {
+            assert!(Arc::ptr_eq(&r.backend_order()[0], &r.backends[1]));
+        }
     }
 }

@@ -1,0 +1,212 @@
+//! Routes from the Kubernetes API server: the objects gardenlet writes for each shoot (Istio's
+//! `Gateway`, `VirtualService` and `DestinationRule`, resolved through `Service`s and their
+//! `EndpointSlice`s) and the CONNECT destinations of Gardener's `X-Gardener-Destination`
+//! header. The translation is pure ([`istio`], [`connect`], [`services`]); [`watch`] keeps
+//! reflectors of the objects and hands each new translation to the proxy, which merges it with
+//! the static routes of its file (static names and hosts win).
+
+pub mod connect;
+pub mod istio;
+pub mod objects;
+pub mod services;
+pub mod watch;
+
+use std::cmp::Ordering;
+
+/// A namespaced object's name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An object with its spec parsed (or why it could not be).
+#[derive(Debug, Clone)]
+pub struct Object<S> {
+    /// Its name.
+    pub key: ObjectKey,
+    /// Its creation time (Unix seconds), for "the oldest wins".
+    pub created: Option<i64>,
+    /// The spec, or the parse error.
+    pub spec: Result<S, String>,
+}
+
+impl<S> Object<S> {
+    /// Oldest first; ties (and unknown times) by namespace and name.
+    pub fn age_order(&self, other: &Self) -> Ordering {
+        let time = |o: &Self| o.created.unwrap_or(i64::MAX);
+        time(self)
+            .cmp(&time(other))
+            .then_with(|| self.key.cmp(&other.key))
+    }
+}
+
+/// The kinds the proxy reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// networking.istio.io `Gateway`.
+    Gateway,
+    /// networking.istio.io `VirtualService`.
+    VirtualService,
+    /// networking.istio.io `DestinationRule`.
+    DestinationRule,
+    /// core `Service`.
+    Service,
+    /// discovery.k8s.io `EndpointSlice`.
+    EndpointSlice,
+}
+
+impl Kind {
+    /// Every kind, for metrics.
+    pub const ALL: [Kind; 5] = [
+        Kind::Gateway,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::Service,
+        Kind::EndpointSlice,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Gateway => "Gateway",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
+/// Why (part of) an object is not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// The spec does not parse.
+    InvalidSpec,
+    /// A Gateway server that terminates TLS (HTTPS, `SIMPLE`, `MUTUAL`, ...).
+    TlsTermination,
+    /// A Gateway server with another protocol (HTTP, TCP, ...).
+    UnsupportedProtocol,
+    /// A VirtualService's `http` routes.
+    HttpRoutes,
+    /// A VirtualService's `tcp` routes.
+    TcpRoutes,
+    /// A match by `destinationSubnets` or `sourceLabels`.
+    UnsupportedMatch,
+    /// A VirtualService not exported to the proxy's namespace.
+    NotExported,
+    /// An SNI host that is not a host name.
+    InvalidHost,
+    /// An SNI host outside the VirtualService's `hosts`.
+    HostNotInVirtualService,
+    /// An SNI host no bound Gateway server admits.
+    HostNotInGateway,
+    /// A destination with a `subset`.
+    Subset,
+    /// A destination that is no Service of this cluster.
+    ExternalHost,
+    /// A destination Service that does not exist.
+    ServiceNotFound,
+    /// A destination port the Service does not have.
+    ServicePortNotFound,
+}
+
+impl Reason {
+    /// Every reason, for metrics.
+    pub const ALL: [Reason; 14] = [
+        Reason::InvalidSpec,
+        Reason::TlsTermination,
+        Reason::UnsupportedProtocol,
+        Reason::HttpRoutes,
+        Reason::TcpRoutes,
+        Reason::UnsupportedMatch,
+        Reason::NotExported,
+        Reason::InvalidHost,
+        Reason::HostNotInVirtualService,
+        Reason::HostNotInGateway,
+        Reason::Subset,
+        Reason::ExternalHost,
+        Reason::ServiceNotFound,
+        Reason::ServicePortNotFound,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidSpec => "invalid_spec",
+            Reason::TlsTermination => "tls_termination",
+            Reason::UnsupportedProtocol => "unsupported_protocol",
+            Reason::HttpRoutes => "http_routes",
+            Reason::TcpRoutes => "tcp_routes",
+            Reason::UnsupportedMatch => "unsupported_match",
+            Reason::NotExported => "not_exported",
+            Reason::InvalidHost => "invalid_host",
+            Reason::HostNotInVirtualService => "host_not_in_virtualservice",
+            Reason::HostNotInGateway => "host_not_in_gateway",
+            Reason::Subset => "subset",
+            Reason::ExternalHost => "external_host",
+            Reason::ServiceNotFound => "service_not_found",
+            Reason::ServicePortNotFound => "service_port_not_found",
+        }
+    }
+}
+
+/// Something not served, with the object, the reason and the details for the log.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Skip {
+    /// The object's kind.
+    pub kind: Kind,
+    /// The object.
+    pub key: ObjectKey,
+    /// Why.
+    pub reason: Reason,
+    /// The field and what is wrong with it.
+    pub detail: String,
+}
+
+/// An SNI host claimed by two routes: the older keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Conflict {
+    /// The host.
+    pub host: String,
+    /// The route that has it.
+    pub winner: String,
+    /// The route that does not.
+    pub loser: String,
+}
+
+/// Which kind a spec type is.
+pub trait KindOf {
+    /// Its kind.
+    const KIND: Kind;
+}
+
+impl KindOf for objects::GatewaySpec {
+    const KIND: Kind = Kind::Gateway;
+}
+impl KindOf for objects::VirtualServiceSpec {
+    const KIND: Kind = Kind::VirtualService;
+}
+impl KindOf for objects::DestinationRuleSpec {
+    const KIND: Kind = Kind::DestinationRule;
+}
+
+impl<S: KindOf> Object<S> {
+    /// A skip of this object.
+    pub fn skip(&self, reason: Reason, detail: impl Into<String>) -> Skip {
+        Skip {
+            kind: S::KIND,
+            key: self.key.clone(),
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
