@@ -156,7 +156,9 @@ func install(client *http.Client, server string, docs []manifest) ([]string, err
 	return crds, nil
 }
 
-// established succeeds once every CRD in names has the condition Established=True.
+// established succeeds once every CRD in names has the condition Established=True and every
+// version it serves answers a list: right after Established a list can still be refused with
+// 429 "storage is (re)initializing" until the resource's watch cache has synced.
 func established(ctx context.Context, client *http.Client, server string, names []string) error {
 	var waiting []string
 	for _, name := range names {
@@ -170,6 +172,16 @@ func established(ctx context.Context, client *http.Client, server string, names 
 			return err
 		}
 		var crd struct {
+			Spec struct {
+				Group string `json:"group"`
+				Names struct {
+					Plural string `json:"plural"`
+				} `json:"names"`
+				Versions []struct {
+					Name   string `json:"name"`
+					Served bool   `json:"served"`
+				} `json:"versions"`
+			} `json:"spec"`
 			Status struct {
 				Conditions []struct {
 					Type, Status, Reason, Message string
@@ -189,10 +201,20 @@ func established(ctx context.Context, client *http.Client, server string, names 
 		}
 		if !ok {
 			waiting = append(waiting, name)
+			continue
+		}
+		for _, v := range crd.Spec.Versions {
+			if !v.Served {
+				continue
+			}
+			path := fmt.Sprintf("/apis/%s/%s/%s?limit=1", crd.Spec.Group, v.Name, crd.Spec.Names.Plural)
+			if err := get(ctx, client, server+path, `"kind":"`); err != nil {
+				waiting = append(waiting, fmt.Sprintf("%s %s (%v)", name, v.Name, err))
+			}
 		}
 	}
 	if len(waiting) > 0 {
-		return fmt.Errorf("not Established yet: %s", strings.Join(waiting, ", "))
+		return fmt.Errorf("not Established and listable yet: %s", strings.Join(waiting, ", "))
 	}
 	return nil
 }

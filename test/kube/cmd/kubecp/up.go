@@ -214,12 +214,12 @@ func up(dir string, args []string) (err error) {
 		return fmt.Errorf("installing manifests: %w\n  kube-apiserver log:\n%s", err, logTail(apiserver.Log, 30))
 	}
 	step("%d objects created (%d CRDs)", len(docs), len(crdNames))
-	if err := waitFor(apiserver, crdEstablishedBound, "CRDs Established", func(ctx context.Context) error {
+	if err := waitFor(apiserver, crdEstablishedBound, "CRDs Established and listable", func(ctx context.Context) error {
 		return established(ctx, client, server, crdNames)
 	}); err != nil {
 		return err
 	}
-	step("CRDs established")
+	step("CRDs established and listable")
 
 	if err := writeKubeconfig(st.Kubeconfig, server, files); err != nil {
 		return err
