@@ -206,10 +206,20 @@ func down(dir string, self int) error {
 	return os.RemoveAll(dir)
 }
 
+// upBound bounds how long linger waits for the `up` that started it to finish.
+const upBound = etcdReadyBound + apiserverReadyBound + crdEstablishedBound + time.Minute
+
 // linger waits for end of file on stdin, then runs down. SIGTERM (from down) just ends it.
+// If stdin closes while `up` still runs (its caller died), up may yet start and record a
+// process: linger waits for up to exit (it will, by SIGPIPE or its bounds) and then reads
+// the final state.
 func linger(dir string) error {
+	up := os.Getppid()
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	fmt.Printf("%s stdin closed, stopping the control plane in %s\n", time.Now().Format(time.RFC3339), dir)
+	for deadline := time.Now().Add(upBound); os.Getppid() == up && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
 	return down(dir, os.Getpid())
 }
 

@@ -14,8 +14,10 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -121,6 +123,17 @@ func up(dir string, args []string) (err error) {
 	if err := writeState(dir, st); err != nil {
 		return err
 	}
+	// Interrupted (Ctrl-C): stop what the state file names so far, as a failure would.
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	go func() {
+		sig := <-signals
+		step("%v: stopping what was started (logs stay in %s)", sig, dir)
+		if recorded, err := readState(dir); err == nil {
+			_ = stopAll(recorded, 0)
+		}
+		os.Exit(1)
+	}()
 	defer func() {
 		if err != nil {
 			step("failed; stopping what was started (logs stay in %s)", dir)
