@@ -1,6 +1,7 @@
 //! The real control plane of `agentkit::testing::kube`: the API server is ready, authenticates
 //! the admin certificate and nobody without one, stores and returns objects, serves the Gateway
-//! API and Istio CRDs as published (with their validation), and stops when its owner goes away.
+//! API and Istio CRDs as published (with their validation), streams lists (etcd's watch
+//! progress), and stops when its owner goes away.
 
 #![allow(clippy::unwrap_used)]
 
@@ -96,6 +97,38 @@ async fn namespace_is_stored_and_read_back() {
         .await
         .unwrap();
     assert_eq!(status, 404, "{body}");
+}
+
+/// A streaming list (watch with `sendInitialEvents`, what kube-rs's `streaming_lists()` asks
+/// for) needs etcd's watch progress requests: the initial events end with a bookmark.
+#[tokio::test]
+async fn watch_list_ends_its_initial_events_with_a_bookmark() {
+    let Some(cp) = shared("watch_list_ends_its_initial_events_with_a_bookmark").await else {
+        return;
+    };
+    let (status, body) = cp
+        .request(
+            "GET",
+            "/api/v1/namespaces?watch=1&sendInitialEvents=true&allowWatchBookmarks=true\
+             &resourceVersionMatch=NotOlderThan&timeoutSeconds=1",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let events: Vec<&str> = body.lines().collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains(r#""type":"ADDED""#) && e.contains(r#""name":"kube-system""#)),
+        "{body}"
+    );
+    let last = events.last().copied().unwrap_or_default();
+    assert!(
+        last.contains(r#""type":"BOOKMARK""#)
+            && last.contains(r#""k8s.io/initial-events-end":"true""#),
+        "{body}"
+    );
 }
 
 #[tokio::test]
