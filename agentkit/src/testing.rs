@@ -1,7 +1,7 @@
 //! Test fixtures shared by the agents' integration tests, the demo and the bench (feature
 //! `test-support`): a generated CA with leaf certificates, TLS servers that answer like a
-//! kube-apiserver's `/version`, a plain echo server, real ClientHello bytes, and the gate for
-//! tests that need root.
+//! kube-apiserver's `/version`, a plain echo server, real ClientHello bytes, the gate for
+//! tests that need root, and a real Kubernetes control plane ([`kube`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+pub mod kube;
 
 /// A throwaway CA that signs leaf certificates for test names.
 pub struct Pki {
