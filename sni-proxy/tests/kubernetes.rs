@@ -49,19 +49,42 @@ async fn setup(test: &str) -> Option<Setup> {
     .unwrap();
     let client = Client::try_from(config).unwrap();
     // 198.18.0.0/15 is for benchmarking networks: our own test hosts only.
-    let third = (std::process::id() % 64) as u8 * 4 + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) % 4;
+    let third =
+        (std::process::id() % 64) as u8 * 4 + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) % 4;
     let prefix = format!("198.19.{third}");
     let backends = NetNs::create("snik");
     let (host, peer) = (format!("snkh{third}"), format!("snkp{third}"));
-    run_command("ip", &["link", "add", &host, "type", "veth", "peer", "name", &peer]);
+    run_command(
+        "ip",
+        &["link", "add", &host, "type", "veth", "peer", "name", &peer],
+    );
     run_command("ip", &["link", "set", &peer, "netns", backends.name()]);
-    run_command("ip", &["addr", "add", &format!("{prefix}.1/24"), "dev", &host]);
+    run_command(
+        "ip",
+        &["addr", "add", &format!("{prefix}.1/24"), "dev", &host],
+    );
     run_command("ip", &["link", "set", &host, "up"]);
     for h in 2..=5 {
-        run_command("ip", &["-n", backends.name(), "addr", "add", &format!("{prefix}.{h}/24"), "dev", &peer]);
+        run_command(
+            "ip",
+            &[
+                "-n",
+                backends.name(),
+                "addr",
+                "add",
+                &format!("{prefix}.{h}/24"),
+                "dev",
+                &peer,
+            ],
+        );
     }
     run_command("ip", &["-n", backends.name(), "link", "set", &peer, "up"]);
-    Some(Setup { control, client, backends, prefix })
+    Some(Setup {
+        control,
+        client,
+        backends,
+        prefix,
+    })
 }
 
 impl Setup {
@@ -73,7 +96,9 @@ impl Setup {
     /// `name` and a newline.
     fn backend(&self, host: u8, name: &'static str) -> SocketAddr {
         let addr: SocketAddr = format!("{}:6443", self.ip(host)).parse().unwrap();
-        let listener = self.backends.run(move || std::net::TcpListener::bind(addr).unwrap());
+        let listener = self
+            .backends
+            .run(move || std::net::TcpListener::bind(addr).unwrap());
         listener.set_nonblocking(true).unwrap();
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         tokio::spawn(async move {
@@ -93,7 +118,9 @@ impl Setup {
 
     async fn create(&self, object: serde_json::Value) {
         let (api, obj) = self.api(&object);
-        api.create(&PostParams::default(), &obj).await.unwrap_or_else(|e| panic!("{object}: {e}"));
+        api.create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("{object}: {e}"));
     }
 
     async fn delete(&self, api_version: &str, kind: &str, ns: &str, name: &str) {
@@ -104,7 +131,13 @@ impl Setup {
     async fn patch(&self, object: serde_json::Value) {
         let (api, obj) = self.api(&object);
         let name = obj.metadata.name.clone().unwrap();
-        api.patch(&name, &PatchParams::apply("sni-proxy-test").force(), &Patch::Apply(&obj)).await.unwrap();
+        api.patch(
+            &name,
+            &PatchParams::apply("sni-proxy-test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap();
     }
 
     fn api(&self, object: &serde_json::Value) -> (Api<DynamicObject>, DynamicObject) {
@@ -115,7 +148,10 @@ impl Setup {
             "EndpointSlice" => "endpointslices".to_owned(),
             other => format!("{}s", other.to_ascii_lowercase()),
         };
-        let resource = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), &plural);
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, kind),
+            &plural,
+        );
         let obj: DynamicObject = serde_json::from_value(object.clone()).unwrap();
         let api = match obj.metadata.namespace.as_deref() {
             Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
@@ -128,7 +164,8 @@ impl Setup {
     /// kube-apiserver pods at `endpoints`, for the ingress gateway labelled `istio: <gateway>`.
     async fn shoot(&self, ns: &str, host: &str, gateway: &str, endpoints: &[String]) {
         let labels = json!({"app": "kubernetes", "role": "apiserver"});
-        self.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await;
+        self.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+            .await;
         self.create(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels,
             "annotations": {"networking.istio.io/exportTo": "*"}},
             "spec": {"type": "ClusterIP", "ipFamilyPolicy": "PreferDualStack", "selector": labels,
@@ -168,7 +205,12 @@ impl Setup {
             self.control.kubeconfig().display()
         ))
         .await;
-        eventually("the first sync", || async { http_get(proxy.admin, "/readyz").await.starts_with("HTTP/1.1 200") }).await;
+        eventually("the first sync", || async {
+            http_get(proxy.admin, "/readyz")
+                .await
+                .starts_with("HTTP/1.1 200")
+        })
+        .await;
         proxy
     }
 }
@@ -180,9 +222,14 @@ async fn via_sni(proxy: SocketAddr, sni: &str) -> Option<(String, TcpStream)> {
     s.write_all(&client_hello(sni, &[]).unwrap()).await.unwrap();
     let mut reader = BufReader::new(s);
     let mut line = String::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await.ok()?.ok()?;
+    let n = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .ok()?
+        .ok()?;
     let name = line.strip_suffix('\n').filter(|_| n > 0)?.to_owned();
-    name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-').then(|| (name, reader.into_inner()))
+    name.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        .then(|| (name, reader.into_inner()))
 }
 
 /// Asks the backend behind an open connection again.
@@ -190,7 +237,10 @@ async fn ask(s: &mut TcpStream) -> String {
     s.write_all(b"again").await.unwrap();
     let mut reader = BufReader::new(s);
     let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
     line.trim_end().to_owned()
 }
 
@@ -205,8 +255,10 @@ async fn gardenlets_objects_route_two_shoots_connect_and_deletion() {
     };
     t.backend(2, "a");
     t.backend(3, "b");
-    t.shoot("shoot--k1--a", "api.a.k1.test", "k1", &[t.ip(2)]).await;
-    t.shoot("shoot--k1--b", "api.b.k1.test", "k1", &[t.ip(3)]).await;
+    t.shoot("shoot--k1--a", "api.a.k1.test", "k1", &[t.ip(2)])
+        .await;
+    t.shoot("shoot--k1--b", "api.b.k1.test", "k1", &[t.ip(3)])
+        .await;
     let proxy = t.proxy("k1").await;
     let sni = proxy.addrs[0];
     assert_eq!(routed_to(sni, "api.a.k1.test").await.as_deref(), Some("a"));
@@ -217,16 +269,34 @@ async fn gardenlets_objects_route_two_shoots_connect_and_deletion() {
 
     // CONNECT by Gardener's header: the shoot's kube-apiserver Service, and nothing else.
     for (destination, status) in [
-        ("outbound|443||kube-apiserver.shoot--k1--b.svc.cluster.local", "200"),
-        ("outbound|443||kube-apiserver.shoot--k1--zz.svc.cluster.local", "403"),
-        ("outbound|6443||kube-apiserver.shoot--k1--b.svc.cluster.local", "403"),
+        (
+            "outbound|443||kube-apiserver.shoot--k1--b.svc.cluster.local",
+            "200",
+        ),
+        (
+            "outbound|443||kube-apiserver.shoot--k1--zz.svc.cluster.local",
+            "403",
+        ),
+        (
+            "outbound|6443||kube-apiserver.shoot--k1--b.svc.cluster.local",
+            "403",
+        ),
         (&format!("{}:6443", t.ip(3)), "403"),
     ] {
         let mut s = TcpStream::connect(proxy.addrs[1]).await.unwrap();
-        s.write_all(format!("CONNECT x:443 HTTP/1.1\r\nX-Gardener-Destination: {destination}\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(
+            format!("CONNECT x:443 HTTP/1.1\r\nX-Gardener-Destination: {destination}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut head = vec![0u8; 12];
         s.read_exact(&mut head).await.unwrap();
-        assert_eq!(String::from_utf8_lossy(&head[9..12]), status, "{destination}");
+        assert_eq!(
+            String::from_utf8_lossy(&head[9..12]),
+            status,
+            "{destination}"
+        );
         if status == "200" {
             let mut rest = vec![0u8; "HTTP/1.1 200 Connection Established\r\n\r\n".len() - 12];
             s.read_exact(&mut rest).await.unwrap();
@@ -235,9 +305,14 @@ async fn gardenlets_objects_route_two_shoots_connect_and_deletion() {
     }
 
     // Deleting a shoot's Gateway and VirtualService removes its route; the other stays.
-    t.delete(ISTIO, "VirtualService", "shoot--k1--b", "kube-apiserver").await;
-    t.delete(ISTIO, "Gateway", "shoot--k1--b", "kube-apiserver").await;
-    eventually("shoot b's route removed", || async { routed_to(sni, "api.b.k1.test").await.is_none() }).await;
+    t.delete(ISTIO, "VirtualService", "shoot--k1--b", "kube-apiserver")
+        .await;
+    t.delete(ISTIO, "Gateway", "shoot--k1--b", "kube-apiserver")
+        .await;
+    eventually("shoot b's route removed", || async {
+        routed_to(sni, "api.b.k1.test").await.is_none()
+    })
+    .await;
     assert_eq!(routed_to(sni, "api.a.k1.test").await.as_deref(), Some("a"));
     proxy.shutdown.stop_accepting();
 }
@@ -249,15 +324,23 @@ async fn scaling_an_endpoint_slice_keeps_established_connections() {
     };
     t.backend(2, "old");
     t.backend(4, "new");
-    t.shoot("shoot--k2--a", "api.a.k2.test", "k2", &[t.ip(2)]).await;
+    t.shoot("shoot--k2--a", "api.a.k2.test", "k2", &[t.ip(2)])
+        .await;
     let proxy = t.proxy("k2").await;
     let sni = proxy.addrs[0];
     let (name, mut established) = via_sni(sni, "api.a.k2.test").await.unwrap();
     assert_eq!(name, "old");
     // The kube-apiserver pod moves: the slice now lists only the new address.
     t.slice("shoot--k2--a", &[t.ip(4)]).await;
-    eventually("new connections reach the new pod", || async { routed_to(sni, "api.a.k2.test").await.as_deref() == Some("new") }).await;
-    assert_eq!(ask(&mut established).await, "old", "the established connection is untouched");
+    eventually("new connections reach the new pod", || async {
+        routed_to(sni, "api.a.k2.test").await.as_deref() == Some("new")
+    })
+    .await;
+    assert_eq!(
+        ask(&mut established).await,
+        "old",
+        "the established connection is untouched"
+    );
     proxy.shutdown.stop_accepting();
 }
 
@@ -268,24 +351,41 @@ async fn conflicts_and_tls_termination_are_reported_not_served_half() {
     };
     t.backend(2, "first");
     t.backend(3, "second");
-    t.shoot("shoot--k3--a", "api.k3.test", "k3", &[t.ip(2)]).await;
+    t.shoot("shoot--k3--a", "api.k3.test", "k3", &[t.ip(2)])
+        .await;
     // Created later, claiming the same host: the older keeps it.
-    t.shoot("shoot--k3--b", "api.k3.test", "k3", &[t.ip(3)]).await;
+    t.shoot("shoot--k3--b", "api.k3.test", "k3", &[t.ip(3)])
+        .await;
     // A TLS-terminating Gateway (the IstioTLSTermination variant) for a third shoot.
-    t.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shoot--k3--c"}})).await;
+    t.create(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shoot--k3--c"}}),
+    )
+    .await;
     t.create(json!({"apiVersion": ISTIO, "kind": "Gateway", "metadata": {"namespace": "shoot--k3--c", "name": "kube-apiserver"},
         "spec": {"selector": {"app": "istio-ingressgateway", "istio": "k3"},
                  "servers": [{"hosts": ["api.c.k3.test"], "port": {"name": "tls", "number": 443, "protocol": "HTTPS"},
                               "tls": {"mode": "OPTIONAL_MUTUAL", "credentialName": "shoot--k3--c-kube-apiserver-tls"}}]}})).await;
     let proxy = t.proxy("k3").await;
     let sni = proxy.addrs[0];
-    assert_eq!(routed_to(sni, "api.k3.test").await.as_deref(), Some("first"));
+    assert_eq!(
+        routed_to(sni, "api.k3.test").await.as_deref(),
+        Some("first")
+    );
     assert_eq!(proxy.metric("sni_proxy_kubernetes_conflicts").await, 1.0);
-    assert_eq!(proxy.metric("sni_proxy_kubernetes_skipped{kind=\"Gateway\",reason=\"tls_termination\"}").await, 1.0);
+    assert_eq!(
+        proxy
+            .metric("sni_proxy_kubernetes_skipped{kind=\"Gateway\",reason=\"tls_termination\"}")
+            .await,
+        1.0
+    );
     assert_eq!(routed_to(sni, "api.c.k3.test").await, None);
     // The older shoot goes away: the newer one gets the host.
-    t.delete(ISTIO, "VirtualService", "shoot--k3--a", "kube-apiserver").await;
-    eventually("the host passes to the other shoot", || async { routed_to(sni, "api.k3.test").await.as_deref() == Some("second") }).await;
+    t.delete(ISTIO, "VirtualService", "shoot--k3--a", "kube-apiserver")
+        .await;
+    eventually("the host passes to the other shoot", || async {
+        routed_to(sni, "api.k3.test").await.as_deref() == Some("second")
+    })
+    .await;
     assert_eq!(proxy.metric("sni_proxy_kubernetes_conflicts").await, 0.0);
     proxy.shutdown.stop_accepting();
 }
