@@ -43,9 +43,13 @@ KUBE_VERSIONS = ("1.30.0", "1.31.0", "1.37.0")
 CASES = {
     "default": None,
     "seed": TESTS / "values-seed.yaml",
+    "kubernetes": TESTS / "values-kubernetes.yaml",
 }
 
 EXPECTED_KINDS = {"ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"}
+# With kubernetes.enabled: read-only access to what the proxy follows.
+RBAC_KINDS = {"ClusterRole", "ClusterRoleBinding"}
+CLUSTER_SCOPED = RBAC_KINDS
 
 # How long `sni-proxy --check` may take; a binary that ignores --check would run forever.
 CHECK_TIMEOUT_SECONDS = 30
@@ -113,10 +117,38 @@ def test_lint_is_clean() -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_renders_expected_resources(case: str) -> None:
     kinds = sorted(o["kind"] for o in objects(case))
-    assert set(kinds) == EXPECTED_KINDS and len(kinds) == len(EXPECTED_KINDS), kinds
+    expected = EXPECTED_KINDS | (RBAC_KINDS if case == "kubernetes" else set())
+    assert set(kinds) == expected and len(kinds) == len(expected), kinds
     for obj in objects(case):
         assert obj["metadata"]["name"] == RELEASE
-        assert obj["metadata"]["namespace"] == NAMESPACE
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"], obj
+        else:
+            assert obj["metadata"]["namespace"] == NAMESPACE
+
+
+def test_kubernetes_source_has_exactly_the_rules_the_proxy_is_tested_with() -> None:
+    rules = yaml.safe_load((CHART / "files" / "kubernetes-rules.yaml").read_text())
+    role = one("kubernetes", "ClusterRole")
+    assert role["rules"] == rules
+    for rule in role["rules"]:
+        assert set(rule["verbs"]) == {"get", "list", "watch"}, rule
+    binding = one("kubernetes", "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": RELEASE}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}]
+    assert pod_spec("kubernetes")["automountServiceAccountToken"] is True
+    assert one("kubernetes", "ServiceAccount")["automountServiceAccountToken"] is True
+    # In-cluster: no kubeconfig; the release namespace for exportTo; the selector as given.
+    assert config("kubernetes")["kubernetes"] == {
+        "namespace": NAMESPACE,
+        "istio": {"selector": {"app": "istio-ingressgateway", "istio": "ingressgateway", "istio-role": "seed"}},
+    }
+
+
+def test_without_kubernetes_no_token_and_no_role() -> None:
+    for case in ("default", "seed"):
+        assert pod_spec(case)["automountServiceAccountToken"] is False
+        assert "kubernetes" not in config(case)
 
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
@@ -147,7 +179,7 @@ def test_pod_disruption_budget_selects_the_pods(case: str) -> None:
     deployment = one(case, "Deployment")["spec"]
     assert pdb["selector"] == deployment["selector"]
     assert ("minAvailable" in pdb) != ("maxUnavailable" in pdb)
-    if case == "default":
+    if case != "seed":
         assert pdb == {"maxUnavailable": 1, "selector": deployment["selector"]}
     else:
         assert pdb["minAvailable"] == 3
@@ -168,7 +200,8 @@ def test_container_is_unprivileged(case: str) -> None:
     assert "privileged" not in ctx or ctx["privileged"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert pod["automountServiceAccountToken"] is False
+    # The API token only where the proxy reads the API server.
+    assert pod["automountServiceAccountToken"] is (case == "kubernetes")
     assert not pod.get("hostNetwork")
 
 
@@ -230,7 +263,7 @@ def test_grace_period_outlasts_the_proxy_drain(case: str) -> None:
 def test_environment(case: str) -> None:
     env = {e["name"]: e.get("value") for e in container(case)["env"]}
     assert env["LOG_FORMAT"] == "json"
-    assert env["RUST_LOG"] == ("info" if case == "default" else "sni_proxy=debug,info")
+    assert env["RUST_LOG"] == ("sni_proxy=debug,info" if case == "seed" else "info")
 
 
 def test_resources() -> None:

@@ -399,7 +399,7 @@ impl From<End> for CloseReason {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
@@ -573,7 +573,7 @@ mod tests {
     }
 
     /// Every backticked value in a metric's row of docs/metrics.md.
-    fn documented(metric: &str) -> BTreeSet<String> {
+    pub(crate) fn documented(metric: &str) -> BTreeSet<String> {
         let doc = include_str!("../../docs/metrics.md");
         let row = doc
             .lines()

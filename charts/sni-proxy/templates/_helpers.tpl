@@ -164,8 +164,18 @@ the probes reach it); routes, limits, timeouts, keepalive and health are copied 
 {{- with .Values.reloadInterval -}}
 {{- $_ := set $config "reload_interval" (toString .) -}}
 {{- end -}}
+{{- if .Values.kubernetes.enabled -}}
+{{- $kube := dict "namespace" .Release.Namespace -}}
+{{- with .Values.kubernetes.istioSelector -}}
+{{- $_ := set $kube "istio" (dict "selector" .) -}}
+{{- end -}}
+{{- with .Values.kubernetes.connectAllow -}}
+{{- $_ := set $kube "connect_allow" (toString .) -}}
+{{- end -}}
+{{- $_ := set $config "kubernetes" $kube -}}
+{{- end -}}
 {{- /* Sections in the order of docs/sni-proxy.md, so the file reads like the reference. */ -}}
-{{- range $key := list "admin" "listeners" "routes" "unknown_sni" "limits" "timeouts" "keepalive" "health" "access_log" "reload_interval" }}
+{{- range $key := list "admin" "listeners" "routes" "unknown_sni" "limits" "timeouts" "keepalive" "health" "access_log" "reload_interval" "kubernetes" }}
 {{- if hasKey $config $key }}
 {{ toYaml (dict $key (get $config $key)) }}
 {{- end }}

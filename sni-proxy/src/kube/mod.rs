@@ -210,3 +210,19 @@ impl<S: KindOf> Object<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::metrics::tests::documented;
+
+    #[test]
+    fn docs_list_exactly_the_kinds_and_reasons() {
+        let kinds: BTreeSet<String> = Kind::ALL.iter().map(|k| k.as_str().to_owned()).collect();
+        assert_eq!(documented("sni_proxy_kubernetes_objects"), kinds);
+        let reasons: BTreeSet<String> = Reason::ALL.iter().map(|r| r.as_str().to_owned()).collect();
+        assert_eq!(documented("sni_proxy_kubernetes_skipped"), reasons);
+    }
+}
