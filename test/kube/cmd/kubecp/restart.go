@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -84,6 +85,9 @@ func restart(dir string, args []string) error {
 
 	r, err := start(dir, name, old.Bin, old.Args, nil)
 	if err != nil {
+		if _, statErr := readState(dir); statErr != nil {
+			return fmt.Errorf("the control plane was stopped during the restart (%w)", statErr)
+		}
 		return err
 	}
 	// Recorded before waiting, so that down (or linger) stops the new process whatever happens
@@ -106,6 +110,11 @@ func restart(dir string, args []string) error {
 		err = waitFor(r, apiserverReadyBound, "kube-apiserver /readyz", func(ctx context.Context) error {
 			return get(ctx, client, st.Server+"/readyz", "ok")
 		})
+	}
+	// A down that ran meanwhile (the owner went away) stopped what the state named before and
+	// removed DIR: the new process is nobody's, stop it.
+	if _, statErr := readState(dir); statErr != nil {
+		return errors.Join(fmt.Errorf("the control plane was stopped during the restart (%w)", statErr), stop(r.process))
 	}
 	if err != nil {
 		return err
