@@ -312,7 +312,7 @@ impl Setup {
                             && l.contains("verb=\"LIST\"")
                     })
                     .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-                    .sum();
+                    .fold(0.0, |sum, n| sum + n);
                 (resource, n)
             })
             .collect()
