@@ -226,13 +226,8 @@ fn a_private_control_plane_stops_when_dropped() {
     }
     let cp = ControlPlane::start().unwrap();
     let dir = cp.dir().to_owned();
-    let state = std::fs::read_to_string(dir.join("kubecp.json")).unwrap();
-    let pids: Vec<i32> = state
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("\"pid\": "))
-        .map(|p| p.trim_end_matches(',').parse().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 3, "linger, etcd, kube-apiserver: {state}");
+    let pids = pids(&cp);
+    assert_eq!(pids.len(), 3, "linger, etcd, kube-apiserver: {pids:?}");
     for pid in &pids {
         assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     }
@@ -257,4 +252,110 @@ fn alive(pid: i32) -> bool {
             !matches!(state.and_then(|s| s.chars().next()), Some('Z' | 'X'))
         })
         .unwrap_or(false)
+}
+
+/// `compact` makes etcd forget older revisions; `restart` kills the API server and brings it
+/// back with its objects, recording the new process (so dropping the control plane stops it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_forgets_old_revisions_and_a_restarted_api_server_keeps_its_objects() {
+    let test = "compaction_forgets_old_revisions_and_a_restarted_api_server_keeps_its_objects";
+    if shared(test).await.is_none() {
+        return;
+    }
+    // Private: a restart disturbs every client of the control plane.
+    let cp = tokio::task::spawn_blocking(ControlPlane::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, body) = cp
+        .request(
+            "POST",
+            "/api/v1/namespaces",
+            Some(r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"before-restart"}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let created: u64 = resource_version(&body);
+    // A list at exactly that revision, which only etcd (or the API server's cache of it) has.
+    let exact = format!("/api/v1/namespaces?resourceVersion={created}&resourceVersionMatch=Exact");
+    let (status, body) = cp.request("GET", &exact, None).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // Compaction keeps the revision it is made at: write once more so that `created` is older.
+    let (status, body) = cp
+        .request(
+            "POST",
+            "/api/v1/namespaces",
+            Some(r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"later"}}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+
+    let cp = std::sync::Arc::new(cp);
+    let compacting = cp.clone();
+    let revision = tokio::task::spawn_blocking(move || compacting.compact())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(revision > created, "{revision} > {created}");
+
+    let before = pids(&cp);
+    let started = Instant::now();
+    let restarting = cp.clone();
+    tokio::task::spawn_blocking(move || {
+        restarting.restart("kube-apiserver", Duration::from_secs(1))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let after = pids(&cp);
+    assert_eq!(after.len(), before.len());
+    assert_eq!(after[..2], before[..2], "linger and etcd untouched");
+    assert_ne!(after[2], before[2], "a new kube-apiserver");
+    assert!(alive(after[2]) && !alive(before[2]));
+    let (status, body) = cp.request("GET", "/readyz", None).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let (status, body) = cp
+        .request("GET", "/api/v1/namespaces/before-restart", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The restarted API server's cache starts after the compaction, so the old revision is
+    // asked of etcd, which has forgotten it. (Before the restart, the running server's cache
+    // could still answer it.)
+    let (status, body) = cp.request("GET", &exact, None).await.unwrap();
+    assert_eq!(status, 410, "{body}");
+
+    let cp = std::sync::Arc::into_inner(cp).unwrap();
+    drop(cp);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while after.iter().any(|pid| alive(*pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "{after:?} still running 30 s after drop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The pids `DIR/kubecp.json` records, in start order.
+fn pids(cp: &ControlPlane) -> Vec<i32> {
+    let state = std::fs::read_to_string(cp.dir().join("kubecp.json")).unwrap();
+    state
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("\"pid\": "))
+        .map(|p| p.trim_end_matches(',').parse().unwrap())
+        .collect()
+}
+
+/// `metadata.resourceVersion` of an object in JSON.
+fn resource_version(body: &str) -> u64 {
+    let object: serde_yaml::Value = serde_yaml::from_str(body).unwrap();
+    object["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no resourceVersion in {body}"))
 }

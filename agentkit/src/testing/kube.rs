@@ -9,6 +9,10 @@
 //! it exits (SIGKILL and panics included), the kernel closes that end, the watcher reads end of
 //! file and stops the servers and removes their directory. [`ControlPlane::start`] gives a
 //! private one that stops the same way when it is dropped.
+//!
+//! [`ControlPlane::restart`] (a process crashes and comes back) and [`ControlPlane::compact`]
+//! (etcd forgets old revisions) disturb every client of the control plane: a test that uses
+//! them starts a private one, never the shared one, or it breaks the tests running beside it.
 
 use std::io::{BufRead as _, BufReader, Read};
 use std::net::SocketAddr;
@@ -28,6 +32,10 @@ pub const START_BOUND: Duration = Duration::from_secs(40 * 60);
 
 /// The longest one [`ControlPlane::request`] may take.
 pub const REQUEST_BOUND: Duration = Duration::from_secs(30);
+
+/// The longest a [`ControlPlane::restart`] may take beyond its `down_for`: stopping, starting
+/// and becoming ready again (kubecp bounds each step; this bounds them all).
+pub const RESTART_BOUND: Duration = Duration::from_secs(180);
 
 /// A running etcd + kube-apiserver and the admin credentials for it.
 pub struct ControlPlane {
@@ -66,7 +74,65 @@ static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
 
 /// `scripts/kube-up` of this checkout.
 fn kube_up() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kube-up")
+    scripts().join("kube-up")
+}
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
+}
+
+/// Runs `kubecp ARGS` (from `scripts/kube-bin`, which kube-up already built) to completion
+/// within `bound`; its standard output, or an error with all it printed.
+fn kubecp(args: &[&std::ffi::OsStr], bound: Duration) -> anyhow::Result<String> {
+    let bin = output(
+        Command::new(scripts().join("kube-bin")),
+        Duration::from_secs(60),
+    )
+    .context("scripts/kube-bin")?;
+    let mut command = Command::new(Path::new(bin.trim_end()).join("kubecp"));
+    command.args(args);
+    output(command, bound).with_context(|| format!("kubecp {args:?}"))
+}
+
+/// Runs `command` to completion within `bound`, killing it past that; its standard output if
+/// it succeeded, else an error with both outputs.
+fn output(mut command: Command, bound: Duration) -> anyhow::Result<String> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Read both pipes while it runs, so that a chatty child never blocks on a full pipe.
+    let drain = |stream: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut s) = stream {
+                let _ = s.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|s| Box::new(s) as _));
+    let stderr = drain(child.stderr.take().map(|s| Box::new(s) as _));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    match status {
+        Some(status) if status.success() => Ok(stdout),
+        Some(status) => bail!("failed ({status}):\n{stdout}{stderr}"),
+        None => bail!("did not finish within {bound:?}:\n{stdout}{stderr}"),
+    }
 }
 
 impl ControlPlane {
@@ -220,6 +286,40 @@ impl ControlPlane {
             client_config: Arc::new(client_config),
             _lifetime: lifetime,
         })
+    }
+
+    /// Kills `name` (`"kube-apiserver"` or `"etcd"`) with SIGKILL, like a crash, leaves it down
+    /// for `down_for`, starts it again with the same command line and returns once it is ready
+    /// again (blocking, bounded by `down_for` + [`RESTART_BOUND`]). Every client of this control
+    /// plane sees the outage: use it on a private one ([`ControlPlane::start`]).
+    pub fn restart(&self, name: &str, down_for: Duration) -> anyhow::Result<()> {
+        let down_for_arg = format!("{}ms", down_for.as_millis());
+        kubecp(
+            &[
+                "restart".as_ref(),
+                self.dir.as_os_str(),
+                name.as_ref(),
+                "--down-for".as_ref(),
+                down_for_arg.as_ref(),
+            ],
+            down_for + RESTART_BOUND,
+        )?;
+        Ok(())
+    }
+
+    /// Compacts etcd at its current revision (blocking, bounded by [`REQUEST_BOUND`] and a
+    /// minute for finding kubecp) and returns that revision: a list or watch at an older
+    /// `resourceVersion` that reaches etcd is answered `410 Gone` from now on. Like
+    /// [`ControlPlane::restart`], for a private control plane.
+    pub fn compact(&self) -> anyhow::Result<u64> {
+        let out = kubecp(
+            &["compact".as_ref(), self.dir.as_os_str()],
+            REQUEST_BOUND + Duration::from_secs(60),
+        )?;
+        out.trim()
+            .strip_prefix("compacted etcd at revision ")
+            .and_then(|r| r.parse().ok())
+            .with_context(|| format!("kubecp compact printed {out:?}"))
     }
 
     /// The directory holding its state, logs (`etcd.log`, `kube-apiserver.log`) and

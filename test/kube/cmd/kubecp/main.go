@@ -4,6 +4,8 @@
 //
 //	kubecp up DIR [--crd PATH]... [--crd-group GROUP]... [--until-stdin-closes]
 //	kubecp down DIR
+//	kubecp restart DIR NAME [--down-for DURATION] [--signal KILL|TERM]
+//	kubecp compact DIR
 //
 // up generates a CA, a serving certificate, an admin client certificate (group
 // system:masters) and a service-account key pair; starts etcd and kube-apiserver in the
@@ -21,6 +23,15 @@
 // down stops the processes recorded in DIR/kubecp.json (SIGTERM, then SIGKILL after a bound;
 // a pid is signalled only if its start time still matches, so a reused pid is never hit) and
 // removes DIR. It refuses a DIR that kubecp did not create.
+//
+// restart stops one process, etcd or kube-apiserver (SIGKILL by default, like a crash; TERM
+// stops it as down does), waits --down-for, starts it again with the binary and arguments
+// recorded in DIR/kubecp.json (its log appended to), records the new pid there (so down and
+// linger stop the new process) and waits, bounded, until it is healthy again (etcd's /health,
+// the API server's /readyz).
+//
+// compact compacts etcd at its current revision, physically, and prints the revision: a watch
+// or list at any older resourceVersion that reaches etcd is then answered 410 Gone.
 package main
 
 import (
@@ -33,7 +44,9 @@ import (
 func usage() {
 	fmt.Fprintln(os.Stderr, `usage:
   kubecp up DIR [--crd PATH]... [--crd-group GROUP]... [--until-stdin-closes]
-  kubecp down DIR`)
+  kubecp down DIR
+  kubecp restart DIR NAME [--down-for DURATION] [--signal KILL|TERM]
+  kubecp compact DIR`)
 	os.Exit(2)
 }
 
@@ -56,6 +69,13 @@ func main() {
 		err = down(dir, 0)
 	case "linger":
 		err = linger(dir)
+	case "restart":
+		err = restart(dir, rest)
+	case "compact":
+		if len(rest) != 0 {
+			usage()
+		}
+		err = compact(dir)
 	default:
 		usage()
 	}

@@ -32,12 +32,15 @@ type state struct {
 }
 
 // process is one started process; StartTime (field 22 of /proc/PID/stat) tells it from a later
-// process that reused the pid.
+// process that reused the pid. Bin and Args are its command line, so `restart` can start it
+// again exactly as `up` did.
 type process struct {
-	Name      string `json:"name"`
-	Pid       int    `json:"pid"`
-	StartTime string `json:"start_time"`
-	Log       string `json:"log"`
+	Name      string   `json:"name"`
+	Pid       int      `json:"pid"`
+	StartTime string   `json:"start_time"`
+	Log       string   `json:"log"`
+	Bin       string   `json:"bin"`
+	Args      []string `json:"args"`
 }
 
 func writeState(dir string, st *state) error {
@@ -113,8 +116,11 @@ func start(dir, name, bin string, args []string, stdin *os.File) (*running, erro
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	r := &running{
-		process: process{Name: name, Pid: cmd.Process.Pid, StartTime: startTime(cmd.Process.Pid), Log: logPath},
-		exited:  make(chan struct{}),
+		process: process{
+			Name: name, Pid: cmd.Process.Pid, StartTime: startTime(cmd.Process.Pid), Log: logPath,
+			Bin: bin, Args: args,
+		},
+		exited: make(chan struct{}),
 	}
 	go func() {
 		r.err = cmd.Wait()
