@@ -167,6 +167,16 @@ async fn run(args: Args, control: &ControlPlane, proxy_bin: &Path) -> anyhow::Re
     }
     stop.store(true, Ordering::Relaxed);
     traffic.await?;
+    let translations = early
+        .metric("sni_proxy_kubernetes_translation_seconds_count")
+        .await
+        .unwrap_or(0.0);
+    let translation_ms = early
+        .metric("sni_proxy_kubernetes_translation_seconds_sum")
+        .await
+        .unwrap_or(0.0)
+        * 1000.0
+        / translations.max(1.0);
     let report = Report {
         shoots: args.shoots,
         added: args.added,
@@ -179,6 +189,8 @@ async fn run(args: Args, control: &ControlPlane, proxy_bin: &Path) -> anyhow::Re
         from_last: Percentiles::of(&mut from_last),
         traffic_ok: ok.load(Ordering::Relaxed),
         traffic_failed: failed.load(Ordering::Relaxed),
+        translations: translations as u64,
+        translation_mean_ms: translation_ms,
         kube_apiserver: control.server().to_owned(),
     };
     report.write(&args.out)?;
@@ -238,7 +250,7 @@ async fn create(client: &Client, object: Value) -> anyhow::Result<()> {
     };
     api.create(&PostParams::default(), &obj)
         .await
-        .with_context(|| format!("creating {kind} {:?}", obj.metadata.name))?;
+        .map_err(|e| anyhow::anyhow!("creating {kind} {:?}: {e:?}", obj.metadata.name))?;
     Ok(())
 }
 
@@ -246,7 +258,11 @@ async fn create(client: &Client, object: Value) -> anyhow::Result<()> {
 fn backend_namespace() -> anyhow::Result<NetNs> {
     let ns = NetNs::create("kscale");
     let (host, peer) = ("kscaleh0", "kscalep0");
-    let _ = Command::new("ip").args(["link", "del", host]).status();
+    // A veth left by an interrupted run.
+    let _ = Command::new("ip")
+        .args(["link", "del", host])
+        .stderr(Stdio::null())
+        .status();
     run_command(
         "ip",
         &["link", "add", host, "type", "veth", "peer", "name", peer],
@@ -379,18 +395,23 @@ impl Proxy {
         bail!("sni-proxy not ready within {READY_BOUND:?}")
     }
 
+    /// The value of an unlabelled sample of `/metrics`.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        get(self.admin, "/metrics").await.and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+        })
+    }
+
     async fn wait_metric(&self, name: &str, ok: impl Fn(f64) -> bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_BOUND;
         while Instant::now() < deadline {
-            let value = get(self.admin, "/metrics").await.and_then(|text| {
-                text.lines().find_map(|l| {
-                    l.strip_prefix(name)?
-                        .strip_prefix(' ')?
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                })
-            });
+            let value = self.metric(name).await;
             if value.is_some_and(&ok) {
                 return Ok(());
             }
@@ -484,6 +505,8 @@ struct Report {
     from_last: Percentiles,
     traffic_ok: u64,
     traffic_failed: u64,
+    translations: u64,
+    translation_mean_ms: f64,
     kube_apiserver: String,
 }
 
@@ -500,12 +523,14 @@ impl Report {
              | initial sync, exec to `/readyz` | {:.2} s | |\n\
              | shoot created → first routed connection, p50 / p99 / max ({} shoots added, from the first object) | {:.0} / {:.0} / {:.0} ms | p99 ≤ 500 ms |\n\
              | the same, from the last object created | {:.0} / {:.0} / {:.0} ms | |\n\
-             | connections to an existing shoot meanwhile, failed / total | {} / {} | 0 |\n",
+             | connections to an existing shoot meanwhile, failed / total | {} / {} | 0 |\n\
+             | translations (table rebuilds) by the first proxy, and their mean time | {} × {:.1} ms | |\n",
             self.shoots, self.added, "v1.37.2", self.shoots, CONCURRENCY, self.create_seconds,
             self.rss_empty_kib, self.rss_full_kib, self.per_shoot_kib, self.initial_sync_seconds,
             self.added, self.from_first.p50_ms, self.from_first.p99_ms, self.from_first.max_ms,
             self.from_last.p50_ms, self.from_last.p99_ms, self.from_last.max_ms,
             self.traffic_failed, self.traffic_ok + self.traffic_failed,
+            self.translations, self.translation_mean_ms,
         )
     }
 

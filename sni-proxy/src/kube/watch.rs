@@ -5,10 +5,10 @@
 //! it differs from the last. While the API server is away the stores keep what they had, so
 //! the routes stay as they were: a watch error never empties the table.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentkit::Shutdown;
 use anyhow::Context as _;
@@ -21,13 +21,13 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
-use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::services::Services;
-use super::{connect, istio, Conflict, Kind, Object, ObjectKey, Reason, Skip};
+use super::{connect, istio, objects, Conflict, Kind, Object, ObjectKey, Reason, Skip};
 use crate::config;
 
 /// How long the translator waits after a change for the rest of its burst (a shoot's objects
@@ -53,6 +53,8 @@ pub struct Metrics {
     pub routes: IntGauge,
     /// Watch errors by kind (each followed by a backed-off retry).
     pub watch_errors: IntCounterVec,
+    /// Time from reading the stores to the new table in place, per change.
+    pub translation: Histogram,
 }
 
 impl Metrics {
@@ -93,6 +95,13 @@ impl Metrics {
                 ),
                 &["kind"],
             )?,
+            translation: Histogram::with_opts(
+                HistogramOpts::new(
+                    "sni_proxy_kubernetes_translation_seconds",
+                    "Time from reading the watched objects to the new route table in place, per change.",
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
+            )?,
         };
         registry.register(Box::new(m.synced.clone()))?;
         registry.register(Box::new(m.last_sync.clone()))?;
@@ -101,6 +110,7 @@ impl Metrics {
         registry.register(Box::new(m.conflicts.clone()))?;
         registry.register(Box::new(m.routes.clone()))?;
         registry.register(Box::new(m.watch_errors.clone()))?;
+        registry.register(Box::new(m.translation.clone()))?;
         for kind in Kind::ALL {
             m.objects.with_label_values(&[kind.as_str()]).set(0);
         }
@@ -168,7 +178,7 @@ impl Source {
         let services = self.watch_typed::<Service>(Kind::Service, &shutdown, &metrics, &wake);
         let slices =
             self.watch_typed::<EndpointSlice>(Kind::EndpointSlice, &shutdown, &metrics, &wake);
-        let istio = match &self.settings.istio_selector {
+        let mut istio = match &self.settings.istio_selector {
             Some(selector) => Some(
                 self.watch_istio(selector.clone(), &shutdown, &metrics, &wake)
                     .await?,
@@ -195,6 +205,7 @@ impl Source {
         let mut last: Option<Update> = None;
         let mut reported: HashSet<Skip> = HashSet::new();
         loop {
+            let translating = Instant::now();
             let update = {
                 let services_now = Services::new(&services.state(), &slices.state());
                 let mut routes = Vec::new();
@@ -208,7 +219,7 @@ impl Source {
                     .objects
                     .with_label_values(&[Kind::EndpointSlice.as_str()])
                     .set(slices.len() as i64);
-                if let Some(i) = &istio {
+                if let Some(i) = &mut istio {
                     let objects = i.objects(&metrics);
                     let t = istio::translate(&i.settings, &objects, &services_now);
                     routes.extend(t.routes);
@@ -229,6 +240,9 @@ impl Source {
                 apply(update.clone());
                 last = Some(update);
             }
+            metrics
+                .translation
+                .observe(translating.elapsed().as_secs_f64());
             tokio::select! {
                 () = wake.notified() => {}
                 () = shutdown.stopping() => return Ok(()),
@@ -257,7 +271,9 @@ impl Source {
         let api: Api<K> = Api::all(self.client.clone());
         let stream = reflector::reflector(
             writer,
-            watcher::watcher(api, watcher::Config::default()).default_backoff(),
+            watcher::watcher(api, watcher::Config::default())
+                .modify(strip)
+                .default_backoff(),
         );
         shutdown.spawn(drive(
             stream,
@@ -285,7 +301,15 @@ impl Source {
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
             let stream = reflector::reflector(
                 writer,
-                watcher::watcher(api, watcher::Config::default()).default_backoff(),
+                watcher::watcher(api, watcher::Config::default())
+                    .modify(|o: &mut DynamicObject| {
+                        strip(o);
+                        // Only the spec is read.
+                        if let Some(fields) = o.data.as_object_mut() {
+                            fields.retain(|k, _| k == "spec");
+                        }
+                    })
+                    .default_backoff(),
             );
             shutdown.spawn(drive(
                 stream,
@@ -304,6 +328,7 @@ impl Source {
                 selector,
                 namespace: Some(self.namespace.clone()),
             },
+            parsed: Parsed::default(),
         })
     }
 }
@@ -313,10 +338,61 @@ struct IstioStores {
     virtual_services: Store<DynamicObject>,
     destination_rules: Store<DynamicObject>,
     settings: istio::Settings,
+    parsed: Parsed,
+}
+
+/// Specs parsed earlier, by object and resourceVersion: a change re-parses only what changed.
+#[derive(Default)]
+struct Parsed {
+    gateways: ParseCache<objects::GatewaySpec>,
+    virtual_services: ParseCache<objects::VirtualServiceSpec>,
+    destination_rules: ParseCache<objects::DestinationRuleSpec>,
+}
+
+struct ParseCache<S> {
+    by_key: HashMap<ObjectKey, (String, Object<S>)>,
+}
+
+impl<S> Default for ParseCache<S> {
+    fn default() -> Self {
+        ParseCache {
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+impl<S: DeserializeOwned + Clone> ParseCache<S> {
+    /// The objects of `state`, parsed, reusing what an unchanged resourceVersion allows;
+    /// objects gone from `state` are forgotten.
+    fn objects(&mut self, state: &[Arc<DynamicObject>]) -> Vec<Object<S>> {
+        let mut next = HashMap::with_capacity(state.len());
+        let mut out = Vec::with_capacity(state.len());
+        for o in state {
+            let version = o.metadata.resource_version.clone().unwrap_or_default();
+            let (Some(namespace), Some(name)) = (&o.metadata.namespace, &o.metadata.name) else {
+                continue;
+            };
+            let key = ObjectKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            let parsed = match self.by_key.remove(&key) {
+                Some((v, parsed)) if v == version && !version.is_empty() => parsed,
+                _ => match object(o) {
+                    Some(parsed) => parsed,
+                    None => continue,
+                },
+            };
+            out.push(parsed.clone());
+            next.insert(key, (version, parsed));
+        }
+        self.by_key = next;
+        out
+    }
 }
 
 impl IstioStores {
-    fn objects(&self, metrics: &Metrics) -> istio::Objects {
+    fn objects(&mut self, metrics: &Metrics) -> istio::Objects {
         let gateways = self.gateways.state();
         let virtual_services = self.virtual_services.state();
         let destination_rules = self.destination_rules.state();
@@ -331,9 +407,9 @@ impl IstioStores {
                 .set(n as i64);
         }
         istio::Objects {
-            gateways: gateways.iter().filter_map(object).collect(),
-            virtual_services: virtual_services.iter().filter_map(object).collect(),
-            destination_rules: destination_rules.iter().filter_map(object).collect(),
+            gateways: self.parsed.gateways.objects(&gateways),
+            virtual_services: self.parsed.virtual_services.objects(&virtual_services),
+            destination_rules: self.parsed.destination_rules.objects(&destination_rules),
         }
     }
 }
@@ -366,6 +442,15 @@ where
         >,
     > {
         Box::pin(self.wait_until_ready())
+    }
+}
+
+/// Drops what the stores need not keep (server-side apply's `managedFields`, kubectl's
+/// last-applied copy): most of an object's size.
+fn strip<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 

@@ -21,9 +21,10 @@ import (
 	"time"
 )
 
-// The API server's Service range and the first address in it (the `kubernetes` Service).
+// The API server's Service range (room for a seed's worth of shoots: each has Services) and
+// the first address in it (the `kubernetes` Service).
 const (
-	serviceRange = "10.0.0.0/24"
+	serviceRange = "10.0.0.0/16"
 	serviceIP    = "10.0.0.1"
 )
 
