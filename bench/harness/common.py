@@ -37,6 +37,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+# Where cargo puts the binaries: $CARGO_TARGET_DIR (CI and .ci/run keep it outside the clone),
+# else the clone's target/.
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+
+
+def release_bin(name: str) -> str:
+    """The release build of binary `name`, from cargo's target directory."""
+    return str(TARGET / "release" / name)
 HARNESS = Path(__file__).resolve().parent
 # The nofile limit of the harness and every server; raise_nofile lowers it to the hard limit
 # where it cannot be raised, so read it as common.NOFILE, not as an imported copy.

@@ -826,7 +826,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
                     help=f"short runs, {', '.join(SMOKE_ROWS)} only, output to a temp dir; sanity checks")
-    ap.add_argument("--bin", default=str(REPO / "target/release/node-local-dns"), help="node-local-dns binary")
+    ap.add_argument("--bin", default=common.release_bin("node-local-dns"), help="node-local-dns binary")
     ap.add_argument("--out", default=None, help="output dir (default bench/results; a temp dir with --smoke)")
     ap.add_argument("--no-install", action="store_true", help="do not run install-deps.sh (full mode)")
     ap.add_argument("--install", action="store_true", help="run install-deps.sh in smoke mode too")

@@ -914,8 +914,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
                     help="tiny runs (1,000 names, 1 s), output to a temp dir; sanity checks; for the test suite")
-    ap.add_argument("--bin", default=str(REPO / "target/release/node-local-dns"), help="node-local-dns binary")
-    ap.add_argument("--ns-bin", default=str(REPO / "target/release/fastpath-ns"), help="the fastpath-ns binary")
+    ap.add_argument("--bin", default=common.release_bin("node-local-dns"), help="node-local-dns binary")
+    ap.add_argument("--ns-bin", default=common.release_bin("fastpath-ns"), help="the fastpath-ns binary")
     ap.add_argument("--out", default=None, help="output dir (default bench/results; a temp dir with --smoke)")
     ap.add_argument("--no-install", action="store_true", help="do not run install-deps.sh (full mode)")
     ap.add_argument("--install", action="store_true", help="run install-deps.sh in smoke mode too")

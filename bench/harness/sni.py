@@ -1079,7 +1079,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true",
                     help="2 s runs, 500 idle conns, 16 MiB download; output to a temp dir; non-zero exit if a row fails")
-    ap.add_argument("--proxy-bin", default=str(REPO / "target/release/sni-proxy"))
+    ap.add_argument("--proxy-bin", default=common.release_bin("sni-proxy"))
     ap.add_argument("--out", default=None, help="output dir (default bench/results; a temp dir with --smoke)")
     ap.add_argument("--no-install", action="store_true", help="do not run install-deps.sh (full mode)")
     ap.add_argument("--install", action="store_true", help="run install-deps.sh in smoke mode too")
