@@ -429,6 +429,10 @@ pub struct Route {
     /// Each backend's share of new connections (parallel to `backends`; 0 is none); empty
     /// when all are equal.
     pub weights: Vec<u32>,
+    /// The share of new connections (in the unit of `weights`; with no weights, each backend
+    /// counts 1) refused without trying any backend: a Gateway API backendRef that is invalid
+    /// takes its weight's share of connections and refuses them. 0 in the file's routes.
+    pub refused_weight: u32,
     /// PROXY header to backends.
     pub send_proxy_protocol: SendProxyProtocol,
     /// Route connection cap.
@@ -641,6 +645,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             proxy_destinations: r.proxy_destinations,
             backends,
             weights: Vec::new(),
+            refused_weight: 0,
             send_proxy_protocol: r.send_proxy_protocol,
             max_connections: r.max_connections,
             max_connection_lifetime: r.max_connection_lifetime,
