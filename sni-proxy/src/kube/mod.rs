@@ -8,7 +8,9 @@
 
 pub mod connect;
 pub mod gateway_api;
+pub mod gateway_watch;
 pub mod istio;
+pub mod lease;
 pub mod objects;
 pub mod services;
 pub mod watch;
