@@ -167,9 +167,8 @@ async fn tlsroute_weights_an_invalid_backend_and_the_status() {
     assert_eq!(a + b, 400, "{counts:?}");
     let share = a as f64 / 400.0;
     assert!((0.65..=0.85).contains(&share), "3:1 expected: {counts:?}");
-    assert_eq!(
+    assert!(
         routed_to(p2.addrs[0], "api.gw.test").await.is_some(),
-        true,
         "the other replica routes too"
     );
     assert_eq!(

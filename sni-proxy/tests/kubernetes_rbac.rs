@@ -210,7 +210,8 @@ async fn the_charts_rules_are_enough_and_each_is_needed() {
         .cloned()
         .collect();
     let lease_rules = chart_file("lease-rules.yaml");
-    let gateway_cases: Vec<(&str, Vec<Value>, Option<Vec<Value>>, Expect)> = vec![
+    // (variant, ClusterRole rules, the Lease's Role rules, what it shows)
+    let gateway_cases: Vec<GatewayCase> = vec![
         (
             "all",
             gateway_rules.clone(),
@@ -367,6 +368,9 @@ async fn the_charts_rules_are_enough_and_each_is_needed() {
 const GW: &str = "gateway.networking.k8s.io/v1";
 const GW_GROUP: &str = "gateway.networking.k8s.io";
 const CONTROLLER: &str = "gardener.cloud/sni-proxy-rbac";
+
+/// A Gateway API variant: its name, ClusterRole rules, Lease Role rules, what it shows.
+type GatewayCase = (&'static str, Vec<Value>, Option<Vec<Value>>, Expect);
 
 /// What a Gateway API variant of the test should show.
 enum Expect {

@@ -764,8 +764,11 @@ fn resolve_backends(
         let share = weight * WEIGHT_SCALE;
         let field = format!("rules[0].backendRefs[{j}]");
         let ns = br.namespace.as_deref().unwrap_or(own);
-        let failure: Option<(&'static str, Reason, String)> = if br.group.as_deref().unwrap_or("")
-            != ""
+        let failure: Option<(&'static str, Reason, String)> = if !br
+            .group
+            .as_deref()
+            .unwrap_or("")
+            .is_empty()
             || br.kind.as_deref().unwrap_or("Service") != "Service"
         {
             Some((

@@ -199,10 +199,10 @@ impl GatewayApi {
                 .set(n as i64);
         }
         let objects = gateway_api::Objects {
-            classes: classes.iter().filter_map(|o| object(o)).collect(),
-            gateways: gateways.iter().filter_map(|o| object(o)).collect(),
-            routes: routes.iter().filter_map(|o| object(o)).collect(),
-            grants: grants.iter().filter_map(|o| object(o)).collect(),
+            classes: classes.iter().filter_map(object).collect(),
+            gateways: gateways.iter().filter_map(object).collect(),
+            routes: routes.iter().filter_map(object).collect(),
+            grants: grants.iter().filter_map(object).collect(),
         };
         let mut t = gateway_api::translate(&self.settings, &objects, services);
         yield_hosts(&mut t, earlier);
@@ -429,7 +429,7 @@ impl Writer {
                     let types = desired
                         .listeners
                         .iter()
-                        .find(|d| Value::from(d.name.as_str()) == l["name"])
+                        .find(|d| l["name"] == d.name.as_str())
                         .map_or(&[][..], |d| &d.conditions[..]);
                     json!({"name": l["name"], "supportedKinds": l["supportedKinds"].as_array().cloned().unwrap_or_default(), "attachedRoutes": l["attachedRoutes"],
                            "conditions": project(&l["conditions"], types)})
