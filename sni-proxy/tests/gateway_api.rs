@@ -372,6 +372,27 @@ async fn tlsroute_weights_an_invalid_backend_and_the_status() {
         "{lease}"
     );
 
-    p1.shutdown.stop_accepting();
-    p2.shutdown.stop_accepting();
+    // The writer stops: it hands the Lease over, the other replica takes it well before the
+    // Lease would have expired (15 s), and finds nothing to write.
+    let (leader, other) = if p1.metric("sni_proxy_kubernetes_status_leader").await == 1.0 {
+        (&p1, &p2)
+    } else {
+        (&p2, &p1)
+    };
+    let stopped = std::time::Instant::now();
+    leader.shutdown.stop_accepting();
+    eventually_slow("the other replica takes the Lease", || async {
+        other.metric("sni_proxy_kubernetes_status_leader").await == 1.0
+    })
+    .await;
+    assert!(
+        stopped.elapsed() < Duration::from_secs(11),
+        "taken over after {:?}: the Lease was not released",
+        stopped.elapsed()
+    );
+    let before = writes(other);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(versions().await, v0, "the new writer rewrites nothing");
+    assert_eq!(writes(other), before);
+    other.shutdown.stop_accepting();
 }

@@ -360,17 +360,25 @@ impl Writer {
                     lease::RENEW_INTERVAL
                 }
             };
-            if leading && !failing {
+            let stop = if leading && !failing {
                 tokio::select! {
-                    changed = desired.changed() => if changed.is_err() { return },
-                    () = tokio::time::sleep(wait) => {}
-                    () = shutdown.stopping() => return,
+                    changed = desired.changed() => changed.is_err(),
+                    () = tokio::time::sleep(wait) => false,
+                    () = shutdown.stopping() => true,
                 }
             } else {
                 tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = shutdown.stopping() => return,
+                    () = tokio::time::sleep(wait) => false,
+                    () = shutdown.stopping() => true,
                 }
+            };
+            if stop {
+                // Hand the Lease over at once instead of letting it expire.
+                if leading {
+                    elector.release().await;
+                    self.metrics.leader.set(0);
+                }
+                return;
             }
         }
     }
@@ -378,6 +386,8 @@ impl Writer {
     /// Writes every status that differs from `status`.
     async fn write(&mut self, status: &Status) -> anyhow::Result<()> {
         let now = now();
+        let mut errors: Vec<anyhow::Error> = Vec::new();
+        self.pending.retain(|_, (_, at)| at.elapsed() < ECHO_WAIT);
         let ours = self.settings.controller_name.clone();
         for class in self.classes.state() {
             let Some(conditions) = class
@@ -402,7 +412,8 @@ impl Writer {
                 want,
                 false,
             )
-            .await?;
+            .await
+            .unwrap_or_else(|e| errors.push(e));
         }
         for gw in self.gateways.state() {
             let Some(key) = key_of(&gw) else { continue };
@@ -449,7 +460,8 @@ impl Writer {
                 want,
                 false,
             )
-            .await?;
+            .await
+            .unwrap_or_else(|e| errors.push(e));
         }
         let none = Vec::new();
         for route in self.routes.state() {
@@ -501,9 +513,14 @@ impl Writer {
                 json!({"parents": all}),
                 true,
             )
-            .await?;
+            .await
+            .unwrap_or_else(|e| errors.push(e));
         }
-        Ok(())
+        // Every object was tried; the first failure stands for the round.
+        match errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Server-side applies `status` to `object`'s status subresource; with `precondition`,

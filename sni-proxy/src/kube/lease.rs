@@ -100,6 +100,32 @@ impl Elector {
         }
     }
 
+    /// Gives the Lease up (on shutdown) so another replica takes it without waiting for it to
+    /// expire: the holder is cleared, on the resourceVersion read. Bounded; failures leave the
+    /// Lease to expire.
+    pub async fn release(&mut self) {
+        self.renewed = None;
+        let release = async {
+            let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+                return Ok(());
+            };
+            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+            if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+                return Ok(());
+            }
+            spec.holder_identity = None;
+            self.api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await
+                .map(|_| ())
+        };
+        match tokio::time::timeout(API_TIMEOUT, release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "lease: not released; it expires"),
+            Err(_) => tracing::debug!("lease: not released in time; it expires"),
+        }
+    }
+
     async fn try_hold(&mut self) -> Result<bool, kube::Error> {
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
         let duration = LEASE_DURATION.as_secs() as i32;
