@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use super::gateway_api::{self, Condition, Settings, Status, GROUP};
 use super::lease::{self, Elector};
 use super::services::Services;
-use super::watch::{drive, Metrics, Waitable};
+use super::watch::{drive, strip, Metrics, Waitable};
 use super::{Conflict, Kind, Object, ObjectKey};
 use crate::config;
 
@@ -116,9 +116,12 @@ impl GatewayApi {
             let writer = reflector::store::Writer::<DynamicObject>::new(resource.clone());
             let store = writer.as_reader();
             let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
+            // Spec and status are read (the status writer compares); the rest need not stay.
             let stream = reflector::reflector(
                 writer,
-                watcher::watcher(api, watcher::Config::default()).default_backoff(),
+                watcher::watcher(api, watcher::Config::default())
+                    .modify(strip)
+                    .default_backoff(),
             );
             shutdown.spawn(drive(
                 stream,

@@ -475,7 +475,7 @@ where
 
 /// Drops what the stores need not keep (server-side apply's `managedFields`, kubectl's
 /// last-applied copy): most of an object's size.
-fn strip<K: kube::Resource>(object: &mut K) {
+pub(super) fn strip<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
     if let Some(annotations) = object.meta_mut().annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
