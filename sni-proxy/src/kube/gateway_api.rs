@@ -54,6 +54,9 @@ pub struct Settings {
 pub struct GatewayClassSpec {
     /// The controller that serves the class.
     pub controller_name: String,
+    /// Parameters for the controller (sni-proxy takes none: a class with them is not
+    /// accepted).
+    pub parameters_ref: Option<serde_json::Value>,
 }
 
 /// `Gateway.spec`.
@@ -344,13 +347,27 @@ struct OurListener<'a> {
 /// Translates `objects` for `settings`, resolving backends in `services`.
 pub fn translate(settings: &Settings, objects: &Objects, services: &Services) -> Translation {
     let mut out = Translation::default();
-    let ours = objects.classes.iter().any(|c| {
+    let class = objects.classes.iter().find(|c| {
         c.key.name == settings.gateway_class
             && c.spec
                 .as_ref()
                 .is_ok_and(|s| s.controller_name == settings.controller_name)
     });
-    if !ours {
+    let Some(class) = class else {
+        return out;
+    };
+    if class
+        .spec
+        .as_ref()
+        .is_ok_and(|s| s.parameters_ref.is_some())
+    {
+        let why = "sni-proxy takes no parameters: parametersRef must be empty";
+        out.skips
+            .push(class.skip(Reason::InvalidSpec, format!("spec.parametersRef: {why}")));
+        out.status.classes.insert(
+            settings.gateway_class.clone(),
+            vec![Condition::new("Accepted", false, "InvalidParameters", why)],
+        );
         return out;
     }
     out.status.classes.insert(
@@ -638,6 +655,16 @@ fn attach(
                     .unwrap_or_default(),
                 pr.port.map(|p| format!(" on port {p}")).unwrap_or_default()
             ),
+        ));
+    }
+    if !selected
+        .iter()
+        .any(|j| listeners[*j].spec.protocol.eq_ignore_ascii_case("TLS"))
+    {
+        return Err((
+            "UnsupportedValue",
+            Reason::UnsupportedProtocol,
+            format!("the listeners of Gateway {key} it names are not TLS listeners"),
         ));
     }
     let allowed: Vec<usize> = selected
@@ -1238,7 +1265,11 @@ mod tests {
         assert_eq!(reason("other-ns"), (false, "NotAllowedByListeners"));
         assert_eq!(reason("no-host"), (false, "NoMatchingListenerHostname"));
         assert_eq!(reason("no-parent"), (false, "NoMatchingParent"));
-        assert_eq!(reason("http"), (false, "NotAllowedByListeners"));
+        assert_eq!(
+            reason("http"),
+            (false, "UnsupportedValue"),
+            "not a TLS listener"
+        );
         assert_eq!(reason("ok"), (true, "Accepted"));
         assert_eq!(
             t.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
@@ -1352,6 +1383,25 @@ mod tests {
         other.controller_name = "example.com/else".into();
         let t = translate(&other, &objects, &services);
         assert!(t.routes.is_empty() && t.status == Status::default());
+        // Parameters are not taken: the class is not accepted and nothing is served.
+        let mut with_parameters = Objects {
+            classes: vec![object(
+                "",
+                "sni-proxy",
+                0,
+                serde_json::json!({"controllerName": "gardener.cloud/sni-proxy",
+                "parametersRef": {"group": "", "kind": "ConfigMap", "name": "x", "namespace": "gw"}}),
+            )],
+            ..Objects::default()
+        };
+        with_parameters.gateways = std::mem::take(&mut objects.gateways);
+        with_parameters.routes = std::mem::take(&mut objects.routes);
+        let t = translate(&settings(), &with_parameters, &services);
+        assert!(t.routes.is_empty() && t.status.gateways.is_empty());
+        let c = &t.status.classes["sni-proxy"][0];
+        assert_eq!((c.status, c.reason), (false, "InvalidParameters"));
+        objects.gateways = with_parameters.gateways;
+        objects.routes = with_parameters.routes;
         // A route attached only to another class's Gateway gets no status from us.
         let mut r = tls_route("apps", "theirs", 0, &["t.test"], b);
         r.spec.as_mut().unwrap().parent_refs[0].name = "theirs".into();
