@@ -35,6 +35,8 @@ pub const GROUP: &str = "gateway.networking.k8s.io";
 pub const TLS_ROUTE: &str = "TLSRoute";
 /// The largest backendRef weight the API allows.
 pub const MAX_WEIGHT: i64 = 1_000_000;
+/// A backendRef's weight when it names none.
+pub const DEFAULT_WEIGHT: i64 = 1;
 /// A backendRef's weight is spread over its endpoints in units of 1/`WEIGHT_SCALE`: 16
 /// backendRefs of the largest weight still fit a `u32`.
 const WEIGHT_SCALE: u64 = 256;
@@ -787,7 +789,7 @@ fn resolve_backends(
     let own = &route.key.namespace;
     let refs = spec.rules.first().map_or(&[][..], |r| &r.backend_refs[..]);
     for (j, br) in refs.iter().enumerate() {
-        let weight = br.weight.unwrap_or(1).clamp(0, MAX_WEIGHT) as u64;
+        let weight = br.weight.unwrap_or(DEFAULT_WEIGHT).clamp(0, MAX_WEIGHT) as u64;
         let share = weight * WEIGHT_SCALE;
         let field = format!("rules[0].backendRefs[{j}]");
         let ns = br.namespace.as_deref().unwrap_or(own);
