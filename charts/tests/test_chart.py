@@ -44,12 +44,17 @@ CASES = {
     "default": None,
     "seed": TESTS / "values-seed.yaml",
     "kubernetes": TESTS / "values-kubernetes.yaml",
+    "gateway-api": TESTS / "values-gateway-api.yaml",
 }
 
 EXPECTED_KINDS = {"ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"}
 # With kubernetes.enabled: read-only access to what the proxy follows.
 RBAC_KINDS = {"ClusterRole", "ClusterRoleBinding"}
-CLUSTER_SCOPED = RBAC_KINDS
+# With kubernetes.gatewayApi.enabled as well: the GatewayClass, and the Lease's Role.
+GATEWAY_API_KINDS = {"GatewayClass", "Role", "RoleBinding"}
+CLUSTER_SCOPED = RBAC_KINDS | {"GatewayClass"}
+# The cases that follow the API server.
+KUBERNETES_CASES = ("kubernetes", "gateway-api")
 
 # How long `sni-proxy --check` may take; a binary that ignores --check would run forever.
 CHECK_TIMEOUT_SECONDS = 30
@@ -117,10 +122,14 @@ def test_lint_is_clean() -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_renders_expected_resources(case: str) -> None:
     kinds = sorted(o["kind"] for o in objects(case))
-    expected = EXPECTED_KINDS | (RBAC_KINDS if case == "kubernetes" else set())
+    expected = EXPECTED_KINDS | (RBAC_KINDS if case in KUBERNETES_CASES else set())
+    expected |= GATEWAY_API_KINDS if case == "gateway-api" else set()
     assert set(kinds) == expected and len(kinds) == len(expected), kinds
     for obj in objects(case):
-        assert obj["metadata"]["name"] == RELEASE
+        if obj["kind"] == "GatewayClass":
+            assert obj["metadata"]["name"] == "sni-proxy-seed"
+        else:
+            assert obj["metadata"]["name"] == RELEASE
         if obj["kind"] in CLUSTER_SCOPED:
             assert "namespace" not in obj["metadata"], obj
         else:
@@ -145,6 +154,67 @@ def test_kubernetes_source_has_exactly_the_rules_the_proxy_is_tested_with() -> N
     }
 
 
+def rules_file(name: str) -> list[dict[str, Any]]:
+    return yaml.safe_load((CHART / "files" / name).read_text())
+
+
+def test_gateway_api_adds_its_rules_the_lease_role_and_the_class() -> None:
+    role = one("gateway-api", "ClusterRole")
+    assert role["rules"] == rules_file("kubernetes-rules.yaml") + rules_file("gateway-api-rules.yaml")
+    gateway_rules = rules_file("gateway-api-rules.yaml")
+    assert {v for r in gateway_rules for v in r["verbs"]} == {"get", "list", "watch", "patch"}
+    for rule in gateway_rules:
+        assert rule["apiGroups"] == ["gateway.networking.k8s.io"], rule
+        # Writes only to status subresources.
+        if "patch" in rule["verbs"]:
+            assert rule["verbs"] == ["patch"] and all(r.endswith("/status") for r in rule["resources"]), rule
+    lease_role = one("gateway-api", "Role")
+    assert lease_role["metadata"]["namespace"] == NAMESPACE
+    assert lease_role["rules"] == rules_file("lease-rules.yaml")
+    assert lease_role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
+    binding = one("gateway-api", "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": RELEASE}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": RELEASE, "namespace": NAMESPACE}]
+    gateway_class = one("gateway-api", "GatewayClass")
+    assert gateway_class["spec"]["controllerName"] == "gardener.cloud/sni-proxy"
+    assert config("gateway-api")["kubernetes"] == {
+        "namespace": NAMESPACE,
+        "gateway_api": {"gateway_class": "sni-proxy-seed", "controller_name": "gardener.cloud/sni-proxy"},
+    }
+    # Without it: none of that.
+    assert "gateway_api" not in config("kubernetes")["kubernetes"]
+    assert not [o for o in objects("kubernetes") if o["kind"] in GATEWAY_API_KINDS]
+
+
+def test_gateway_api_needs_the_kubernetes_source() -> None:
+    message = render_error({"kubernetes": {"gatewayApi": {"enabled": True}}})
+    assert "kubernetes.gatewayApi.enabled needs kubernetes.enabled" in message
+
+
+def gateway_api_crd(plural: str) -> dict[str, Any]:
+    """The served v1 schema of a Gateway API CRD, from the module test/kube pins (Go's module
+    cache); skipped loudly when the module is not downloaded."""
+    go_mod = (REPO / "test" / "kube" / "go.mod").read_text()
+    version = re.search(r"sigs\.k8s\.io/gateway-api (v\S+)", go_mod)
+    assert version, "test/kube/go.mod does not pin sigs.k8s.io/gateway-api"
+    cache = os.environ.get("GOMODCACHE") or str(Path(os.environ.get("GOPATH", Path.home() / "go")) / "pkg" / "mod")
+    path = Path(cache) / f"sigs.k8s.io/gateway-api@{version.group(1)}/config/crd/standard/gateway.networking.k8s.io_{plural}.yaml"
+    if not path.is_file():
+        pytest.skip(f"!!! SKIPPED: {path} is missing (run scripts/kube-bin once to download the modules)")
+    crd = yaml.safe_load(path.read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def test_gateway_class_matches_its_crd() -> None:
+    import jsonschema
+
+    schema = gateway_api_crd("gatewayclasses")
+    gateway_class = chartkit.without_marker(one("gateway-api", "GatewayClass"))
+    jsonschema.validate(gateway_class, schema)
+    # Strict, like kubernetes-validate: no field the schema does not know.
+    assert set(gateway_class["spec"]) <= set(schema["properties"]["spec"]["properties"])
+
+
 def test_without_kubernetes_no_token_and_no_role() -> None:
     for case in ("default", "seed"):
         assert pod_spec(case)["automountServiceAccountToken"] is False
@@ -154,7 +224,8 @@ def test_without_kubernetes_no_token_and_no_role() -> None:
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_manifests_match_kubernetes_schemas(case: str, kube_version: str) -> None:
-    chartkit.assert_valid(objects(case), kube_version, case)
+    # The GatewayClass is a custom resource: test_gateway_class_matches_its_crd.
+    chartkit.assert_valid([o for o in objects(case) if o["kind"] != "GatewayClass"], kube_version, case)
 
 
 # -- the workload --------------------------------------------------------------------------------
@@ -201,7 +272,7 @@ def test_container_is_unprivileged(case: str) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     # The API token only where the proxy reads the API server.
-    assert pod["automountServiceAccountToken"] is (case == "kubernetes")
+    assert pod["automountServiceAccountToken"] is (case in KUBERNETES_CASES)
     assert not pod.get("hostNetwork")
 
 

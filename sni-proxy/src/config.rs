@@ -79,7 +79,7 @@ struct RawKubernetes {
     #[serde(default)]
     istio: Option<RawIstio>,
     #[serde(default)]
-    gateway_api: Option<serde::de::IgnoredAny>,
+    gateway_api: Option<RawGatewayApi>,
     #[serde(default)]
     connect_allow: Option<String>,
 }
@@ -88,6 +88,13 @@ struct RawKubernetes {
 #[serde(deny_unknown_fields)]
 struct RawIstio {
     selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGatewayApi {
+    gateway_class: String,
+    controller_name: String,
 }
 
 fn default_unknown_sni() -> String {
@@ -352,6 +359,9 @@ pub struct Kubernetes {
     pub namespace: Option<String>,
     /// Istio's objects: Gateways whose `spec.selector` equals this are served.
     pub istio_selector: Option<BTreeMap<String, String>>,
+    /// The Gateway API: the GatewayClass served and the controller name its status is
+    /// written as.
+    pub gateway_api: Option<crate::kube::gateway_api::Settings>,
     /// The `X-Gardener-Destination` values that may name a Service.
     pub connect_allow: regex::Regex,
 }
@@ -361,6 +371,7 @@ impl PartialEq for Kubernetes {
         self.kubeconfig == other.kubeconfig
             && self.namespace == other.namespace
             && self.istio_selector == other.istio_selector
+            && self.gateway_api == other.gateway_api
             && self.connect_allow.as_str() == other.connect_allow.as_str()
     }
 }
@@ -429,6 +440,10 @@ pub struct Route {
     /// Each backend's share of new connections (parallel to `backends`; 0 is none); empty
     /// when all are equal.
     pub weights: Vec<u32>,
+    /// The share of new connections (in the unit of `weights`; with no weights, each backend
+    /// counts 1) refused without trying any backend: a Gateway API backendRef that is invalid
+    /// takes its weight's share of connections and refuses them. 0 in the file's routes.
+    pub refused_weight: u32,
     /// PROXY header to backends.
     pub send_proxy_protocol: SendProxyProtocol,
     /// Route connection cap.
@@ -641,6 +656,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             proxy_destinations: r.proxy_destinations,
             backends,
             weights: Vec::new(),
+            refused_weight: 0,
             send_proxy_protocol: r.send_proxy_protocol,
             max_connections: r.max_connections,
             max_connection_lifetime: r.max_connection_lifetime,
@@ -718,12 +734,6 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 }
 
 fn kubernetes(raw: RawKubernetes) -> Result<Kubernetes, ConfigError> {
-    if raw.gateway_api.is_some() {
-        return Err(ConfigError::invalid(
-            "kubernetes.gateway_api",
-            "Gateway API routes are not implemented yet; use kubernetes.istio",
-        ));
-    }
     let pattern = raw
         .connect_allow
         .unwrap_or_else(|| crate::kube::connect::GARDENER_CONNECT_ALLOW.to_owned());
@@ -747,11 +757,58 @@ fn kubernetes(raw: RawKubernetes) -> Result<Kubernetes, ConfigError> {
         Some(i) => Some(i.selector),
         None => None,
     };
+    let gateway_api = raw.gateway_api.map(gateway_api).transpose()?;
     Ok(Kubernetes {
         kubeconfig: raw.kubeconfig,
         namespace: raw.namespace,
         istio_selector,
+        gateway_api,
         connect_allow,
+    })
+}
+
+/// A GatewayClass name (a DNS subdomain: it also names the status Lease) and a controller
+/// name as the GatewayClass CRD spells them (`domain/path`).
+fn gateway_api(raw: RawGatewayApi) -> Result<crate::kube::gateway_api::Settings, ConfigError> {
+    let subdomain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 200
+            && s.split('.').all(|label| {
+                !label.is_empty()
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+    };
+    if !subdomain(&raw.gateway_class) {
+        return Err(ConfigError::invalid(
+            "kubernetes.gateway_api.gateway_class",
+            format!(
+                "`{}` is not a GatewayClass name (lowercase DNS labels, at most 200 characters)",
+                raw.gateway_class
+            ),
+        ));
+    }
+    let valid_controller = raw
+        .controller_name
+        .split_once('/')
+        .is_some_and(|(domain, path)| {
+            subdomain(domain) && !path.is_empty() && raw.controller_name.len() <= 253
+        });
+    if !valid_controller {
+        return Err(ConfigError::invalid(
+            "kubernetes.gateway_api.controller_name",
+            format!(
+                "`{}` is not a controller name: write domain/path, e.g. gardener.cloud/sni-proxy",
+                raw.controller_name
+            ),
+        ));
+    }
+    Ok(crate::kube::gateway_api::Settings {
+        gateway_class: raw.gateway_class,
+        controller_name: raw.controller_name,
     })
 }
 
@@ -837,6 +894,11 @@ mod tests {
             PathBuf::from("/etc/sni-proxy/kubeconfig")
         );
         assert_eq!(k.istio_selector.unwrap()["istio"], "ingressgateway");
+        let g = k.gateway_api.unwrap();
+        assert_eq!(
+            (g.gateway_class.as_str(), g.controller_name.as_str()),
+            ("sni-proxy", "gardener.cloud/sni-proxy")
+        );
         assert!(k
             .connect_allow
             .is_match("outbound|443||kube-apiserver.shoot--a--b.svc.cluster.local"));
@@ -857,7 +919,21 @@ mod tests {
         let e = err(&format!(
             "{BASE}kubernetes: {{gateway_api: {{gateway_class: x}}}}\n"
         ));
-        assert!(e.starts_with("kubernetes.gateway_api:"), "{e}");
+        assert!(e.contains("controller_name"), "{e}");
+        let e = err(&format!(
+            "{BASE}kubernetes: {{gateway_api: {{gateway_class: Bad_Class, controller_name: a.b/c}}}}\n"
+        ));
+        assert!(
+            e.starts_with("kubernetes.gateway_api.gateway_class:"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{BASE}kubernetes: {{gateway_api: {{gateway_class: sni-proxy, controller_name: sni-proxy}}}}\n"
+        ));
+        assert!(
+            e.starts_with("kubernetes.gateway_api.controller_name:"),
+            "{e}"
+        );
         let e = err(&format!("{BASE}kubernetes: {{kubeconfg: x}}\n"));
         assert!(e.contains("unknown field `kubeconfg`"), "{e}");
         // The default is Gardener's regex.

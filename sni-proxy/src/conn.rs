@@ -425,7 +425,17 @@ async fn serve(
         return refuse(shared, &listener, client, Refusal::RouteCap).await;
     };
 
-    // Backend.
+    // Backend. A route's refused share (invalid Gateway API backends) is refused here, and
+    // never falls back to the other backends.
+    if route.refuses() {
+        return fail(
+            shared,
+            &listener,
+            client,
+            Failure::http(HandshakeFailure::InvalidBackend, 503),
+        )
+        .await;
+    }
     let connected = tokio::select! {
         c = connect_backend(&route, &settings, &mut slot, shutdown) => c,
         () = shutdown.forced() => return,

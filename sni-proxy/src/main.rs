@@ -29,11 +29,18 @@ fn main() -> ExitCode {
     };
     if args.check {
         let source = match &config.kubernetes {
-            Some(k) if k.istio_selector.is_some() => {
-                ", routes from Kubernetes (Istio objects, CONNECT destinations)"
+            Some(k) => {
+                let mut parts = Vec::new();
+                if k.istio_selector.is_some() {
+                    parts.push("Istio objects".to_owned());
+                }
+                if let Some(g) = &k.gateway_api {
+                    parts.push(format!("Gateway API class {}", g.gateway_class));
+                }
+                parts.push("CONNECT destinations".to_owned());
+                format!(", routes from Kubernetes ({})", parts.join(", "))
             }
-            Some(_) => ", routes from Kubernetes (CONNECT destinations)",
-            None => "",
+            None => String::new(),
         };
         println!(
             "{}: ok ({} listeners, {} routes{source})",

@@ -255,11 +255,14 @@ pub enum HandshakeFailure {
     BackendUnavailable,
     /// The backend did not take the forwarded head within `timeouts.connect`.
     BackendWrite,
+    /// The connection drew the route's share of an invalid backend (a Gateway API backendRef
+    /// that does not resolve) and was refused without trying another.
+    InvalidBackend,
 }
 
 impl HandshakeFailure {
     /// Every value.
-    pub const ALL: [HandshakeFailure; 16] = [
+    pub const ALL: [HandshakeFailure; 17] = [
         HandshakeFailure::Timeout,
         HandshakeFailure::Eof,
         HandshakeFailure::ReadError,
@@ -276,6 +279,7 @@ impl HandshakeFailure {
         HandshakeFailure::NotConnect,
         HandshakeFailure::BackendUnavailable,
         HandshakeFailure::BackendWrite,
+        HandshakeFailure::InvalidBackend,
     ];
 
     /// The label value.
@@ -297,6 +301,7 @@ impl HandshakeFailure {
             HandshakeFailure::NotConnect => "not_connect",
             HandshakeFailure::BackendUnavailable => "backend_unavailable",
             HandshakeFailure::BackendWrite => "backend_write",
+            HandshakeFailure::InvalidBackend => "invalid_backend",
         }
     }
 }
@@ -464,7 +469,8 @@ pub(crate) mod tests {
             | H::UnknownDestination
             | H::NotConnect
             | H::BackendUnavailable
-            | H::BackendWrite => h,
+            | H::BackendWrite
+            | H::InvalidBackend => h,
         };
         let close = |c: CloseReason| match c {
             CloseReason::Done
@@ -518,6 +524,7 @@ pub(crate) mod tests {
                 "not_connect",
                 "backend_unavailable",
                 "backend_write",
+                "invalid_backend",
             ]
         );
         assert_eq!(

@@ -170,6 +170,22 @@ impl Route {
 }
 
 impl Route {
+    /// Whether a new connection draws the route's refused share (`refused_weight`: invalid
+    /// Gateway API backends) and must be refused without trying any backend. The share is
+    /// taken over the configured weights, whatever the backends' health.
+    pub fn refuses(&self) -> bool {
+        let refused = u64::from(self.config.refused_weight);
+        if refused == 0 {
+            return false;
+        }
+        let served: u64 = if self.config.weights.is_empty() {
+            self.backends.len() as u64
+        } else {
+            self.config.weights.iter().map(|w| u64::from(*w)).sum()
+        };
+        rand::random_range(0..refused + served) < refused
+    }
+
     fn weighted_order(&self) -> Vec<Arc<Backend>> {
         let weight = |i: usize| self.config.weights.get(i).copied().unwrap_or(0);
         let mut rest: Vec<(bool, usize, usize)> = (0..self.backends.len())
@@ -752,5 +768,30 @@ mod tests {
         for _ in 0..100 {
             assert!(Arc::ptr_eq(&r.backend_order()[0], &r.backends[1]));
         }
+    }
+
+    #[test]
+    fn a_refused_share_is_drawn_by_weight_and_nothing_else_refuses() {
+        let mut config = route("r", &["r.test"], None);
+        let live = LiveRoutes::new(Metrics::new(&prometheus::Registry::new()), vec!["l".into()]);
+        let mut c = Config::from_yaml("admin: {address: 127.0.0.1:1}\nlisteners: [{name: l, address: 127.0.0.1:2, mode: tls}]\n").unwrap();
+        // The file's routes never refuse.
+        c.routes = vec![config.clone()];
+        let (t, _) = RouteTable::build(&c, None, &live);
+        assert!((0..1000).all(|_| !t.get("r").unwrap().refuses()));
+        // 1 served : 3 refused.
+        config.weights = vec![1000];
+        config.refused_weight = 3000;
+        c.routes = vec![config.clone()];
+        let (t, _) = RouteTable::build(&c, None, &live);
+        let r = t.get("r").unwrap();
+        let refused = (0..4000).filter(|_| r.refuses()).count();
+        assert!((2800..3200).contains(&refused), "{refused} of 4000");
+        // No backend left: every connection is refused.
+        config.backends.clear();
+        config.weights.clear();
+        c.routes = vec![config];
+        let (t, _) = RouteTable::build(&c, None, &live);
+        assert!((0..100).all(|_| t.get("r").unwrap().refuses()));
     }
 }

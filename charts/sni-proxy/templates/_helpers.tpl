@@ -172,6 +172,11 @@ the probes reach it); routes, limits, timeouts, keepalive and health are copied 
 {{- with .Values.kubernetes.connectAllow -}}
 {{- $_ := set $kube "connect_allow" (toString .) -}}
 {{- end -}}
+{{- with .Values.kubernetes.gatewayApi -}}
+{{- if .enabled -}}
+{{- $_ := set $kube "gateway_api" (dict "gateway_class" (toString .gatewayClass) "controller_name" (toString .controllerName)) -}}
+{{- end -}}
+{{- end -}}
 {{- $_ := set $config "kubernetes" $kube -}}
 {{- end -}}
 {{- /* Sections in the order of docs/sni-proxy.md, so the file reads like the reference. */ -}}

@@ -36,6 +36,7 @@ pub fn routes(allow: &Regex, services: &Services) -> Vec<config::Route> {
                 proxy_destinations: Vec::new(),
                 backends,
                 weights: Vec::new(),
+                refused_weight: 0,
                 send_proxy_protocol: SendProxyProtocol::default(),
                 max_connections: None,
                 max_connection_lifetime: None,

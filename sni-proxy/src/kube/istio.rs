@@ -347,6 +347,7 @@ fn route_for(
         proxy_destinations: Vec::new(),
         backends,
         weights,
+        refused_weight: 0,
         send_proxy_protocol: SendProxyProtocol::default(),
         max_connections,
         max_connection_lifetime,

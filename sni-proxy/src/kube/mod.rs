@@ -1,12 +1,16 @@
 //! Routes from the Kubernetes API server: the objects gardenlet writes for each shoot (Istio's
 //! `Gateway`, `VirtualService` and `DestinationRule`, resolved through `Service`s and their
-//! `EndpointSlice`s) and the CONNECT destinations of Gardener's `X-Gardener-Destination`
-//! header. The translation is pure ([`istio`], [`connect`], [`services`]); [`watch`] keeps
+//! `EndpointSlice`s), the Gateway API's `TLSRoute`s on our `Gateway`s, and the CONNECT
+//! destinations of Gardener's `X-Gardener-Destination` header. The translation is pure
+//! ([`istio`], [`gateway_api`], [`connect`], [`services`]); [`watch`] keeps
 //! reflectors of the objects and hands each new translation to the proxy, which merges it with
 //! the static routes of its file (static names and hosts win).
 
 pub mod connect;
+pub mod gateway_api;
+pub mod gateway_watch;
 pub mod istio;
+pub mod lease;
 pub mod objects;
 pub mod services;
 pub mod watch;
@@ -62,16 +66,28 @@ pub enum Kind {
     Service,
     /// discovery.k8s.io `EndpointSlice`.
     EndpointSlice,
+    /// gateway.networking.k8s.io `GatewayClass`.
+    GatewayClass,
+    /// gateway.networking.k8s.io `Gateway` (labelled with its group: Istio's is `Gateway`).
+    ApiGateway,
+    /// gateway.networking.k8s.io `TLSRoute`.
+    TlsRoute,
+    /// gateway.networking.k8s.io `ReferenceGrant`.
+    ReferenceGrant,
 }
 
 impl Kind {
     /// Every kind, for metrics.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Gateway,
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::Service,
         Kind::EndpointSlice,
+        Kind::GatewayClass,
+        Kind::ApiGateway,
+        Kind::TlsRoute,
+        Kind::ReferenceGrant,
     ];
 
     /// The metric label.
@@ -82,6 +98,10 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::GatewayClass => "GatewayClass",
+            Kind::ApiGateway => "Gateway.gateway.networking.k8s.io",
+            Kind::TlsRoute => "TLSRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
 }
@@ -117,11 +137,27 @@ pub enum Reason {
     ServiceNotFound,
     /// A destination port the Service does not have.
     ServicePortNotFound,
+    /// A Gateway API listener whose `allowedRoutes.namespaces.from` is `Selector` (not served).
+    NamespaceSelector,
+    /// A Gateway API listener whose `allowedRoutes.kinds` names no kind but TLSRoute's.
+    InvalidRouteKinds,
+    /// Gateway API listeners on one port that conflict (hostname or protocol).
+    ListenerConflict,
+    /// A TLSRoute parentRef that names no listener of the Gateway (`sectionName`, `port`).
+    NoMatchingParent,
+    /// A TLSRoute whose namespace or kind no listener of its parent admits.
+    NotAllowedByListeners,
+    /// A TLSRoute whose hostnames do not meet any admitting listener's hostname.
+    NoMatchingListenerHostname,
+    /// A backendRef to a kind other than a core Service.
+    InvalidKind,
+    /// A cross-namespace backendRef without a ReferenceGrant in the target namespace.
+    RefNotPermitted,
 }
 
 impl Reason {
     /// Every reason, for metrics.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 22] = [
         Reason::InvalidSpec,
         Reason::TlsTermination,
         Reason::UnsupportedProtocol,
@@ -136,6 +172,14 @@ impl Reason {
         Reason::ExternalHost,
         Reason::ServiceNotFound,
         Reason::ServicePortNotFound,
+        Reason::NamespaceSelector,
+        Reason::InvalidRouteKinds,
+        Reason::ListenerConflict,
+        Reason::NoMatchingParent,
+        Reason::NotAllowedByListeners,
+        Reason::NoMatchingListenerHostname,
+        Reason::InvalidKind,
+        Reason::RefNotPermitted,
     ];
 
     /// The metric label.
@@ -155,6 +199,14 @@ impl Reason {
             Reason::ExternalHost => "external_host",
             Reason::ServiceNotFound => "service_not_found",
             Reason::ServicePortNotFound => "service_port_not_found",
+            Reason::NamespaceSelector => "namespace_selector",
+            Reason::InvalidRouteKinds => "invalid_route_kinds",
+            Reason::ListenerConflict => "listener_conflict",
+            Reason::NoMatchingParent => "no_matching_parent",
+            Reason::NotAllowedByListeners => "not_allowed_by_listeners",
+            Reason::NoMatchingListenerHostname => "no_matching_listener_hostname",
+            Reason::InvalidKind => "invalid_kind",
+            Reason::RefNotPermitted => "ref_not_permitted",
         }
     }
 }

@@ -26,6 +26,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use super::gateway_watch::{GatewayApi, StatusMetrics};
 use super::services::Services;
 use super::{connect, istio, objects, Conflict, Kind, Object, ObjectKey, Reason, Skip};
 use crate::config;
@@ -55,6 +56,8 @@ pub struct Metrics {
     pub watch_errors: IntCounterVec,
     /// Time from reading the stores to the new table in place, per change.
     pub translation: Histogram,
+    /// The Gateway API status writer's.
+    pub status: StatusMetrics,
 }
 
 impl Metrics {
@@ -102,6 +105,7 @@ impl Metrics {
                 )
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
             )?,
+            status: StatusMetrics::new(registry)?,
         };
         registry.register(Box::new(m.synced.clone()))?;
         registry.register(Box::new(m.last_sync.clone()))?;
@@ -185,6 +189,20 @@ impl Source {
             ),
             None => None,
         };
+        let gateway_api = match &self.settings.gateway_api {
+            Some(settings) => Some(
+                GatewayApi::start(
+                    &self.client,
+                    settings.clone(),
+                    &self.namespace,
+                    &shutdown,
+                    &metrics,
+                    &wake,
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let mut stores: Vec<(Kind, Box<dyn Waitable>)> = vec![
             (Kind::Service, Box::new(services.clone())),
             (Kind::EndpointSlice, Box::new(slices.clone())),
@@ -193,6 +211,9 @@ impl Source {
             stores.push((Kind::Gateway, Box::new(i.gateways.clone())));
             stores.push((Kind::VirtualService, Box::new(i.virtual_services.clone())));
             stores.push((Kind::DestinationRule, Box::new(i.destination_rules.clone())));
+        }
+        if let Some(g) = &gateway_api {
+            stores.extend(g.waitables());
         }
         for (kind, store) in &stores {
             tokio::select! {
@@ -222,6 +243,13 @@ impl Source {
                 if let Some(i) = &mut istio {
                     let objects = i.objects(&metrics);
                     let t = istio::translate(&i.settings, &objects, &services_now);
+                    routes.extend(t.routes);
+                    skips.extend(t.skips);
+                    conflicts.extend(t.conflicts);
+                }
+                if let Some(g) = &gateway_api {
+                    // Istio's routes keep their hosts.
+                    let t = g.translate(&services_now, &routes, &metrics);
                     routes.extend(t.routes);
                     skips.extend(t.skips);
                     conflicts.extend(t.conflicts);
@@ -415,7 +443,7 @@ impl IstioStores {
 }
 
 /// A store that can be waited on, whatever its kind.
-trait Waitable: Send + Sync {
+pub(super) trait Waitable: Send + Sync {
     fn ready(
         &self,
     ) -> std::pin::Pin<
@@ -447,7 +475,7 @@ where
 
 /// Drops what the stores need not keep (server-side apply's `managedFields`, kubectl's
 /// last-applied copy): most of an object's size.
-fn strip<K: kube::Resource>(object: &mut K) {
+pub(super) fn strip<K: kube::Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
     if let Some(annotations) = object.meta_mut().annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
@@ -456,8 +484,13 @@ fn strip<K: kube::Resource>(object: &mut K) {
 
 /// Runs one reflector's stream: wakes the translator on every change it stores (not on the
 /// single objects of a relist: its end swaps the store), counts and logs errors.
-async fn drive<K, S>(stream: S, kind: Kind, shutdown: Shutdown, metrics: Metrics, wake: Arc<Notify>)
-where
+pub(super) async fn drive<K, S>(
+    stream: S,
+    kind: Kind,
+    shutdown: Shutdown,
+    metrics: Metrics,
+    wake: Arc<Notify>,
+) where
     S: Stream<Item = Result<Event<K>, watcher::Error>> + Send,
 {
     let mut stream = std::pin::pin!(stream);

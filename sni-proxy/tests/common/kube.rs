@@ -1,0 +1,184 @@
+//! Helpers for tests against the real control plane (`agentkit::testing::kube`): an admin
+//! client, objects created and server-side applied from JSON, and backends in a network
+//! namespace (the API server refuses loopback addresses in EndpointSlices). Included with
+//! `#[path]` by the test binaries that need it, so the others do not compile it.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use agentkit::testing::kube::ControlPlane;
+use agentkit::testing::{require_privileges, run_command, NetNs};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::Client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The control plane and an admin client.
+pub struct Cluster {
+    pub control: &'static ControlPlane,
+    pub client: Client,
+}
+
+impl Cluster {
+    /// The shared control plane of this test binary (None after a loud SKIP).
+    pub async fn shared(test: &'static str) -> Option<Cluster> {
+        let control = tokio::task::spawn_blocking(move || ControlPlane::shared(test))
+            .await
+            .unwrap()?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(control.kubeconfig()).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        Some(Cluster {
+            control,
+            client: Client::try_from(config).unwrap(),
+        })
+    }
+
+    /// The API of `object`'s kind (from its `apiVersion` and `kind`) and the object.
+    pub fn api(&self, object: &serde_json::Value) -> (Api<DynamicObject>, DynamicObject) {
+        let api_version = object["apiVersion"].as_str().unwrap();
+        let kind = object["kind"].as_str().unwrap();
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let lower = kind.to_ascii_lowercase();
+        let plural = if lower.ends_with('s') {
+            format!("{lower}es")
+        } else {
+            format!("{lower}s")
+        };
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(group, version, kind),
+            &plural,
+        );
+        let obj: DynamicObject = serde_json::from_value(object.clone()).unwrap();
+        let api = match obj.metadata.namespace.as_deref() {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+            None => Api::all_with(self.client.clone(), &resource),
+        };
+        (api, obj)
+    }
+
+    pub async fn create(&self, object: serde_json::Value) {
+        let (api, obj) = self.api(&object);
+        api.create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("{object}: {e}"));
+    }
+
+    /// Server-side applies `object` as `manager` (creates or replaces its fields).
+    pub async fn apply(&self, manager: &str, object: serde_json::Value) {
+        let (api, obj) = self.api(&object);
+        let name = obj.metadata.name.clone().unwrap();
+        api.patch(
+            &name,
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{object}: {e}"));
+    }
+
+    /// Server-side applies `object`'s status as `manager`.
+    pub async fn apply_status(&self, manager: &str, object: serde_json::Value) {
+        let (api, obj) = self.api(&object);
+        let name = obj.metadata.name.clone().unwrap();
+        api.patch_status(
+            &name,
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{object}: {e}"));
+    }
+
+    /// The object named like `object` (apiVersion, kind, metadata.namespace and name), as
+    /// JSON.
+    pub async fn get(&self, object: serde_json::Value) -> serde_json::Value {
+        let (api, obj) = self.api(&object);
+        let got = api
+            .get(obj.metadata.name.as_deref().unwrap())
+            .await
+            .unwrap();
+        serde_json::to_value(got).unwrap()
+    }
+}
+
+static NEXT_SUBNET: AtomicU8 = AtomicU8::new(0);
+
+/// A network namespace with addresses `<prefix>.2` to `.9` on a veth whose host end is
+/// `<prefix>.1`.
+pub struct Backends {
+    pub netns: NetNs,
+    pub prefix: String,
+}
+
+impl Backends {
+    /// A fresh namespace in its own /24 of 198.18.0.0/16 (benchmarking addresses: our own
+    /// test hosts only). None (after a loud SKIP) when unprivileged.
+    pub fn create(test: &str) -> Option<Backends> {
+        if !require_privileges(test) {
+            return None;
+        }
+        let third =
+            (std::process::id() % 50) as u8 * 5 + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) % 5;
+        let prefix = format!("198.18.{third}");
+        let netns = NetNs::create("sngw");
+        let (host, peer) = (format!("sngh{third}"), format!("sngp{third}"));
+        run_command(
+            "ip",
+            &["link", "add", &host, "type", "veth", "peer", "name", &peer],
+        );
+        run_command("ip", &["link", "set", &peer, "netns", netns.name()]);
+        run_command(
+            "ip",
+            &["addr", "add", &format!("{prefix}.1/24"), "dev", &host],
+        );
+        run_command("ip", &["link", "set", &host, "up"]);
+        for h in 2..=9 {
+            run_command(
+                "ip",
+                &[
+                    "-n",
+                    netns.name(),
+                    "addr",
+                    "add",
+                    &format!("{prefix}.{h}/24"),
+                    "dev",
+                    &peer,
+                ],
+            );
+        }
+        run_command("ip", &["-n", netns.name(), "link", "set", &peer, "up"]);
+        Some(Backends { netns, prefix })
+    }
+
+    pub fn ip(&self, host: u8) -> String {
+        format!("{}.{host}", self.prefix)
+    }
+
+    /// A backend at `<prefix>.<host>:6443` that answers every read with `name` and a newline.
+    pub fn serve(&self, host: u8, name: &'static str) -> SocketAddr {
+        let addr: SocketAddr = format!("{}:6443", self.ip(host)).parse().unwrap();
+        let listener = self
+            .netns
+            .run(move || std::net::TcpListener::bind(addr).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+}
