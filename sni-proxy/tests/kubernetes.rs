@@ -18,14 +18,11 @@ use agentkit::testing::kube::ControlPlane;
 use agentkit::testing::{client_hello, require_privileges, run_command, NetNs};
 use common::*;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
 use serde_json::json;
+use sni_proxy::kube::testing::{self, ISTIO};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-/// The Istio API version gardenlet writes.
-const ISTIO: &str = "networking.istio.io/v1beta1";
 
 /// What a test needs: the control plane, a client, and a namespace of backends.
 struct Setup {
@@ -184,60 +181,22 @@ impl Setup {
     }
 
     fn api(&self, object: &serde_json::Value) -> (Api<DynamicObject>, DynamicObject) {
-        let api_version = object["apiVersion"].as_str().unwrap();
-        let kind = object["kind"].as_str().unwrap();
-        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-        let plural = match kind {
-            "EndpointSlice" => "endpointslices".to_owned(),
-            other => format!("{}s", other.to_ascii_lowercase()),
-        };
-        let resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(group, version, kind),
-            &plural,
-        );
-        let obj: DynamicObject = serde_json::from_value(object.clone()).unwrap();
-        let api = match obj.metadata.namespace.as_deref() {
-            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
-            None => Api::all_with(self.client.clone(), &resource),
-        };
-        (api, obj)
+        testing::api(&self.client, object).unwrap()
     }
 
     /// The objects gardenlet writes for a shoot in `ns` with API host `host`, its
     /// kube-apiserver pods at `endpoints`, for the ingress gateway labelled `istio: <gateway>`.
     async fn shoot(&self, ns: &str, host: &str, gateway: &str, endpoints: &[String]) {
-        let labels = json!({"app": "kubernetes", "role": "apiserver"});
-        self.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
-            .await;
-        self.create(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels,
-            "annotations": {"networking.istio.io/exportTo": "*"}},
-            "spec": {"type": "ClusterIP", "ipFamilyPolicy": "PreferDualStack", "selector": labels,
-                     "ports": [{"name": "kube-apiserver", "port": 443, "protocol": "TCP", "targetPort": 6443}]}})).await;
-        self.slice(ns, endpoints).await;
-        self.create(json!({"apiVersion": ISTIO, "kind": "Gateway", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels},
-            "spec": {"selector": {"app": "istio-ingressgateway", "istio": gateway},
-                     "servers": [{"hosts": [host], "port": {"name": "tls", "number": 443, "protocol": "TLS"}, "tls": {"mode": "PASSTHROUGH"}}]}})).await;
-        self.create(json!({"apiVersion": ISTIO, "kind": "VirtualService", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels},
-            "spec": {"exportTo": ["istio-ingress"], "gateways": ["kube-apiserver"], "hosts": [host],
-                     "tls": [{"match": [{"port": 443, "sniHosts": [host]}],
-                              "route": [{"destination": {"host": format!("kube-apiserver.{ns}.svc.cluster.local"), "port": {"number": 443}}}]}]}})).await;
-        self.create(json!({"apiVersion": ISTIO, "kind": "DestinationRule", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels},
-            "spec": {"host": format!("kube-apiserver.{ns}.svc.cluster.local"), "exportTo": ["*"],
-                     "trafficPolicy": {"connectionPool": {"tcp": {"maxConnectionDuration": "86400s", "tcpKeepalive": {"interval": "75s", "time": "7200s"}}},
-                                       "loadBalancer": {"localityLbSetting": {"enabled": true, "failoverPriority": ["topology.kubernetes.io/zone"]}},
-                                       "tls": {"mode": "DISABLE"}}}})).await;
+        for object in testing::shoot(ns, host, gateway, endpoints, 6443) {
+            self.create(object).await;
+        }
     }
 
     /// The Service's EndpointSlice, as the EndpointSlice controller writes it (server-side
     /// apply: creates or replaces).
     async fn slice(&self, ns: &str, endpoints: &[String]) {
-        let endpoints: Vec<serde_json::Value> = endpoints
-            .iter()
-            .map(|a| json!({"addresses": [a], "conditions": {"ready": true, "serving": true, "terminating": false}}))
-            .collect();
-        self.patch(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"namespace": ns, "name": "kube-apiserver-x1", "labels": {"kubernetes.io/service-name": "kube-apiserver", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
-            "addressType": "IPv4", "ports": [{"name": "kube-apiserver", "port": 6443, "protocol": "TCP"}], "endpoints": endpoints})).await;
+        self.patch(testing::endpoint_slice(ns, endpoints, 6443))
+            .await;
     }
 
     /// A proxy following the API server for the gateway `istio: <gateway>`.

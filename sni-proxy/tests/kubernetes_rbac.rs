@@ -67,25 +67,9 @@ fn without(rules: &[Value], group: &str, resource: &str) -> Vec<Value> {
 }
 
 async fn create(client: &Client, object: Value) {
-    let api_version = object["apiVersion"].as_str().unwrap();
-    let kind = object["kind"].as_str().unwrap();
-    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-    let lower = kind.to_ascii_lowercase();
-    let plural = if lower.ends_with('s') {
-        format!("{lower}es")
-    } else {
-        format!("{lower}s")
-    };
-    let resource =
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), &plural);
-    let obj: DynamicObject = serde_json::from_value(object.clone()).unwrap();
-    let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
-    api.create(&PostParams::default(), &obj)
+    sni_proxy::kube::testing::create(client, &object)
         .await
-        .unwrap_or_else(|e| panic!("{object}: {e}"));
+        .unwrap();
 }
 
 /// A ServiceAccount bound to a ClusterRole with `rules` (and to a Role in [`NAMESPACE`] with

@@ -1,5 +1,7 @@
 //! The demo: two fake shoot kube-apiservers behind sni-proxy, kubectl-like traffic through
-//! both listeners; then node-local-dns in front of a small `cluster.local` zone, with cache
+//! both listeners; a shoot created as Kubernetes objects on a real kube-apiserver, routed, then
+//! deleted (when the control plane's binaries are built; else a one-line hint); then
+//! node-local-dns in front of a small `cluster.local` zone, with cache
 //! hits, misses and a stale answer served while the zone's server is down. Tables of what
 //! happened, and the commands to try by hand. Runs until Ctrl-C (or exits after the tables
 //! with `--once`). Needs no root.
@@ -38,6 +40,8 @@ fn port_or_any(preferred: u16) -> u16 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The Kubernetes part's control plane starts now, beside the rest (a few seconds).
+    let control = kube_part::start_in_background();
     let dir = std::env::temp_dir().join(format!("gardener-agents-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let pki = Pki::new()?;
@@ -166,6 +170,29 @@ async fn main() -> anyhow::Result<()> {
     }
     let all_ok = rows.iter().all(|(_, _, ok, total, _)| ok == total);
 
+    let control = tokio::task::spawn_blocking(move || control.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the control plane thread panicked"))?;
+    let kube_ok = match &control {
+        Ok(control) => match kube_part::run(control, &pki, &shutdown).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                println!(
+                    "
+Kubernetes part skipped: {e:#}"
+                );
+                true
+            }
+        },
+        Err(e) => {
+            println!(
+                "
+Kubernetes part skipped: {e:#}"
+            );
+            true
+        }
+    };
+
     let mut dns = dns::Demo::start(&dir, &shutdown).await?;
     let dns_ok = dns.script().await?;
 
@@ -198,6 +225,10 @@ async fn main() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&dir).ok();
     drop((s1, s2a, s2b));
     anyhow::ensure!(all_ok, "some demo traffic failed");
+    anyhow::ensure!(
+        kube_ok,
+        "the shoot created in Kubernetes was not routed and removed as shown"
+    );
     anyhow::ensure!(dns_ok, "some DNS answers were not what the demo expected");
     Ok(())
 }
@@ -995,5 +1026,188 @@ mod dns {
             self.authority.stop().await;
             result.context("node-local-dns task")?
         }
+    }
+}
+
+mod kube_part {
+    //! The Kubernetes half of sni-proxy's demo: a real kube-apiserver and etcd (the test
+    //! fixture's, started in the background while the rest of the demo runs, and only when
+    //! their binaries are already built), a shoot created as the objects gardenlet writes,
+    //! shown routed by a proxy that follows the API server, then deleted and shown gone.
+
+    use std::net::{IpAddr, SocketAddr};
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use agentkit::testing::kube::ControlPlane;
+    use agentkit::testing::{get_version, Pki, VersionServer};
+    use agentkit::Shutdown;
+    use anyhow::Context as _;
+    use sni_proxy::kube::testing;
+    use sni_proxy::{Config, Proxy};
+
+    /// How long a routing change may take before the demo says it did not happen.
+    const CHANGE_BOUND: Duration = Duration::from_secs(15);
+    const HOST: &str = "api.k1.test";
+    const NAMESPACE: &str = "shoot--demo--k1";
+
+    /// The hint printed when the control plane's binaries are not built.
+    pub const BUILD_HINT: &str = "run `scripts/kube-up /tmp/kube && scripts/kube-down /tmp/kube` once (it builds kube-apiserver and etcd from the Go module proxy: about 6 minutes from nothing), then the demo again";
+
+    /// Starts the control plane on a thread if its binaries are built; the thread's result
+    /// says why not otherwise.
+    pub fn start_in_background() -> std::thread::JoinHandle<anyhow::Result<ControlPlane>> {
+        std::thread::spawn(|| {
+            let kube_bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kube-bin");
+            let built = std::process::Command::new(&kube_bin)
+                .arg("--built")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            anyhow::ensure!(built, "the control plane is not built yet: {BUILD_HINT}");
+            ControlPlane::start()
+        })
+    }
+
+    /// An address of this machine that is not loopback (the API server refuses loopback
+    /// addresses in EndpointSlices): the source address of the default route. Sends nothing.
+    fn local_address() -> anyhow::Result<IpAddr> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect("192.0.2.1:9")?;
+        let ip = socket.local_addr()?.ip();
+        anyhow::ensure!(
+            !ip.is_loopback() && !ip.is_unspecified(),
+            "no address other than loopback"
+        );
+        Ok(ip)
+    }
+
+    /// Runs the part; returns whether everything happened as shown.
+    pub async fn run(
+        control: &ControlPlane,
+        pki: &Pki,
+        shutdown: &Shutdown,
+    ) -> anyhow::Result<bool> {
+        let ip = local_address().context("a non-loopback address for the shoot's endpoint")?;
+        let apiserver = VersionServer::start(
+            SocketAddr::new(ip, 0),
+            NAMESPACE,
+            pki.server_config(&[HOST])?,
+        )
+        .await?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(control.kubeconfig())?,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        let client = kube::Client::try_from(config)?;
+        let proxy_config = Config::from_yaml(&format!(
+            "admin: {{address: '127.0.0.1:0'}}\nlisteners: [{{name: apiserver-sni, address: '127.0.0.1:0', mode: tls}}]\n\
+             kubernetes: {{kubeconfig: '{}', namespace: istio-ingress, istio: {{selector: {{app: istio-ingressgateway, istio: ingressgateway}}}}}}\n",
+            control.kubeconfig().display()
+        ))?;
+        let proxy = Proxy::bind(proxy_config, prometheus::Registry::new()).await?;
+        let sni = proxy.listener_addrs()[0];
+        let admin = proxy.admin_addr()?;
+        let stop = shutdown.child();
+        let running = tokio::spawn(proxy.run(stop.clone(), None));
+        // Ready once the proxy has listed everything from the API server.
+        let synced = Instant::now();
+        while !super::fetch(admin, "/readyz")
+            .await
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
+            anyhow::ensure!(
+                synced.elapsed() < CHANGE_BOUND,
+                "the proxy did not sync within {CHANGE_BOUND:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let tls = pki.client_config(&[])?;
+        let routed = || {
+            let tls = tls.clone();
+            async move {
+                get_version(sni, HOST, tls)
+                    .await
+                    .is_ok_and(|b| b.contains(NAMESPACE))
+            }
+        };
+
+        println!(
+            "\nsni-proxy following a real kube-apiserver ({}): synced {:.0} ms after it started",
+            control.server(),
+            synced.elapsed().as_secs_f64() * 1e3
+        );
+        println!(
+            "  shoot {NAMESPACE}: kube-apiserver pod at {} (a Service and its EndpointSlice)",
+            apiserver.addr
+        );
+        let before = routed().await;
+        let created = Instant::now();
+        let objects = testing::shoot(
+            NAMESPACE,
+            HOST,
+            "ingressgateway",
+            &[ip.to_string()],
+            apiserver.addr.port(),
+        );
+        for object in &objects {
+            testing::create(&client, object).await?;
+        }
+        let took = created.elapsed();
+        let created = Instant::now();
+        println!(
+            "  created as gardenlet does, in {:.0} ms: {}",
+            took.as_secs_f64() * 1e3,
+            objects
+                .iter()
+                .filter_map(|o| o["kind"].as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let appeared = wait(&routed, true).await.then(|| created.elapsed());
+        match appeared {
+            Some(t) => println!("  GET https://{HOST}/version through the proxy: routed {:.0} ms after the last object was created", t.as_secs_f64() * 1e3),
+            None => println!("  GET https://{HOST}/version: NOT routed within {CHANGE_BOUND:?}"),
+        }
+        let deleted = Instant::now();
+        for (kind, api_version) in [
+            ("VirtualService", testing::ISTIO),
+            ("Gateway", testing::ISTIO),
+        ] {
+            let object = serde_json::json!({"apiVersion": api_version, "kind": kind, "metadata": {"namespace": NAMESPACE, "name": "kube-apiserver"}});
+            let (api, _) = testing::api(&client, &object)?;
+            api.delete("kube-apiserver", &Default::default()).await?;
+        }
+        let gone = wait(&routed, false).await.then(|| deleted.elapsed());
+        match gone {
+            Some(t) => println!(
+                "  Gateway and VirtualService deleted: refused (unknown SNI) {:.0} ms later",
+                t.as_secs_f64() * 1e3
+            ),
+            None => println!(
+                "  Gateway and VirtualService deleted: still routed after {CHANGE_BOUND:?}"
+            ),
+        }
+        stop.stop_accepting();
+        let _ = running.await;
+        Ok(!before && appeared.is_some() && gone.is_some())
+    }
+
+    /// Polls `routed` until it says `want`, within [`CHANGE_BOUND`].
+    async fn wait<F, Fut>(routed: &F, want: bool) -> bool
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + CHANGE_BOUND;
+        while Instant::now() < deadline {
+            if routed().await == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
     }
 }

@@ -31,15 +31,11 @@ use agentkit::testing::{client_hello, run_command, NetNs};
 use anyhow::{bail, Context as _};
 use clap::Parser;
 use futures_util::{stream, StreamExt as _, TryStreamExt as _};
-use kube::api::{Api, DynamicObject, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
-use serde_json::{json, Value};
+use sni_proxy::kube::testing;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The Istio API version gardenlet writes.
-const ISTIO: &str = "networking.istio.io/v1beta1";
 /// The backends' network: 198.18.0.0/15 is for benchmarking networks.
 const HOST_IP: &str = "198.19.250.1";
 const BACKEND_IP: &str = "198.19.250.2";
@@ -205,52 +201,16 @@ fn host(i: usize) -> String {
 
 /// The objects gardenlet writes for shoot `i`.
 async fn create_shoot(client: &Client, i: usize) -> anyhow::Result<()> {
-    let ns = format!("shoot--scale--s{i}");
-    let host = host(i);
-    let labels = json!({"app": "kubernetes", "role": "apiserver"});
-    let svc = format!("kube-apiserver.{ns}.svc.cluster.local");
-    let objects = [
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels},
-            "spec": {"type": "ClusterIP", "selector": labels, "ports": [{"name": "kube-apiserver", "port": 443, "protocol": "TCP", "targetPort": 6443}]}}),
-        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": {"namespace": ns, "name": "kube-apiserver-x1",
-            "labels": {"kubernetes.io/service-name": "kube-apiserver"}},
-            "addressType": "IPv4", "ports": [{"name": "kube-apiserver", "port": 6443, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [BACKEND_IP], "conditions": {"ready": true}}]}),
-        json!({"apiVersion": ISTIO, "kind": "Gateway", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels},
-            "spec": {"selector": {"app": "istio-ingressgateway", "istio": "ingressgateway"},
-                     "servers": [{"hosts": [host], "port": {"name": "tls", "number": 443, "protocol": "TLS"}, "tls": {"mode": "PASSTHROUGH"}}]}}),
-        json!({"apiVersion": ISTIO, "kind": "VirtualService", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels},
-            "spec": {"exportTo": ["*"], "gateways": ["kube-apiserver"], "hosts": [host],
-                     "tls": [{"match": [{"port": 443, "sniHosts": [host]}], "route": [{"destination": {"host": svc, "port": {"number": 443}}}]}]}}),
-        json!({"apiVersion": ISTIO, "kind": "DestinationRule", "metadata": {"namespace": ns, "name": "kube-apiserver", "labels": labels},
-            "spec": {"host": svc, "trafficPolicy": {"connectionPool": {"tcp": {"maxConnectionDuration": "86400s",
-                     "tcpKeepalive": {"interval": "75s", "time": "7200s"}}}, "tls": {"mode": "DISABLE"}}}}),
-    ];
-    for object in objects {
-        create(client, object).await?;
+    let objects = testing::shoot(
+        &format!("shoot--scale--s{i}"),
+        &host(i),
+        "ingressgateway",
+        &[BACKEND_IP.to_owned()],
+        6443,
+    );
+    for object in &objects {
+        testing::create(client, object).await?;
     }
-    Ok(())
-}
-
-async fn create(client: &Client, object: Value) -> anyhow::Result<()> {
-    let api_version = object["apiVersion"]
-        .as_str()
-        .context("apiVersion")?
-        .to_owned();
-    let kind = object["kind"].as_str().context("kind")?.to_owned();
-    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
-    let plural = format!("{}s", kind.to_ascii_lowercase());
-    let resource =
-        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, &kind), &plural);
-    let obj: DynamicObject = serde_json::from_value(object)?;
-    let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
-    api.create(&PostParams::default(), &obj)
-        .await
-        .map_err(|e| anyhow::anyhow!("creating {kind} {:?}: {e:?}", obj.metadata.name))?;
     Ok(())
 }
 

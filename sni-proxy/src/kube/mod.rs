@@ -13,6 +13,8 @@ pub mod istio;
 pub mod lease;
 pub mod objects;
 pub mod services;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod watch;
 
 use std::cmp::Ordering;

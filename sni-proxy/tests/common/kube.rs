@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use agentkit::testing::kube::ControlPlane;
 use agentkit::testing::{require_privileges, run_command, NetNs};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -40,25 +39,7 @@ impl Cluster {
 
     /// The API of `object`'s kind (from its `apiVersion` and `kind`) and the object.
     pub fn api(&self, object: &serde_json::Value) -> (Api<DynamicObject>, DynamicObject) {
-        let api_version = object["apiVersion"].as_str().unwrap();
-        let kind = object["kind"].as_str().unwrap();
-        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-        let lower = kind.to_ascii_lowercase();
-        let plural = if lower.ends_with('s') {
-            format!("{lower}es")
-        } else {
-            format!("{lower}s")
-        };
-        let resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(group, version, kind),
-            &plural,
-        );
-        let obj: DynamicObject = serde_json::from_value(object.clone()).unwrap();
-        let api = match obj.metadata.namespace.as_deref() {
-            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
-            None => Api::all_with(self.client.clone(), &resource),
-        };
-        (api, obj)
+        sni_proxy::kube::testing::api(&self.client, object).unwrap()
     }
 
     pub async fn create(&self, object: serde_json::Value) {
