@@ -362,6 +362,7 @@ def bpf_run_time_stats() -> Iterator[bool]:
 def prog_stats(name: str) -> dict[int, tuple[int, int]]:
     """id -> (run_cnt, run_time_ns) of every loaded program called `name` (bpftool)."""
     if not shutil.which("bpftool"):
+        log("bpftool not found: the attached programs' run time is not measured (bench/harness/install-deps.sh installs it)")
         return {}
     p = subprocess.run(["bpftool", "-j", "prog", "show", "name", name], capture_output=True, text=True,
                        timeout=20)

@@ -3,7 +3,8 @@
 # sni-proxy, dns and dns_fastpath for node-local-dns) and the privileged tests (network namespaces
 # via iproute2, node-local-dns interception via iptables, unbound for its differential test)
 # need, and clang/llvm/libbpf-dev for ebpf/build.sh (the objects are in the repository; the
-# test suite only checks that they match a fresh compile).
+# test suite only checks that they match a fresh compile), and bpftool, through which
+# dns_fastpath reads the attached programs' run time (BPF_ENABLE_STATS).
 # Idempotent and quiet: does nothing when every package is already installed.
 # Never starts or depends on systemd; services that the packages' postinst
 # scripts start are stopped afterwards (the harness runs its own instances on
@@ -11,7 +12,7 @@
 set -eu
 
 PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux iptables iproute2
-      knot dnsperf unbound pdns-recursor knot-resolver dnsmasq clang llvm libbpf-dev"
+      knot dnsperf unbound pdns-recursor knot-resolver dnsmasq clang llvm libbpf-dev bpftool"
 
 missing=""
 for p in $PKGS; do
