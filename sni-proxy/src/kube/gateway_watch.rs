@@ -23,8 +23,6 @@ use anyhow::Context as _;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::ApiResource;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher;
-use kube::runtime::WatchStreamExt;
 use kube::Client;
 use prometheus::{IntCounter, IntGauge, Registry};
 use serde::de::DeserializeOwned;
@@ -35,7 +33,7 @@ use tracing::{info, warn};
 use super::gateway_api::{self, Condition, Settings, Status, GROUP};
 use super::lease::{self, Elector};
 use super::services::Services;
-use super::watch::{drive, strip, Metrics, Waitable};
+use super::watch::{reflect, strip, Metrics, Waitable};
 use super::{Conflict, Kind, Object, ObjectKey};
 use crate::config;
 
@@ -114,23 +112,9 @@ impl GatewayApi {
         let resources = discover(client).await?;
         let watch = |kind: Kind, resource: &ApiResource| {
             let writer = reflector::store::Writer::<DynamicObject>::new(resource.clone());
-            let store = writer.as_reader();
             let api: Api<DynamicObject> = Api::all_with(client.clone(), resource);
             // Spec and status are read (the status writer compares); the rest need not stay.
-            let stream = reflector::reflector(
-                writer,
-                watcher::watcher(api, watcher::Config::default())
-                    .modify(strip)
-                    .default_backoff(),
-            );
-            shutdown.spawn(drive(
-                stream,
-                kind,
-                shutdown.clone(),
-                metrics.clone(),
-                Arc::clone(wake),
-            ));
-            store
+            reflect(api, writer, strip, kind, shutdown, metrics, wake)
         };
         let (status, desired) = tokio::sync::watch::channel(None);
         let api = GatewayApi {

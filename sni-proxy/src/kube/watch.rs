@@ -295,22 +295,9 @@ impl Source {
             + Sync
             + 'static,
     {
-        let (store, writer) = reflector::store();
+        let writer = reflector::store::Writer::default();
         let api: Api<K> = Api::all(self.client.clone());
-        let stream = reflector::reflector(
-            writer,
-            watcher::watcher(api, watcher::Config::default())
-                .modify(strip)
-                .default_backoff(),
-        );
-        shutdown.spawn(drive(
-            stream,
-            kind,
-            shutdown.clone(),
-            metrics.clone(),
-            Arc::clone(wake),
-        ));
-        store
+        reflect(api, writer, strip, kind, shutdown, metrics, wake)
     }
 
     async fn watch_istio(
@@ -325,28 +312,15 @@ impl Source {
             let gvk = GroupVersionKind::gvk(ISTIO_GROUP, &version, kind.as_str());
             let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
             let writer = reflector::store::Writer::<DynamicObject>::new(resource.clone());
-            let store = writer.as_reader();
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
-            let stream = reflector::reflector(
-                writer,
-                watcher::watcher(api, watcher::Config::default())
-                    .modify(|o: &mut DynamicObject| {
-                        strip(o);
-                        // Only the spec is read.
-                        if let Some(fields) = o.data.as_object_mut() {
-                            fields.retain(|k, _| k == "spec");
-                        }
-                    })
-                    .default_backoff(),
-            );
-            shutdown.spawn(drive(
-                stream,
-                kind,
-                shutdown.clone(),
-                metrics.clone(),
-                Arc::clone(wake),
-            ));
-            store
+            let only_spec = |o: &mut DynamicObject| {
+                strip(o);
+                // Only the spec is read.
+                if let Some(fields) = o.data.as_object_mut() {
+                    fields.retain(|k, _| k == "spec");
+                }
+            };
+            reflect(api, writer, only_spec, kind, shutdown, metrics, wake)
         };
         Ok(IstioStores {
             gateways: dynamic(Kind::Gateway, "gateways"),
@@ -480,6 +454,39 @@ pub(super) fn strip<K: kube::Resource>(object: &mut K) {
     if let Some(annotations) = object.meta_mut().annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
+}
+
+/// Keeps `writer`'s store in step with `api` on `shutdown`'s tracker: list, then watch, a relist
+/// after `410 Gone`, jittered backoff on errors; `trim` drops what the store need not keep.
+/// Every change wakes the translator ([`drive`]). Returns the store.
+pub(super) fn reflect<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    trim: impl FnMut(&mut K) + Send + 'static,
+    kind: Kind,
+    shutdown: &Shutdown,
+    metrics: &Metrics,
+    wake: &Arc<Notify>,
+) -> Store<K>
+where
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
+{
+    let store = writer.as_reader();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(api, watcher::Config::default())
+            .modify(trim)
+            .default_backoff(),
+    );
+    shutdown.spawn(drive(
+        stream,
+        kind,
+        shutdown.clone(),
+        metrics.clone(),
+        Arc::clone(wake),
+    ));
+    store
 }
 
 /// Runs one reflector's stream: wakes the translator on every change it stores (not on the
