@@ -8,14 +8,16 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+#[path = "common/kube.rs"]
+mod kube_common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentkit::testing::kube::ControlPlane;
-use agentkit::testing::{client_hello, require_privileges, run_command, NetNs};
+use agentkit::testing::{client_hello, require_privileges};
 use common::*;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::Client;
@@ -28,9 +30,7 @@ use tokio::net::TcpStream;
 struct Setup {
     control: Control,
     client: Client,
-    backends: NetNs,
-    /// The backends' /24: `<prefix>.<host>`.
-    prefix: String,
+    backends: kube_common::Backends,
 }
 
 /// The test binary's shared control plane, or a private one that stops when the test ends.
@@ -49,8 +49,6 @@ impl std::ops::Deref for Control {
     }
 }
 
-static NEXT_SUBNET: AtomicU8 = AtomicU8::new(0);
-
 /// The shared control plane, when the test can run (privileged, a control plane starts);
 /// None after a loud SKIP.
 async fn shared(test: &'static str) -> Option<&'static ControlPlane> {
@@ -65,7 +63,7 @@ async fn shared(test: &'static str) -> Option<&'static ControlPlane> {
 /// A test on the shared control plane.
 async fn setup(test: &'static str) -> Option<Setup> {
     let control = shared(test).await?;
-    Some(setup_with(Control::Shared(control)).await)
+    setup_with(Control::Shared(control)).await
 }
 
 /// A test on a control plane of its own: for tests that restart it or compact its etcd, which
@@ -77,10 +75,10 @@ async fn setup_private(test: &'static str) -> Option<Setup> {
         .await
         .unwrap()
         .unwrap();
-    Some(setup_with(Control::Private(Arc::new(control))).await)
+    setup_with(Control::Private(Arc::new(control))).await
 }
 
-async fn setup_with(control: Control) -> Setup {
+async fn setup_with(control: Control) -> Option<Setup> {
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(control.kubeconfig()).unwrap(),
         &kube::config::KubeConfigOptions::default(),
@@ -88,72 +86,24 @@ async fn setup_with(control: Control) -> Setup {
     .await
     .unwrap();
     let client = Client::try_from(config).unwrap();
-    // 198.18.0.0/15 is for benchmarking networks: our own test hosts only.
-    let third =
-        (std::process::id() % 64) as u8 * 4 + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) % 4;
-    let prefix = format!("198.19.{third}");
-    let backends = NetNs::create("snik");
-    let (host, peer) = (format!("snkh{third}"), format!("snkp{third}"));
-    run_command(
-        "ip",
-        &["link", "add", &host, "type", "veth", "peer", "name", &peer],
-    );
-    run_command("ip", &["link", "set", &peer, "netns", backends.name()]);
-    run_command(
-        "ip",
-        &["addr", "add", &format!("{prefix}.1/24"), "dev", &host],
-    );
-    run_command("ip", &["link", "set", &host, "up"]);
-    for h in 2..=5 {
-        run_command(
-            "ip",
-            &[
-                "-n",
-                backends.name(),
-                "addr",
-                "add",
-                &format!("{prefix}.{h}/24"),
-                "dev",
-                &peer,
-            ],
-        );
-    }
-    run_command("ip", &["-n", backends.name(), "link", "set", &peer, "up"]);
-    Setup {
+    // Privileges were checked before the control plane started.
+    let backends = kube_common::Backends::create("kubernetes tests")?;
+    Some(Setup {
         control,
         client,
         backends,
-        prefix,
-    }
+    })
 }
 
 impl Setup {
     fn ip(&self, host: u8) -> String {
-        format!("{}.{host}", self.prefix)
+        self.backends.ip(host)
     }
 
     /// A backend at `<prefix>.<host>:6443` in the namespace that answers every read with
     /// `name` and a newline.
     fn backend(&self, host: u8, name: &'static str) -> SocketAddr {
-        let addr: SocketAddr = format!("{}:6443", self.ip(host)).parse().unwrap();
-        let listener = self
-            .backends
-            .run(move || std::net::TcpListener::bind(addr).unwrap());
-        listener.set_nonblocking(true).unwrap();
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        addr
+        self.backends.serve(host, name)
     }
 
     async fn create(&self, object: serde_json::Value) {
