@@ -398,6 +398,33 @@ pub fn run_command(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A UDP socket and a TCP listener on one port of `ip` (a DNS server's pair). The kernel picks
+/// the UDP port; the TCP side of it may be held by someone else (an outgoing connection's
+/// ephemeral port, another test), so a few fresh ports are tried before giving up.
+pub fn udp_and_tcp(ip: std::net::IpAddr) -> (std::net::UdpSocket, std::net::TcpListener) {
+    let mut last = None;
+    for _ in 0..64 {
+        let udp = std::net::UdpSocket::bind((ip, 0)).expect("bind a UDP port");
+        let addr = udp.local_addr().expect("a bound socket has an address");
+        match std::net::TcpListener::bind(addr) {
+            Ok(tcp) => return (udp, tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no port of {ip} free for both UDP and TCP: {last:?}")
+}
+
+/// [`udp_and_tcp`] as tokio sockets (needs a runtime).
+pub fn tokio_udp_and_tcp(ip: std::net::IpAddr) -> (tokio::net::UdpSocket, TcpListener) {
+    let (udp, tcp) = udp_and_tcp(ip);
+    udp.set_nonblocking(true).expect("nonblocking");
+    tcp.set_nonblocking(true).expect("nonblocking");
+    (
+        tokio::net::UdpSocket::from_std(udp).expect("register with the runtime"),
+        TcpListener::from_std(tcp).expect("register with the runtime"),
+    )
+}
+
 /// A network namespace created for one test (`ip netns add`, loopback up), deleted with every
 /// link and rule in it on drop. Privileged tests only.
 #[derive(Debug)]

@@ -16,7 +16,7 @@ use node_local_dns::server::{bind, Server, Zone};
 use node_local_dns::wire::testing::ResponseBuilder;
 use node_local_dns::wire::{build_query, parse_query, rcode, rtype, Edns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 /// The forwarder's per-upstream attempt timeout in these tests.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -52,9 +52,9 @@ impl Upstream {
 }
 
 async fn upstream(delay: Duration, script: Arc<Script>) -> Upstream {
-    let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let (udp, tcp) = agentkit::testing::tokio_udp_and_tcp([127, 0, 0, 1].into());
+    let udp = Arc::new(udp);
     let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
     let queries = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (q, s, log) = (Arc::clone(&queries), Arc::clone(&script), Arc::clone(&seen));

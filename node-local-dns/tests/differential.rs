@@ -50,7 +50,7 @@ use node_local_dns::wire;
 use node_local_dns::wire::testing::ResponseBuilder;
 use node_local_dns::wire::{build_query, encode_name, parse_query, rcode, rtype, Edns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
 /// Where the distribution installs unbound.
@@ -306,9 +306,9 @@ struct Upstream {
 impl Upstream {
     async fn start() -> Upstream {
         let zone = Arc::new(zone());
-        let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let (udp, tcp) = agentkit::testing::tokio_udp_and_tcp([127, 0, 0, 1].into());
+        let udp = Arc::new(udp);
         let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
         let queries = Arc::new(AtomicUsize::new(0));
         let (q, z) = (Arc::clone(&queries), Arc::clone(&zone));
         let udp_task = tokio::spawn(async move {

@@ -13,7 +13,7 @@ use node_local_dns::forward::{ForwardError, Forwarder};
 use node_local_dns::wire::testing::ResponseBuilder;
 use node_local_dns::wire::{build_query, parse_query, parse_response, rtype};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 
 type Script = dyn Fn(&[u8], bool) -> Vec<Vec<u8>> + Send + Sync;
 type Delay = dyn Fn(&[u8]) -> Duration + Send + Sync;
@@ -80,9 +80,9 @@ impl Upstream {
 }
 
 async fn upstream(options: Options) -> Upstream {
-    let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let (udp, tcp) = agentkit::testing::tokio_udp_and_tcp([127, 0, 0, 1].into());
+    let udp = Arc::new(udp);
     let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
     let up = Upstream {
         addr,
         log: Arc::default(),

@@ -17,7 +17,7 @@ use node_local_dns::wire::testing::ResponseBuilder;
 use node_local_dns::wire::{build_query, parse_query, parse_response, rcode, rtype, Edns};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 /// The forwarder's per-upstream attempt timeout in these tests.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -68,9 +68,9 @@ fn upstream_answer(q: &[u8]) -> Vec<u8> {
 /// An upstream on UDP (the forwarder's first choice) and TCP, answering every query with
 /// [`upstream_answer`] after `delay`; counts the queries.
 async fn upstream(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-    let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let (udp, tcp) = agentkit::testing::tokio_udp_and_tcp([127, 0, 0, 1].into());
+    let udp = Arc::new(udp);
     let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
     let queries = Arc::new(AtomicUsize::new(0));
     let q = Arc::clone(&queries);
     tokio::spawn(async move {

@@ -14,7 +14,7 @@ use node_local_dns::server::{bind, Server, Zone};
 use node_local_dns::wire::testing::ResponseBuilder;
 use node_local_dns::wire::{build_query, parse_query, rcode, rtype};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpStream, UdpSocket};
 
 type Script = dyn Fn(&[u8], bool) -> Vec<Vec<u8>> + Send + Sync;
 
@@ -25,9 +25,9 @@ struct Upstream {
 }
 
 async fn upstream(delay: Duration, script: Arc<Script>) -> Upstream {
-    let udp = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let (udp, tcp) = agentkit::testing::tokio_udp_and_tcp([127, 0, 0, 1].into());
+    let udp = Arc::new(udp);
     let addr = udp.local_addr().unwrap();
-    let tcp = TcpListener::bind(addr).await.unwrap();
     let queries = Arc::new(AtomicUsize::new(0));
     let (q, s) = (Arc::clone(&queries), Arc::clone(&script));
     tokio::spawn(async move {

@@ -25,8 +25,12 @@ pub struct Authority {
 
 impl Authority {
     pub async fn start(addr: SocketAddr, ttl: u32) -> Authority {
-        let udp = std::net::UdpSocket::bind(addr).unwrap();
-        let tcp = std::net::TcpListener::bind(udp.local_addr().unwrap()).unwrap();
+        let (udp, tcp) = if addr.port() == 0 {
+            agentkit::testing::udp_and_tcp(addr.ip())
+        } else {
+            let udp = std::net::UdpSocket::bind(addr).unwrap();
+            (udp, std::net::TcpListener::bind(addr).unwrap())
+        };
         Authority::from_std(udp, tcp, ttl)
     }
 
