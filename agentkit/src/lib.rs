@@ -3,8 +3,8 @@
 //! descriptor limit, runtime, signals, exit codes), the socket binder ([`net`]), hot reload
 //! ([`reload`]), graceful shutdown and the task tracker every task is spawned on
 //! ([`shutdown`]), poison-free locking ([`sync`]), YAML config loading with errors that name
-//! the bad field ([`config`]), tracing setup ([`log`]), rustls configuration ([`tls`]) and
-//! rtnetlink requests and replies ([`netlink`]).
+//! the bad field ([`config`]), tracing setup ([`log`]), rustls configuration ([`tls`]), the sans-IO HTTP CONNECT request parser of the proxies'
+//! CONNECT frontends ([`http_connect`]) and rtnetlink requests and replies ([`netlink`]).
 //!
 //! It is its own crate so that sni-proxy, konnectivity, node-local-dns and log-shipper behave
 //! alike to an operator (same signals, same endpoints, same log format) without copying code.
@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod http_connect;
 pub mod log;
 pub mod net;
 pub mod netlink;

@@ -129,6 +129,27 @@ pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// A client config trusting the CAs in `ca` and presenting `cert`/`key` (mTLS).
+pub fn client_config_with_cert(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            context: "client config",
+            source,
+        })?
+        .with_root_certificates(root_store(ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|source| TlsError::Rustls {
+            context: "client certificate",
+            source,
+        })?;
+    Ok(Arc::new(config))
+}
+
 fn root_store(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in load_certs(ca)? {

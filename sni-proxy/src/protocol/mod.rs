@@ -6,5 +6,6 @@
 //! tested exhaustively (every split point, property tests) and fuzzed (see `fuzz/`).
 
 pub mod client_hello;
-pub mod http_connect;
+/// The CONNECT head parser is shared with konnectivity's HTTP-CONNECT frontend.
+pub use agentkit::http_connect;
 pub mod proxy_protocol;

@@ -1,0 +1,387 @@
+//! Our server and our agents end to end, on loopback, through both kube-apiserver frontends:
+//! bytes both ways, half-close, the documented failure statuses, mTLS, DIAL_CLS and dial
+//! timeouts, and the books (pending and established gauges) back at zero afterwards.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use agentkit::testing::EchoServer;
+use common::*;
+use konnectivity::proto::packet::Packet;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const ESTABLISHED: &str = "konnectivity_network_proxy_server_established_connections";
+const PENDING: &str = "konnectivity_network_proxy_server_pending_backend_dials";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connect_over_uds_carries_bytes_both_ways_and_half_close() {
+    let certs = Certs::new("connect-uds");
+    let uds = certs.file("konn.sock");
+    let server = Server::start(
+        &certs,
+        &[
+            "--mode=http-connect",
+            "--server-port=0",
+            &format!("--uds-name={uds}"),
+        ],
+    )
+    .await;
+    let agent = AgentHandle::start(&certs, server.agent_addr, &["--agent-id=node-1"]).await;
+    server.wait_agents(1).await;
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+
+    let (status, _, stream) =
+        connect_uds(server.uds.as_ref().unwrap(), &echo.addr.to_string()).await;
+    assert_eq!(status, 200);
+    let data = payload(3 << 20, 1);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let writer = async {
+        wr.write_all(&data).await.unwrap();
+        // Half-close: the echo server sends everything back, then its own FIN.
+        wr.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) = tokio::join!(writer, reader);
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes changed in the tunnel");
+
+    wait_for("the tunnel to be closed", || {
+        server.metric(ESTABLISHED) == 0.0
+    })
+    .await;
+    wait_for("the agent to drop the tunnel", || {
+        agent.agent.tunnels() == 0
+    })
+    .await;
+    assert_eq!(server.metric(PENDING), 0.0);
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_failures_get_upstreams_statuses_and_nothing_leaks() {
+    let certs = Certs::new("connect-fail");
+    let uds = certs.file("konn.sock");
+    let server = Server::start(
+        &certs,
+        &[
+            "--mode=http-connect",
+            "--server-port=0",
+            &format!("--uds-name={uds}"),
+            "--backend-dial-timeout=2s",
+        ],
+    )
+    .await;
+    let path = server.uds.clone().unwrap();
+
+    // No agent yet: 500 with upstream's body.
+    let (status, body, _) = connect_uds(&path, "127.0.0.1:9").await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("currently no tunnels available"), "{body}");
+
+    let agent = AgentHandle::start(&certs, server.agent_addr, &["--dial-timeout=300ms"]).await;
+    server.wait_agents(1).await;
+    // Refused by the destination: 502 with the agent's error.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = closed.local_addr().unwrap();
+    drop(closed);
+    let (status, body, _) = connect_uds(&path, &refused.to_string()).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("refused"), "{body}");
+    // The agent's dial timed out: 504.
+    let (hole, _fillers, _listener) = black_hole();
+    let (status, body, _) = connect_uds(&path, &hole.to_string()).await;
+    assert_eq!(status, 504, "{body}");
+    // Not CONNECT: 405; garbage: 400.
+    let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+
+    wait_for("no pending dials", || server.metric(PENDING) == 0.0).await;
+    assert_eq!(server.metric(ESTABLISHED), 0.0);
+    wait_for("the agent's books at zero", || agent.agent.tunnels() == 0).await;
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_connect_over_tcp_requires_a_client_certificate() {
+    let certs = Certs::new("connect-tcp");
+    // Any port on the command line; the test binds port 0 instead.
+    let server = Server::start_with(
+        &certs,
+        &[
+            "--mode=http-connect",
+            "--server-port=9443",
+            &format!("--server-cert={}", certs.file("server.pem")),
+            &format!("--server-key={}", certs.file("server-key.pem")),
+            &format!("--server-ca-cert={}", certs.ca()),
+        ],
+        |config| config.frontend_tcp.as_mut().unwrap().0 = "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let frontend = server.frontend_tcp.unwrap();
+    let agent = AgentHandle::start(&certs, server.agent_addr, &[]).await;
+    server.wait_agents(1).await;
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+
+    let tls = |cert: Option<&str>| {
+        let ca = std::path::PathBuf::from(certs.ca());
+        match cert {
+            Some(name) => agentkit::tls::client_config_with_cert(
+                &ca,
+                &certs.dir.0.join(format!("{name}.pem")),
+                &certs.dir.0.join(format!("{name}-key.pem")),
+            )
+            .unwrap(),
+            None => agentkit::tls::client_config(&ca).unwrap(),
+        }
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    // With kube-apiserver's client certificate: through.
+    let tcp = tokio::net::TcpStream::connect(frontend).await.unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls(Some("client")))
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    let (status, _) = connect_on(&mut stream, &echo.addr.to_string()).await;
+    assert_eq!(status, 200);
+    let data = payload(200_000, 2);
+    assert!(echo_round_trip(stream, &data).await == data);
+    // Without a certificate, or with one from another CA: no tunnel.
+    for cert in [None, Some("intruder")] {
+        let tcp = tokio::net::TcpStream::connect(frontend).await.unwrap();
+        let refused = match tokio_rustls::TlsConnector::from(tls(cert))
+            .connect(name.clone(), tcp)
+            .await
+        {
+            Err(_) => true,
+            Ok(mut stream) => {
+                // TLS 1.3: the server's refusal arrives with the first read.
+                let _ = stream
+                    .write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\n\r\n")
+                    .await;
+                let mut buf = [0u8; 64];
+                !matches!(stream.read(&mut buf).await, Ok(n) if n > 0)
+            }
+        };
+        assert!(
+            refused,
+            "a client without kube-apiserver's certificate ({cert:?}) got through"
+        );
+    }
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_frontend_serves_many_proxy_streams_on_one_connection() {
+    let certs = Certs::new("grpc");
+    let uds = certs.file("konn.sock");
+    let server = Server::start(
+        &certs,
+        &[
+            "--mode=grpc",
+            "--server-port=0",
+            &format!("--uds-name={uds}"),
+        ],
+    )
+    .await;
+    let agent = AgentHandle::start(&certs, server.agent_addr, &[]).await;
+    server.wait_agents(1).await;
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let client = GrpcClient::connect(server.uds.as_ref().unwrap()).await;
+
+    let mut streams = Vec::new();
+    for i in 0..20i64 {
+        let client = &client;
+        let echo = echo.addr.to_string();
+        streams.push(async move {
+            let random = 1000 + i;
+            let (mut send, mut recv, rsp) = client.dial(&echo, random).await;
+            let Packet::DialResponse {
+                error,
+                connect_id,
+                random: echoed,
+            } = rsp
+            else {
+                panic!("expected DIAL_RSP, got {rsp:?}");
+            };
+            assert_eq!((error.as_str(), echoed), ("", random));
+            assert!(connect_id > 0);
+            let data = payload(100_000 + i as usize, i as u64);
+            // konnectivity-client writes whatever slice it is given: here 10 kB pieces.
+            for piece in data.chunks(10_000) {
+                send.send(&Packet::Data {
+                    connect_id,
+                    error: String::new(),
+                    data: piece.to_vec().into(),
+                })
+                .await
+                .unwrap();
+            }
+            let mut got = Vec::new();
+            while got.len() < data.len() {
+                match recv.recv().await.unwrap().expect("stream open") {
+                    Packet::Data {
+                        connect_id: id,
+                        data,
+                        ..
+                    } => {
+                        assert_eq!(id, connect_id);
+                        got.extend_from_slice(&data);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert!(got == data);
+            send.send(&Packet::CloseRequest { connect_id })
+                .await
+                .unwrap();
+            loop {
+                match recv.recv().await.unwrap() {
+                    Some(Packet::CloseResponse { connect_id: id, .. }) => {
+                        assert_eq!(id, connect_id);
+                        break;
+                    }
+                    Some(Packet::Data { .. }) => {}
+                    other => panic!("expected CLOSE_RSP, got {other:?}"),
+                }
+            }
+        });
+    }
+    futures_util::future::join_all(streams).await;
+    wait_for("every tunnel closed", || server.metric(ESTABLISHED) == 0.0).await;
+    wait_for("the agent's books at zero", || agent.agent.tunnels() == 0).await;
+
+    // A dial the client cancels (DIAL_CLS) while the agent is still connecting: nothing
+    // stays pending on either side.
+    let (hole, _fillers, _listener) = black_hole();
+    let (mut send, _recv) = client.stream().await;
+    send.send(&Packet::DialRequest {
+        protocol: "tcp".into(),
+        address: hole.to_string(),
+        random: 77,
+    })
+    .await
+    .unwrap();
+    wait_for("the dial to reach the agent", || agent.agent.tunnels() == 1).await;
+    send.send(&Packet::DialClose { random: 77 }).await.unwrap();
+    wait_for("the agent to drop the cancelled dial", || {
+        agent.agent.tunnels() == 0
+    })
+    .await;
+    wait_for("no pending dial on the server", || {
+        server.metric(PENDING) == 0.0
+    })
+    .await;
+
+    // A dial nobody can serve gets DIAL_RSP with upstream's error text.
+    let (_send, _recv, rsp) = client.dial("127.0.0.1:1", 5).await;
+    assert!(
+        matches!(rsp, Packet::DialResponse { ref error, random: 5, .. } if error.contains("refused")),
+        "{rsp:?}"
+    );
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_dial_and_close_cycles_leave_descriptors_and_books_flat() {
+    let certs = Certs::new("leaks");
+    let uds = certs.file("konn.sock");
+    let server = Server::start(
+        &certs,
+        &[
+            "--mode=http-connect",
+            "--server-port=0",
+            &format!("--uds-name={uds}"),
+            "--backend-dial-timeout=2s",
+        ],
+    )
+    .await;
+    let agent = AgentHandle::start(&certs, server.agent_addr, &["--dial-timeout=200ms"]).await;
+    server.wait_agents(1).await;
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let path = server.uds.clone().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = closed.local_addr().unwrap().to_string();
+    drop(closed);
+
+    let cycle = |i: usize| {
+        let path = path.clone();
+        let echo = echo.addr.to_string();
+        let refused = refused.clone();
+        async move {
+            match i % 4 {
+                // Established, one round trip, closed by the client.
+                0 | 1 => {
+                    let (status, _, stream) = connect_uds(&path, &echo).await;
+                    assert_eq!(status, 200);
+                    let data = payload(1000, i as u64);
+                    assert!(echo_round_trip(stream, &data).await == data);
+                }
+                // A failed dial.
+                2 => assert_eq!(connect_uds(&path, &refused).await.0, 502),
+                // A client that goes away while the dial is pending.
+                _ => {
+                    let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+                    stream
+                        .write_all(
+                            format!("CONNECT {echo} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                                .as_bytes(),
+                        )
+                        .await
+                        .unwrap();
+                    drop(stream);
+                }
+            }
+        }
+    };
+    // Warm up (lazy statics, pools), then measure.
+    for i in 0..200 {
+        cycle(i).await;
+    }
+    wait_for("warm-up tunnels closed", || {
+        server.metric(ESTABLISHED) == 0.0 && agent.agent.tunnels() == 0
+    })
+    .await;
+    let fds_before = open_fds();
+    let cycles = 10_000;
+    let mut i = 0;
+    while i < cycles {
+        // 8 at a time.
+        let batch: Vec<_> = (i..i + 8).map(cycle).collect();
+        futures_util::future::join_all(batch).await;
+        i += 8;
+    }
+    wait_for("every tunnel closed", || {
+        server.metric(ESTABLISHED) == 0.0 && server.metric(PENDING) == 0.0
+    })
+    .await;
+    wait_for("the agent's books at zero", || agent.agent.tunnels() == 0).await;
+    wait_for("descriptors back to where they were", || {
+        open_fds() <= fds_before + 4
+    })
+    .await;
+    agent.stop().await;
+    server.stop().await;
+}
