@@ -316,7 +316,14 @@ pub struct GrpcClient {
 impl GrpcClient {
     pub async fn connect(path: &Path) -> GrpcClient {
         let io = UnixStream::connect(path).await.unwrap();
-        let (requests, connection) = h2::client::handshake(io).await.unwrap();
+        // Like grpc-go, a stream that is not read holds only its own window, not the whole
+        // connection's (grpc-go hands connection window back as data arrives).
+        let (requests, connection) = h2::client::Builder::new()
+            .initial_window_size(64 << 10)
+            .initial_connection_window_size(64 << 20)
+            .handshake(io)
+            .await
+            .unwrap();
         tokio::spawn(async move {
             let _ = connection.await;
         });
