@@ -28,7 +28,9 @@ async fn source() -> (std::net::SocketAddr, Arc<AtomicU64>) {
     let counter = Arc::clone(&written);
     tokio::spawn(async move {
         loop {
-            let Ok((mut tcp, _)) = listener.accept().await else { return };
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
                 let chunk = vec![0x5a; 64 << 10];
@@ -57,16 +59,27 @@ async fn fast_tunnels_over_connect(server: &Server, to: &str) {
             stream.read_exact(&mut buf).await.unwrap();
         }
     });
-    tokio::time::timeout(Duration::from_secs(120), futures_util::future::join_all(tunnels))
-        .await
-        .expect("the fast tunnels finished while one tunnel was stalled");
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(tunnels),
+    )
+    .await
+    .expect("the fast tunnels finished while one tunnel was stalled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_http_connect_tunnel_stalls_only_itself_and_pushes_back_on_its_source() {
     let certs = Certs::new("iso-window");
     let uds = certs.file("konn.sock");
-    let server = Server::start(&certs, &["--mode=http-connect", "--server-port=0", &format!("--uds-name={uds}")]).await;
+    let server = Server::start(
+        &certs,
+        &[
+            "--mode=http-connect",
+            "--server-port=0",
+            &format!("--uds-name={uds}"),
+        ],
+    )
+    .await;
     let agent = AgentHandle::start(&certs, server.agent_addr, &[]).await;
     server.wait_agents(1).await;
     let (slow, slow_written) = source().await;
@@ -81,11 +94,20 @@ async fn a_stalled_http_connect_tunnel_stalls_only_itself_and_pushes_back_on_its
     // from its source; without flow control the agent would have read it all.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let taken = slow_written.load(Ordering::Relaxed);
-    assert!(taken < 24 << 20, "the stalled tunnel's source wrote {taken} bytes: no pushback");
+    assert!(
+        taken < 24 << 20,
+        "the stalled tunnel's source wrote {taken} bytes: no pushback"
+    );
     let queued = server.metric("konnectivity_network_proxy_server_tunnel_queued_bytes");
-    assert!(queued <= f64::from(konnectivity::tunnel::DEFAULT_WINDOW), "server queues hold {queued} bytes");
+    assert!(
+        queued <= f64::from(konnectivity::tunnel::DEFAULT_WINDOW),
+        "server queues hold {queued} bytes"
+    );
     assert!(server.metric("konnectivity_network_proxy_server_tunnel_blocked_seconds_total") >= 0.0);
-    assert_eq!(server.metric("konnectivity_network_proxy_server_tunnel_overflows_total"), 0.0);
+    assert_eq!(
+        server.metric("konnectivity_network_proxy_server_tunnel_overflows_total"),
+        0.0
+    );
     agent.stop().await;
     server.stop().await;
 }
@@ -97,7 +119,12 @@ async fn without_flow_control_the_stalled_tunnel_alone_is_closed_at_its_buffer()
     // The agent plays an upstream agent: no window extension.
     let server = Server::start(
         &certs,
-        &["--mode=http-connect", "--server-port=0", &format!("--uds-name={uds}"), "--tunnel-buffer=1048576"],
+        &[
+            "--mode=http-connect",
+            "--server-port=0",
+            &format!("--uds-name={uds}"),
+            "--tunnel-buffer=1048576",
+        ],
     )
     .await;
     let agent = AgentHandle::start(&certs, server.agent_addr, &["--tunnel-window=0"]).await;
@@ -105,7 +132,8 @@ async fn without_flow_control_the_stalled_tunnel_alone_is_closed_at_its_buffer()
     let (slow, _) = source().await;
     let (fast, _) = source().await;
 
-    let (status, _, mut stalled) = connect_uds(server.uds.as_ref().unwrap(), &slow.to_string()).await;
+    let (status, _, mut stalled) =
+        connect_uds(server.uds.as_ref().unwrap(), &slow.to_string()).await;
     assert_eq!(status, 200);
     fast_tunnels_over_connect(&server, &fast.to_string()).await;
     wait_for("the stalled tunnel to overflow", || {
@@ -126,7 +154,15 @@ async fn without_flow_control_the_stalled_tunnel_alone_is_closed_at_its_buffer()
 async fn a_stalled_grpc_stream_stalls_only_itself() {
     let certs = Certs::new("iso-grpc");
     let uds = certs.file("konn.sock");
-    let server = Server::start(&certs, &["--mode=grpc", "--server-port=0", &format!("--uds-name={uds}")]).await;
+    let server = Server::start(
+        &certs,
+        &[
+            "--mode=grpc",
+            "--server-port=0",
+            &format!("--uds-name={uds}"),
+        ],
+    )
+    .await;
     let agent = AgentHandle::start(&certs, server.agent_addr, &[]).await;
     server.wait_agents(1).await;
     let (slow, slow_written) = source().await;
@@ -143,7 +179,10 @@ async fn a_stalled_grpc_stream_stalls_only_itself() {
         let fast = fast.to_string();
         async move {
             let (_send, mut recv, rsp) = client.dial(&fast, 100 + i).await;
-            assert!(matches!(rsp, Packet::DialResponse { connect_id, .. } if connect_id > 0), "{rsp:?}");
+            assert!(
+                matches!(rsp, Packet::DialResponse { connect_id, .. } if connect_id > 0),
+                "{rsp:?}"
+            );
             let mut got = 0;
             while got < PER_TUNNEL {
                 match recv.recv().await.unwrap() {
@@ -153,12 +192,18 @@ async fn a_stalled_grpc_stream_stalls_only_itself() {
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(120), futures_util::future::join_all(streams))
-        .await
-        .expect("the fast streams finished while one stream was stalled");
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(streams),
+    )
+    .await
+    .expect("the fast streams finished while one stream was stalled");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let taken = slow_written.load(Ordering::Relaxed);
-    assert!(taken < 24 << 20, "the stalled stream's source wrote {taken} bytes: no pushback");
+    assert!(
+        taken < 24 << 20,
+        "the stalled stream's source wrote {taken} bytes: no pushback"
+    );
     agent.stop().await;
     server.stop().await;
 }

@@ -412,6 +412,7 @@ async fn serve_grpc<S>(server: Arc<Server>, io: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let io = super::authority::AuthorityFix::new(io);
     let mut conn = match super::agents::h2_server().handshake::<_, Bytes>(io).await {
         Ok(conn) => conn,
         Err(error) => {

@@ -10,6 +10,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod authority;
 pub mod backends;
 pub mod dial;
 pub mod frontend;
