@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the Helm chart tests (charts/tests/test_*.py: sni-proxy, node-local-dns) in their own venv.
+# Runs the Helm chart tests (charts/tests/test_*.py: sni-proxy, node-local-dns, konnectivity) in
+# their own venv.
 #
 #   charts/tests/run.sh [PYTEST ARGS...]
 #
