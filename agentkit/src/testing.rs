@@ -473,3 +473,54 @@ impl Drop for NetNs {
             .status();
     }
 }
+
+static NEXT_SUBNET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Test hosts off loopback: a network namespace with addresses `<prefix>.2` to `.9` on a veth
+/// whose host end is `<prefix>.1`, in its own /24 of 198.18.0.0/15 (the benchmarking range:
+/// our own test hosts only). For what refuses loopback (the API server's Endpoints and node
+/// proxy) and for "a node behind NAT". Deleted with the namespace on drop.
+#[derive(Debug)]
+pub struct Hosts {
+    pub netns: NetNs,
+    pub prefix: String,
+}
+
+impl Hosts {
+    /// A fresh namespace named after `tag`; None (after a loud SKIP) when unprivileged.
+    pub fn create(test: &str, tag: &str) -> Option<Hosts> {
+        if !require_privileges(test) {
+            return None;
+        }
+        let third = (std::process::id() % 50) as u8 * 5
+            + NEXT_SUBNET.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 5;
+        let prefix = format!("198.18.{third}");
+        let netns = NetNs::create(tag);
+        let tag4: String = tag.chars().take(4).collect();
+        let (host, peer) = (format!("{tag4}h{third}"), format!("{tag4}p{third}"));
+        run_command(
+            "ip",
+            &["link", "add", &host, "type", "veth", "peer", "name", &peer],
+        );
+        run_command("ip", &["link", "set", &peer, "netns", netns.name()]);
+        run_command(
+            "ip",
+            &["addr", "add", &format!("{prefix}.1/24"), "dev", &host],
+        );
+        run_command("ip", &["link", "set", &host, "up"]);
+        for h in 2..=9 {
+            let addr = format!("{prefix}.{h}/24");
+            run_command(
+                "ip",
+                &["-n", netns.name(), "addr", "add", &addr, "dev", &peer],
+            );
+        }
+        run_command("ip", &["-n", netns.name(), "link", "set", &peer, "up"]);
+        Some(Hosts { netns, prefix })
+    }
+
+    /// `<prefix>.<host>`.
+    pub fn ip(&self, host: u8) -> String {
+        format!("{}.{host}", self.prefix)
+    }
+}

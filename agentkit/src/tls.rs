@@ -107,13 +107,98 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder
-        .with_single_cert(load_certs(cert_chain)?, load_key(key)?)
+    let resolver = ReloadingCert::new(cert_chain, key)?;
+    Ok(Arc::new(builder.with_cert_resolver(Arc::new(resolver))))
+}
+
+/// A server certificate read again from its files when they change (a rotated Secret), checked
+/// at most once per [`RELOAD_CHECK`] during handshakes. A pair that cannot be read or does not
+/// match keeps the last good one in use (and is logged).
+#[derive(Debug)]
+pub struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    state: std::sync::Mutex<CertState>,
+}
+
+#[derive(Debug)]
+struct CertState {
+    current: Arc<rustls::sign::CertifiedKey>,
+    stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    checked: std::time::Instant,
+}
+
+/// How often a handshake may look at the certificate files' modification times.
+pub const RELOAD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl ReloadingCert {
+    /// Loads the pair now (an error names the file).
+    pub fn new(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let current = certified_key(cert, key)?;
+        Ok(ReloadingCert {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            state: std::sync::Mutex::new(CertState {
+                current,
+                stamp: stamp(cert, key),
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    /// The pair in use, reloaded first if the files changed.
+    pub fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        let mut state = crate::sync::lock(&self.state);
+        if state.checked.elapsed() >= RELOAD_CHECK {
+            state.checked = std::time::Instant::now();
+            let now = stamp(&self.cert, &self.key);
+            if now.is_some() && now != state.stamp {
+                match certified_key(&self.cert, &self.key) {
+                    Ok(fresh) => {
+                        tracing::info!(cert = %self.cert.display(), "certificate reloaded");
+                        state.current = fresh;
+                        state.stamp = now;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "certificate changed but cannot be used; keeping the previous one")
+                    }
+                }
+            }
+        }
+        Arc::clone(&state.current)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn stamp(cert: &Path, key: &Path) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((modified(cert)?, modified(key)?))
+}
+
+fn certified_key(cert: &Path, key: &Path) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let certs = load_certs(cert)?;
+    let key_der = load_key(key)?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key_der)
         .map_err(|source| TlsError::Rustls {
-            context: "server certificate",
+            context: "server private key",
             source,
         })?;
-    Ok(Arc::new(config))
+    let certified = rustls::sign::CertifiedKey::new(certs, signing);
+    certified.keys_match().map_err(|source| TlsError::Rustls {
+        context: "server certificate and key",
+        source,
+    })?;
+    Ok(Arc::new(certified))
 }
 
 /// A client config trusting the CAs in `ca`.
@@ -184,6 +269,30 @@ mod tests {
         assert!(err.to_string().contains("no certificate"), "{err}");
         let err = load_key(&c).unwrap_err();
         assert!(err.to_string().contains("no private key"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_rotated_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
+        let dir = std::env::temp_dir().join(format!("agentkit-tls-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let write = |name: &str| {
+            let pair = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+            std::fs::write(&cert, pair.cert.pem()).unwrap();
+            std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+            pair.cert.der().to_vec()
+        };
+        let first = write("one.test");
+        let resolver = ReloadingCert::new(&cert, &key).unwrap();
+        assert_eq!(resolver.current().cert[0].as_ref(), &first[..]);
+        std::thread::sleep(RELOAD_CHECK + std::time::Duration::from_millis(50));
+        let second = write("two.test");
+        assert_eq!(resolver.current().cert[0].as_ref(), &second[..]);
+        // A half-written pair (no key) keeps the last good one.
+        std::thread::sleep(RELOAD_CHECK + std::time::Duration::from_millis(50));
+        std::fs::write(&key, "").unwrap();
+        assert_eq!(resolver.current().cert[0].as_ref(), &second[..]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

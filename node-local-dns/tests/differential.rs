@@ -50,7 +50,6 @@ use node_local_dns::wire;
 use node_local_dns::wire::testing::ResponseBuilder;
 use node_local_dns::wire::{build_query, encode_name, parse_query, rcode, rtype, Edns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
 /// Where the distribution installs unbound.

@@ -162,6 +162,12 @@ impl ControlPlane {
     /// Starts a control plane of its own in a fresh temporary directory (blocking). It stops,
     /// and the directory is removed, when the value is dropped or this process exits.
     pub fn start() -> anyhow::Result<ControlPlane> {
+        Self::start_with(&[])
+    }
+
+    /// [`ControlPlane::start`] with more kube-apiserver flags (for example
+    /// `--egress-selector-config-file=...`).
+    pub fn start_with(apiserver_args: &[String]) -> anyhow::Result<ControlPlane> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -172,10 +178,10 @@ impl ControlPlane {
             "agentkit-kube-{}-{n}-{nanos:x}",
             std::process::id()
         ));
-        Self::start_in(&dir)
+        Self::start_in(&dir, apiserver_args)
     }
 
-    fn start_in(dir: &Path) -> anyhow::Result<ControlPlane> {
+    fn start_in(dir: &Path, apiserver_args: &[String]) -> anyhow::Result<ControlPlane> {
         // Both ends are close-on-exec: only kube-up's stdin (a dup made in the child) carries
         // the watcher's end into the processes it starts.
         let (ours, theirs) = UnixStream::pair().context("socket pair")?;
@@ -183,6 +189,11 @@ impl ControlPlane {
         let mut child = Command::new(&script)
             .arg(dir)
             .arg("--until-stdin-closes")
+            .args(
+                apiserver_args
+                    .iter()
+                    .map(|a| format!("--apiserver-arg={a}")),
+            )
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -2,7 +2,8 @@
 //! both listeners; a shoot created as Kubernetes objects on a real kube-apiserver, routed, then
 //! deleted (when the control plane's binaries are built; else a one-line hint); then
 //! node-local-dns in front of a small `cluster.local` zone, with cache
-//! hits, misses and a stale answer served while the zone's server is down. Tables of what
+//! hits, misses and a stale answer served while the zone's server is down; then konnectivity:
+//! `kubectl logs -f` through the tunnel beside a stalled tunnel. Tables of what
 //! happened, and the commands to try by hand. Runs until Ctrl-C (or exits after the tables
 //! with `--once`). Needs no root.
 
@@ -195,6 +196,7 @@ Kubernetes part skipped: {e:#}"
 
     let mut dns = dns::Demo::start(&dir, &shutdown).await?;
     let dns_ok = dns.script().await?;
+    let tunnel = tunnel::run(&dir, &pki).await?;
 
     println!("\nTry it by hand:");
     println!(
@@ -230,6 +232,10 @@ Kubernetes part skipped: {e:#}"
         "the shoot created in Kubernetes was not routed and removed as shown"
     );
     anyhow::ensure!(dns_ok, "some DNS answers were not what the demo expected");
+    anyhow::ensure!(
+        tunnel.ok,
+        "the log stream through the tunnel was slowed by the stalled tunnel"
+    );
     Ok(())
 }
 
@@ -279,6 +285,9 @@ async fn unknown_sni(addr: SocketAddr) -> anyhow::Result<String> {
         other => format!("{other:?}"),
     })
 }
+
+#[path = "../demo_tunnel.rs"]
+mod tunnel;
 
 mod dns {
     //! The node-local-dns half of the demo: a small authoritative `cluster.local` zone on

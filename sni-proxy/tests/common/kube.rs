@@ -5,10 +5,9 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use agentkit::testing::kube::ControlPlane;
-use agentkit::testing::{require_privileges, run_command, NetNs};
+use agentkit::testing::Hosts;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -87,63 +86,24 @@ impl Cluster {
     }
 }
 
-static NEXT_SUBNET: AtomicU8 = AtomicU8::new(0);
-
-/// A network namespace with addresses `<prefix>.2` to `.9` on a veth whose host end is
-/// `<prefix>.1`.
-pub struct Backends {
-    pub netns: NetNs,
-    pub prefix: String,
-}
+/// The backends' network namespace (agentkit's [`Hosts`]), and what the tests serve there.
+pub struct Backends(pub Hosts);
 
 impl Backends {
-    /// A fresh namespace in its own /24 of 198.18.0.0/16 (benchmarking addresses: our own
-    /// test hosts only). None (after a loud SKIP) when unprivileged.
+    /// A fresh namespace (None after a loud SKIP when unprivileged).
     pub fn create(test: &str) -> Option<Backends> {
-        if !require_privileges(test) {
-            return None;
-        }
-        let third =
-            (std::process::id() % 50) as u8 * 5 + NEXT_SUBNET.fetch_add(1, Ordering::Relaxed) % 5;
-        let prefix = format!("198.18.{third}");
-        let netns = NetNs::create("sngw");
-        let (host, peer) = (format!("sngh{third}"), format!("sngp{third}"));
-        run_command(
-            "ip",
-            &["link", "add", &host, "type", "veth", "peer", "name", &peer],
-        );
-        run_command("ip", &["link", "set", &peer, "netns", netns.name()]);
-        run_command(
-            "ip",
-            &["addr", "add", &format!("{prefix}.1/24"), "dev", &host],
-        );
-        run_command("ip", &["link", "set", &host, "up"]);
-        for h in 2..=9 {
-            run_command(
-                "ip",
-                &[
-                    "-n",
-                    netns.name(),
-                    "addr",
-                    "add",
-                    &format!("{prefix}.{h}/24"),
-                    "dev",
-                    &peer,
-                ],
-            );
-        }
-        run_command("ip", &["-n", netns.name(), "link", "set", &peer, "up"]);
-        Some(Backends { netns, prefix })
+        Hosts::create(test, "sngw").map(Backends)
     }
 
     pub fn ip(&self, host: u8) -> String {
-        format!("{}.{host}", self.prefix)
+        self.0.ip(host)
     }
 
     /// A backend at `<prefix>.<host>:6443` that answers every read with `name` and a newline.
     pub fn serve(&self, host: u8, name: &'static str) -> SocketAddr {
         let addr: SocketAddr = format!("{}:6443", self.ip(host)).parse().unwrap();
         let listener = self
+            .0
             .netns
             .run(move || std::net::TcpListener::bind(addr).unwrap());
         listener.set_nonblocking(true).unwrap();

@@ -68,6 +68,8 @@ func up(dir string, args []string) (err error) {
 	fs.Var(&groups, "crd-group", "install only CRDs of this API group (repeatable; default: every group)")
 	untilStdinCloses := fs.Bool("until-stdin-closes", false, "stop the control plane when standard input reaches end of file")
 	binDir := fs.String("bin-dir", "", "where etcd and kube-apiserver are (default: beside kubecp)")
+	var apiserverArgs listFlag
+	fs.Var(&apiserverArgs, "apiserver-arg", "one more kube-apiserver flag, e.g. --apiserver-arg=--egress-selector-config-file=F; repeatable")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err.Error()}
 	}
@@ -184,7 +186,7 @@ func up(dir string, args []string) (err error) {
 	}
 	step("etcd healthy")
 
-	apiserver, err := start(dir, "kube-apiserver", filepath.Join(*binDir, "kube-apiserver"), []string{
+	apiserver, err := start(dir, "kube-apiserver", filepath.Join(*binDir, "kube-apiserver"), append([]string{
 		"--etcd-servers=" + etcdURL,
 		"--cert-dir=" + filepath.Join(dir, "pki"),
 		"--tls-cert-file=" + files.ServingCert,
@@ -204,7 +206,7 @@ func up(dir string, args []string) (err error) {
 		"--service-account-key-file=" + files.ServiceAccountPub,
 		"--service-account-signing-key-file=" + files.ServiceAccountKey,
 		"--profiling=false",
-	}, nil)
+	}, apiserverArgs...), nil)
 	if err != nil {
 		return err
 	}
