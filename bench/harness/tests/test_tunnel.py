@@ -20,7 +20,8 @@ def result(row: str, gbit: float | None, rps: float | None, idle: list[tuple[int
         r["idle"] = {"levels": [{"target": t, "opened": o, "kib_per_tunnel": k, "rss_before_kib": 1000,
                                  "rss_after_kib": 1000 + int(k * o)} for t, o, k in idle]}
     if iso is not None:
-        r["isolation"] = {"ratio": iso, "alone_gbit_s": 10.0, "with_stalled_gbit_s": 10.0 * iso}
+        r["isolation"] = {"ratio": iso, "alone_gbit_s": 10.0, "with_stalled_gbit_s": 10.0 * iso, "streams": 100,
+                          "opened": 100, "stalled": 1}
     return r
 
 
@@ -68,6 +69,12 @@ class Derive(unittest.TestCase):
         self.assertFalse(t["requests/s >= 0.8x direct"]["met"])
         # within the limit per tunnel, but it did not hold them all
         self.assertFalse(t["memory per idle tunnel at 1,000 <= 8 KiB"]["met"])
+        self.assertFalse(t["slow-reader isolation >= 0.9"]["met"])
+
+    def test_isolation_needs_every_stream_and_the_stalled_reader(self) -> None:
+        rs = self.results()
+        rs[1]["isolation"]["opened"] = 60
+        t = targets(tunnel.derive(rs))
         self.assertFalse(t["slow-reader isolation >= 0.9"]["met"])
 
     def test_no_idle_is_undetermined(self) -> None:

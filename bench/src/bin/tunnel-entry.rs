@@ -401,13 +401,20 @@ async fn idle(via: Via, counts: Vec<usize>, parallel: usize) -> anyhow::Result<(
 
 async fn isolation(via: Via, streams: usize, stalled: usize, warmup: f64, seconds: f64) -> anyhow::Result<serde_json::Value> {
     let total = Arc::new(AtomicU64::new(0));
-    let mut conns = Vec::new();
+    // Each reader starts as soon as its tunnel is open: a tunnel that streams before its reader
+    // runs is a stalled reader itself (and blocks upstream's shared stream, later dials with it).
+    let mut opened = 0usize;
+    let mut open_errors = 0usize;
     for _ in 0..streams {
-        let mut c = via.open().await?;
+        let mut c = match tokio::time::timeout(Duration::from_secs(10), via.open()).await {
+            Ok(Ok(c)) => c,
+            _ => {
+                open_errors += 1;
+                continue;
+            }
+        };
         request_bytes(&mut c, u64::MAX).await?;
-        conns.push(c);
-    }
-    for mut c in conns {
+        opened += 1;
         let total = total.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 64 << 10];
@@ -419,7 +426,7 @@ async fn isolation(via: Via, streams: usize, stalled: usize, warmup: f64, second
             }
         });
     }
-    let measure = |total: Arc<AtomicU64>| async move {
+    let measure = move |total: Arc<AtomicU64>| async move {
         tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
         let b0 = total.load(Ordering::Relaxed);
         let t0 = Instant::now();
@@ -439,7 +446,7 @@ async fn isolation(via: Via, streams: usize, stalled: usize, warmup: f64, second
         }
     }
     let with = measure(total.clone()).await;
-    Ok(json!({"streams": streams, "stalled": stuck.len(), "stalled_errors": stalled_errors,
+    Ok(json!({"streams": streams, "opened": opened, "open_errors": open_errors, "stalled": stuck.len(), "stalled_errors": stalled_errors,
               "alone_gbit_s": alone, "with_stalled_gbit_s": with,
               "ratio": if alone > 0.0 { with / alone } else { 0.0 }}))
 }
