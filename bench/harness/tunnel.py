@@ -777,13 +777,23 @@ def svg(results: list[dict[str, Any]], derived: dict[str, Any], meta: dict[str, 
 MEDIAN_KEY = {"bulk": "gbit_s", "rps": "per_s", "dial": "p50"}
 
 
+def rathole_version(rathole: str) -> str:
+    """rathole's "Build Version" and whether its TLS transport is compiled in."""
+    if not Path(rathole).exists():
+        return "missing"
+    out = sh([rathole, "--version"])
+    version = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Build Version")), "?")
+    features = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("cargo Features")), "")
+    return version + (" (tls: native-tls)" if "tokio_native_tls" in features.split(",") else " (no tls feature)")
+
+
 def tool_versions(ctx_anp: Path | None, rathole: str) -> dict[str, str]:
     return {
         "wrk": sh_any(["wrk", "-v"]).splitlines()[0].split(" Copyright")[0].removeprefix("wrk ")
         if shutil.which("wrk") else "missing",
         "nginx": sh(["nginx", "-v"]).split("/")[-1] if shutil.which("nginx") else "missing",
         "ANP": "v0.36.0 (scripts/anp-bin current)" if ctx_anp else "missing",
-        "rathole": sh([rathole, "--version"]).split()[-1] if Path(rathole).exists() else "missing",
+        "rathole": rathole_version(rathole),
     }
 
 
