@@ -432,16 +432,26 @@ def per_tunnel(before: dict[str, int], after: dict[str, int], opened: int) -> fl
 def idle(ctx: Ctx, t: Tunnel) -> dict[str, Any]:
     assert t.pair is not None
     before = settle_memory(t.pair)
+    # rathole's server and client each hold 2 descriptors per tunnel (visitor + data channel,
+    # data channel + destination): past nofile / 2 it cannot hold more
+    cap = (common.NOFILE - 200) // 2 if t.row == "rathole" else None
+    counts = [min(n, cap) if cap else n for n in ctx.idle_counts]
     argv = load_argv(ctx, ["prlimit", f"--nofile={common.NOFILE}:{common.NOFILE}", "--",
-                           ctx.entry, "idle", *t.via, "--counts", ",".join(map(str, ctx.idle_counts))])
+                           ctx.entry, "idle", *t.via, "--counts", ",".join(map(str, counts))])
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    levels = []
+    levels: list[dict[str, Any]] = []
+    note = ""
     try:
-        for _ in ctx.idle_counts:
+        for asked, count in zip(ctx.idle_counts, counts):
             line = p.stdout.readline() if p.stdout else ""
             if not line:
                 raise BenchError(f"idle tool exited early: {p.stderr.read()[-400:] if p.stderr else ''}")
             lv = json.loads(line)
+            lv["target"] = asked
+            if count < asked:
+                lv["capped_at"] = count
+                note = (f"{t.row}: idle tunnels capped at {count:,}: nofile is {common.NOFILE:,} (the hard limit "
+                        "here) and rathole's server and client need 2 descriptors per tunnel each")
             after = settle_memory(t.pair)
             lv.update({"rss_before_kib": before["rss_kib"], "rss_after_kib": after["rss_kib"],
                        "pss_before_kib": before["pss_kib"], "pss_after_kib": after["pss_kib"],
@@ -454,13 +464,18 @@ def idle(ctx: Ctx, t: Tunnel) -> dict[str, Any]:
             if p.stdin:
                 p.stdin.write("\n")
                 p.stdin.flush()
+    except BenchError:
+        if not levels:
+            raise
+        note = (note + "; " if note else "") + "stopped after " + f"{levels[-1]['opened']:,} tunnels: " + \
+            "the idle tool failed"
     finally:
         try:
             p.wait(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    return {"levels": levels}
+    return {"levels": levels, "note": note} if note else {"levels": levels}
 
 
 def isolation(ctx: Ctx, t: Tunnel) -> dict[str, Any]:
@@ -718,6 +733,8 @@ def render_md(meta: dict[str, Any], results: list[dict[str, Any]], derived: dict
         for e in r.get("errors", []):
             first = e.strip().splitlines()
             notes.append(f"- {r['label']} ({r['status']}): " + (first[0] if first else e))
+        if fig(r, "idle", "note"):
+            notes.append(f"- {r['label']} idle: {r['idle']['note']}")
         m = r.get("rps")
         if isinstance(m, dict):
             se = {a: b for a, b in m.get("socket_errors", {}).items() if b}

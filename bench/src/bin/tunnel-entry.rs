@@ -388,7 +388,9 @@ async fn idle(via: Via, counts: Vec<usize>, parallel: usize) -> anyhow::Result<(
                     }
                 }
             }
-            if failed > target / 20 + 10 {
+            // a failed tunnel means a limit was reached (descriptors, memory): report what is
+            // held rather than waiting out the echo timeout of every further batch
+            if failed > 0 {
                 break;
             }
         }
