@@ -6,10 +6,23 @@
 # test suite only checks that they match a fresh compile), and bpftool, through which
 # dns_fastpath reads the attached programs' run time (BPF_ENABLE_STATS).
 # Idempotent and quiet: does nothing when every package is already installed.
+# `install-deps.sh --rathole` also installs rathole (the tunnel harness's peer) from crates.io
+# into ~/.cache/gardener-agents/rathole (TLS transport; needs cargo and libssl-dev), under the
+# shared build lock; run it before the harness, which may itself hold that lock. Not --locked:
+# rathole 0.5.0's lock file pins time 0.3.29, which no longer compiles (Rust >= 1.80).
 # Never starts or depends on systemd; services that the packages' postinst
 # scripts start are stopped afterwards (the harness runs its own instances on
 # random high ports).
 set -eu
+
+if [ "${1:-}" = "--rathole" ]; then
+    root="${GARDENER_AGENTS_CACHE:-$HOME/.cache/gardener-agents}/rathole"
+    if [ ! -x "$root/bin/rathole" ]; then
+        echo "install-deps.sh: cargo install rathole --root $root" >&2
+        flock /tmp/gardener-build.lock cargo install rathole --root "$root"
+    fi
+    shift
+fi
 
 PKGS="haproxy nginx libnginx-mod-stream sniproxy wrk curl openssl util-linux iptables iproute2
       knot dnsperf unbound pdns-recursor knot-resolver dnsmasq clang llvm libbpf-dev bpftool"
