@@ -20,3 +20,5 @@ pub mod proto;
 pub mod server;
 pub mod transport;
 pub mod tunnel;
+
+use agentkit::sync::lock;

@@ -9,12 +9,13 @@
 //! far behind is closed alone ([`Overflow`]) instead of stalling the stream for everyone, as
 //! upstream's blocking channel send does (ANP#180).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use prometheus::IntGauge;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 /// Default window a sender may have in flight per tunnel with the window extension.
 pub const DEFAULT_WINDOW: u32 = 512 << 10;
@@ -33,13 +34,25 @@ pub enum Event {
     Close(String),
 }
 
-/// The queue of a tunnel: pushed by the stream reader, without waiting.
-#[derive(Debug, Clone)]
+/// The queue of a tunnel: pushed by the stream reader, without waiting. An idle tunnel's
+/// queue allocates nothing (a channel would hold a block of slots per tunnel).
+#[derive(Debug)]
 pub struct Queue {
-    tx: mpsc::UnboundedSender<Event>,
-    queued: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     limit: usize,
     gauge: Option<IntGauge>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    events: std::sync::Mutex<VecDeque<Event>>,
+    /// One consumer: a stored permit covers a push between its check and its wait.
+    notify: Notify,
+    queued: AtomicUsize,
+    /// The pushing end is gone.
+    closed: AtomicBool,
+    /// The consuming end is gone: pushes are dropped.
+    abandoned: AtomicBool,
 }
 
 /// The tunnel's queue overflowed (only possible without the window extension).
@@ -49,24 +62,21 @@ pub struct Overflow;
 /// The consuming end of a [`Queue`].
 #[derive(Debug)]
 pub struct QueueRx {
-    rx: mpsc::UnboundedReceiver<Event>,
-    queued: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     gauge: Option<IntGauge>,
 }
 
 /// A queue that holds at most `limit` bytes of data; `gauge` (summed over tunnels) follows
 /// what it holds.
 pub fn queue(limit: usize, gauge: Option<IntGauge>) -> (Queue, QueueRx) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Shared::default());
     (
         Queue {
-            tx,
-            queued: Arc::clone(&queued),
+            shared: Arc::clone(&shared),
             limit,
             gauge: gauge.clone(),
         },
-        QueueRx { rx, queued, gauge },
+        QueueRx { shared, gauge },
     )
 }
 
@@ -74,51 +84,82 @@ impl Queue {
     /// Queues data; `Err(Overflow)` (and nothing queued) if it would exceed the bound.
     pub fn data(&self, data: Bytes) -> Result<(), Overflow> {
         let len = data.len();
-        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        let before = self.shared.queued.fetch_add(len, Ordering::AcqRel);
         if before > 0 && before + len > self.limit {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
+            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
             return Err(Overflow);
         }
-        if self.tx.send(Event::Data(data)).is_err() {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-        } else if let Some(gauge) = &self.gauge {
+        let mut events = crate::lock(&self.shared.events);
+        // Checked under the lock the consumer's drop takes: nothing is pushed after it.
+        if self.shared.abandoned.load(Ordering::Acquire) {
+            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+            return Ok(());
+        }
+        if let Some(gauge) = &self.gauge {
             gauge.add(len as i64);
         }
+        events.push_back(Event::Data(data));
+        drop(events);
+        self.shared.notify.notify_one();
         Ok(())
     }
 
     /// Queues a control event (never refused).
     pub fn event(&self, event: Event) {
-        let _ = self.tx.send(event);
+        let mut events = crate::lock(&self.shared.events);
+        if !self.shared.abandoned.load(Ordering::Acquire) {
+            events.push_back(event);
+        }
+        drop(events);
+        self.shared.notify.notify_one();
     }
 
     /// Bytes waiting.
     pub fn depth(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
+        self.shared.queued.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.notify.notify_one();
     }
 }
 
 impl QueueRx {
-    /// The next event; `None` once every [`Queue`] is gone.
+    /// The next event; `None` once the [`Queue`] is gone and everything was taken.
     pub async fn next(&mut self) -> Option<Event> {
-        let event = self.rx.recv().await?;
-        if let Event::Data(data) = &event {
-            self.queued.fetch_sub(data.len(), Ordering::AcqRel);
-            if let Some(gauge) = &self.gauge {
-                gauge.sub(data.len() as i64);
+        loop {
+            let event = crate::lock(&self.shared.events).pop_front();
+            if let Some(event) = event {
+                if let Event::Data(data) = &event {
+                    self.shared.queued.fetch_sub(data.len(), Ordering::AcqRel);
+                    if let Some(gauge) = &self.gauge {
+                        gauge.sub(data.len() as i64);
+                    }
+                }
+                return Some(event);
             }
+            if self.shared.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            self.shared.notify.notified().await;
         }
-        Some(event)
     }
 }
 
 impl Drop for QueueRx {
     fn drop(&mut self) {
         // What nobody will consume leaves the gauge now.
-        self.rx.close();
-        while let Ok(event) = self.rx.try_recv() {
+        let left: Vec<Event> = {
+            let mut events = crate::lock(&self.shared.events);
+            self.shared.abandoned.store(true, Ordering::Release);
+            events.drain(..).collect()
+        };
+        for event in left {
             if let Event::Data(data) = event {
-                self.queued.fetch_sub(data.len(), Ordering::AcqRel);
+                self.shared.queued.fetch_sub(data.len(), Ordering::AcqRel);
                 if let Some(gauge) = &self.gauge {
                     gauge.sub(data.len() as i64);
                 }

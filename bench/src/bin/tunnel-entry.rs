@@ -148,7 +148,6 @@ pub async fn connect(uds: &std::path::Path, dest: &str) -> anyhow::Result<(UnixS
     }
 }
 
-
 /// A tunnel to the sink: a CONNECT over the UDS, or plain TCP.
 enum Conn {
     Uds(UnixStream),
@@ -156,7 +155,11 @@ enum Conn {
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Uds(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tcp(s) => Pin::new(s).poll_read(cx, buf),
@@ -165,7 +168,11 @@ impl AsyncRead for Conn {
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Uds(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Tcp(s) => Pin::new(s).poll_write(cx, buf),
@@ -198,7 +205,9 @@ impl Via {
             }
             Ok(Conn::Uds(s))
         } else if let Some(addr) = self.tcp {
-            let s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+            let s = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connect {addr}"))?;
             s.set_nodelay(true)?;
             Ok(Conn::Tcp(s))
         } else {
@@ -243,7 +252,13 @@ async fn listen(addr: SocketAddr, uds: PathBuf, dest: String) -> anyhow::Result<
                 if !rest.is_empty() {
                     client.write_all(&rest).await?;
                 }
-                tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tunnel, 64 << 10, 64 << 10).await?;
+                tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut tunnel,
+                    64 << 10,
+                    64 << 10,
+                )
+                .await?;
                 anyhow::Ok(())
             };
             if let Err(e) = run.await {
@@ -351,8 +366,10 @@ async fn dial(via: Via, count: usize) -> anyhow::Result<serde_json::Value> {
     if open.is_empty() {
         bail!("dial: no tunnel opened");
     }
-    Ok(json!({"count": open.len(), "errors": errors, "open": percentiles(open),
-              "first_byte": percentiles(rtt)}))
+    Ok(
+        json!({"count": open.len(), "errors": errors, "open": percentiles(open),
+              "first_byte": percentiles(rtt)}),
+    )
 }
 
 fn wait_stdin() {
@@ -394,14 +411,23 @@ async fn idle(via: Via, counts: Vec<usize>, parallel: usize) -> anyhow::Result<(
                 break;
             }
         }
-        println!("{}", json!({"target": target, "opened": held.len(), "failed": failed,
-                              "open_s": t0.elapsed().as_secs_f64(), "last_error": last_error}));
+        println!(
+            "{}",
+            json!({"target": target, "opened": held.len(), "failed": failed,
+                              "open_s": t0.elapsed().as_secs_f64(), "last_error": last_error})
+        );
         tokio::task::spawn_blocking(wait_stdin).await?;
     }
     Ok(())
 }
 
-async fn isolation(via: Via, streams: usize, stalled: usize, warmup: f64, seconds: f64) -> anyhow::Result<serde_json::Value> {
+async fn isolation(
+    via: Via,
+    streams: usize,
+    stalled: usize,
+    warmup: f64,
+    seconds: f64,
+) -> anyhow::Result<serde_json::Value> {
     let total = Arc::new(AtomicU64::new(0));
     // Each reader starts as soon as its tunnel is open: a tunnel that streams before its reader
     // runs is a stalled reader itself (and blocks upstream's shared stream, later dials with it).
@@ -448,24 +474,42 @@ async fn isolation(via: Via, streams: usize, stalled: usize, warmup: f64, second
         }
     }
     let with = measure(total.clone()).await;
-    Ok(json!({"streams": streams, "opened": opened, "open_errors": open_errors, "stalled": stuck.len(), "stalled_errors": stalled_errors,
+    Ok(
+        json!({"streams": streams, "opened": opened, "open_errors": open_errors, "stalled": stuck.len(), "stalled_errors": stalled_errors,
               "alone_gbit_s": alone, "with_stalled_gbit_s": with,
-              "ratio": if alone > 0.0 { with / alone } else { 0.0 }}))
+              "ratio": if alone > 0.0 { with / alone } else { 0.0 }}),
+    )
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let out = rt.block_on(async move {
         match args.cmd {
-            Cmd::Listen { listen: l, uds, dest } => listen(l, uds, dest).await.map(|()| None),
+            Cmd::Listen {
+                listen: l,
+                uds,
+                dest,
+            } => listen(l, uds, dest).await.map(|()| None),
             Cmd::Sink { listen } => sink(listen).await.map(|()| None),
             Cmd::Bulk { via, bytes } => bulk(via, bytes).await.map(Some),
             Cmd::Dial { via, count } => dial(via, count).await.map(Some),
-            Cmd::Idle { via, counts, parallel } => idle(via, counts, parallel).await.map(|()| None),
-            Cmd::Isolation { via, streams, stalled, warmup, seconds } => {
-                isolation(via, streams, stalled, warmup, seconds).await.map(Some)
-            }
+            Cmd::Idle {
+                via,
+                counts,
+                parallel,
+            } => idle(via, counts, parallel).await.map(|()| None),
+            Cmd::Isolation {
+                via,
+                streams,
+                stalled,
+                warmup,
+                seconds,
+            } => isolation(via, streams, stalled, warmup, seconds)
+                .await
+                .map(Some),
         }
     })?;
     if let Some(v) = out {

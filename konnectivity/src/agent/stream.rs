@@ -11,7 +11,7 @@ use agentkit::sync::lock;
 use anyhow::{anyhow, bail, Context as _};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http::HeaderValue;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -482,11 +482,16 @@ impl ServerStream {
         mut rx: tunnel::QueueRx,
         credit: Credit,
     ) {
-        let (mut rd, mut wr) = stream.into_split();
+        let (rd, mut wr) = stream.into_split();
         let half_close = self.agreed.half_close;
         let up = async {
             let mut size = 4096;
             loop {
+                // No buffer is held while the destination is quiet: an idle tunnel costs its
+                // task and its table entry, not a read buffer.
+                if rd.readable().await.is_err() {
+                    return false;
+                }
                 let blocked = credit.exhausted().then(Instant::now);
                 let Some(budget) = credit.take(size).await else {
                     return false;
@@ -499,8 +504,12 @@ impl ServerStream {
                         .inc_by(since.elapsed().as_secs_f64());
                 }
                 let mut buf = BytesMut::with_capacity(budget);
-                let n = match rd.read_buf(&mut (&mut buf).limit(budget)).await {
+                let n = match rd.try_read_buf(&mut (&mut buf).limit(budget)) {
                     Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        credit.give_back(budget);
+                        continue;
+                    }
                     Err(_) => return false,
                 };
                 credit.give_back(budget - n);

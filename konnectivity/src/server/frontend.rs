@@ -100,10 +100,39 @@ pub async fn serve_tcp(server: Arc<Server>, listener: TcpListener, tls: Arc<rust
     }
 }
 
-async fn serve_connection<S>(server: Arc<Server>, io: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// A frontend connection as the splice needs it: split in two halves, with a way to wait for
+/// input before allocating a read buffer where the transport can tell (a UDS can; under TLS,
+/// rustls buffers records, so a read is simply attempted).
+pub trait Frontend: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send;
+    type Write: AsyncWrite + Unpin + Send;
+    fn halves(self) -> (Self::Read, Self::Write);
+    fn readable(read: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+impl Frontend for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn readable(read: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        read.readable()
+    }
+}
+
+impl Frontend for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+    fn readable(_: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+async fn serve_connection<S: Frontend>(server: Arc<Server>, io: S) {
     match server.config.mode {
         Mode::HttpConnect => {
             server.metrics.http_connections.inc();
@@ -117,10 +146,7 @@ where
 // ---------------------------------------------------------------------------------------
 // HTTP CONNECT
 
-async fn serve_connect<S>(server: &Arc<Server>, mut io: S)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
+async fn serve_connect<S: Frontend>(server: &Arc<Server>, mut io: S) {
     let mut buf = BytesMut::with_capacity(1024);
     let request = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io, &mut buf)).await {
         Ok(Ok(Some(request))) => request,
@@ -238,11 +264,8 @@ async fn respond<S: AsyncWrite + Unpin>(
 }
 
 /// Moves bytes between a frontend socket and its tunnel until both directions are done.
-pub async fn splice_socket<S>(server: &Arc<Server>, tunnel: Tunnel, io: S, early: Bytes)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let (mut rd, mut wr) = tokio::io::split(io);
+pub async fn splice_socket<S: Frontend>(server: &Arc<Server>, tunnel: Tunnel, io: S, early: Bytes) {
+    let (mut rd, mut wr) = io.halves();
     let half_close = tunnel.backend.extensions.half_close;
     let recv_window = tunnel.backend.extensions.recv_window;
     let connect_id = tunnel.connect_id;
@@ -252,15 +275,20 @@ where
     let rx = &mut tunnel.rx;
 
     let up = async {
-        if !early.is_empty()
-            && send_to_agent(server, &backend, &credit, connect_id, early)
-                .await
-                .is_err()
+        if early.is_empty() {
+            drop(early);
+        } else if send_to_agent(server, &backend, &credit, connect_id, early)
+            .await
+            .is_err()
         {
             return false;
         }
         let mut size = 4096;
         loop {
+            // No buffer is held while the frontend is quiet.
+            if S::readable(&rd).await.is_err() {
+                return false;
+            }
             let Some(budget) = take_credit(server, &credit, size).await else {
                 return false;
             };
