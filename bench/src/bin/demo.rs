@@ -816,7 +816,10 @@ mod dns {
             let deadline = Instant::now() + START_TIMEOUT;
             let mut probe = Vec::new();
             loop {
-                anyhow::ensure!(!agent.is_finished(), "node-local-dns exited at start");
+                if agent.is_finished() {
+                    let end = agent.await;
+                    anyhow::bail!("node-local-dns exited at start: {end:?}");
+                }
                 wire::build_query(0, "id.server.", rtype::TXT, None, &mut probe);
                 let at = probe.len() - 2;
                 probe[at..].copy_from_slice(&3u16.to_be_bytes()); // class CH
