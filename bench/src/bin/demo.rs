@@ -175,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .map_err(|_| anyhow::anyhow!("the control plane thread panicked"))?;
     let kube_ok = match &control {
-        Ok(control) => match kube_part::run(control, &pki, &shutdown).await {
+        Ok(control) => match kube_part::run(control, &pki).await {
             Ok(ok) => ok,
             Err(e) => {
                 println!(
@@ -1096,11 +1096,7 @@ mod kube_part {
     }
 
     /// Runs the part; returns whether everything happened as shown.
-    pub async fn run(
-        control: &ControlPlane,
-        pki: &Pki,
-        shutdown: &Shutdown,
-    ) -> anyhow::Result<bool> {
+    pub async fn run(control: &ControlPlane, pki: &Pki) -> anyhow::Result<bool> {
         let ip = local_address().context("a non-loopback address for the shoot's endpoint")?;
         let apiserver = VersionServer::start(
             SocketAddr::new(ip, 0),
@@ -1122,7 +1118,10 @@ mod kube_part {
         let proxy = Proxy::bind(proxy_config, prometheus::Registry::new()).await?;
         let sni = proxy.listener_addrs()[0];
         let admin = proxy.admin_addr()?;
-        let stop = shutdown.child();
+        // A shutdown of its own: the proxy's drain at the end waits for and then forces what is
+        // on its tracker, which for a child would be every task of the demo (node-local-dns
+        // next among them).
+        let stop = Shutdown::new();
         let running = tokio::spawn(proxy.run(stop.clone(), None));
         // Ready once the proxy has listed everything from the API server.
         let synced = Instant::now();
