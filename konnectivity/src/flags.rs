@@ -133,6 +133,10 @@ pub struct ServerFlags {
     /// This build: how long a TokenReview answer is reused for the same token.
     #[arg(long, default_value = "1m", value_parser = duration)]
     pub token_review_cache_ttl: Duration,
+    /// This build: also accept our agents over QUIC on this UDP port, with the agent plane's
+    /// certificates (0: off). Usually the --agent-port number.
+    #[arg(long, default_value_t = 0)]
+    pub agent_quic_port: u16,
 }
 
 fn bind(address: &str, port: u16, default: IpAddr) -> Result<SocketAddr, String> {
@@ -254,6 +258,10 @@ impl ServerFlags {
             frontend_tcp,
             agent_addr: bind(&self.agent_bind_address, self.agent_port, any)
                 .map_err(|e| anyhow!("--agent-bind-address: {e}"))?,
+            agent_quic_addr: (self.agent_quic_port != 0)
+                .then(|| bind(&self.agent_bind_address, self.agent_quic_port, any))
+                .transpose()
+                .map_err(|e| anyhow!("--agent-bind-address: {e}"))?,
             agent_tls,
             health_addr: (self.health_port != 0)
                 .then(|| bind(&self.health_bind_address, self.health_port, any))
@@ -351,6 +359,14 @@ pub struct AgentFlags {
     /// This build: how long open tunnels may finish after DRAIN on SIGTERM.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub drain_timeout: Duration,
+    /// This build: how to reach the server: grpc (HTTP/2 over TCP, as upstream), quic (one
+    /// QUIC stream per tunnel; the server needs --agent-quic-port), or auto (QUIC, falling
+    /// back to grpc where UDP is blocked).
+    #[arg(long, default_value = "grpc")]
+    pub transport: String,
+    /// This build: the server's QUIC (UDP) port (0: the --proxy-server-port number).
+    #[arg(long, default_value_t = 0)]
+    pub proxy_server_quic_port: u16,
 }
 
 impl AgentFlags {
@@ -386,9 +402,16 @@ impl AgentFlags {
             server::backends::Identifiers::parse(&self.agent_identifiers)
                 .map_err(|e| anyhow!("--agent-identifiers: {e}"))?;
         }
+        let transport =
+            agent::Transport::parse(&self.transport).map_err(|e| anyhow!("--transport: {e}"))?;
         let any: IpAddr = "0.0.0.0".parse().expect("IP");
         let local: IpAddr = "127.0.0.1".parse().expect("IP");
         Ok(agent::Config {
+            transport,
+            quic_port: match self.proxy_server_quic_port {
+                0 => self.proxy_server_port,
+                port => port,
+            },
             server_host: self.proxy_server_host.clone(),
             server_port: self.proxy_server_port,
             tls,
@@ -487,6 +510,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("--sync-interval"), "{error}");
+        let flags = AgentFlags::try_parse_from(["a", "--ca-cert=/x", "--transport=udp"]).unwrap();
+        let error = format!("{:#}", flags.config().unwrap_err());
+        assert!(
+            error.contains("--transport") || error.contains("--ca-cert"),
+            "{error}"
+        );
         let flags = ServerFlags::try_parse_from([
             "s",
             "--mode=quic",

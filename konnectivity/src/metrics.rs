@@ -231,6 +231,8 @@ pub struct AgentMetrics {
     pub known_server_count: IntGauge,
     pub open_endpoint_connections: IntGauge,
     pub server_connection_failures: IntCounter,
+    /// This build: `--transport=auto` connections that fell back from QUIC to gRPC.
+    pub quic_fallbacks: IntCounter,
 }
 
 impl AgentMetrics {
@@ -274,6 +276,10 @@ impl AgentMetrics {
                 "server_connection_failure_count",
                 "Failed connections to proxy servers.",
             ))?,
+            quic_fallbacks: IntCounter::with_opts(opts(
+                "quic_fallback_total",
+                "Connections to servers made over gRPC because QUIC failed (--transport=auto).",
+            ))?,
         };
         registry.register(Box::new(m.dial_duration.clone()))?;
         registry.register(Box::new(m.endpoint_dial_failures.clone()))?;
@@ -281,6 +287,7 @@ impl AgentMetrics {
         registry.register(Box::new(m.known_server_count.clone()))?;
         registry.register(Box::new(m.open_endpoint_connections.clone()))?;
         registry.register(Box::new(m.server_connection_failures.clone()))?;
+        registry.register(Box::new(m.quic_fallbacks.clone()))?;
         Ok(m)
     }
 }

@@ -1,4 +1,5 @@
-//! Packets over gRPC streams on HTTP/2 (the `h2` crate, no gRPC framework): the request and
+//! Packets over gRPC streams on HTTP/2 (the `h2` crate, no gRPC framework; or on a QUIC
+//! control stream, framed the same way): the request and
 //! response heads both services use, a sender that waits for HTTP/2 flow-control capacity
 //! (so a slow peer pushes back instead of growing a buffer), and a receiver that hands
 //! capacity back as soon as a packet is decoded (so the shared stream itself never stalls:
@@ -114,6 +115,8 @@ pub struct Agreed {
 pub enum StreamError {
     #[error("HTTP/2: {0}")]
     H2(#[from] h2::Error),
+    #[error("QUIC: {0}")]
+    Quic(#[from] quinn::ReadError),
     #[error("gRPC framing: {0}")]
     Frame(#[from] FrameError),
     #[error("packet: {0}")]
@@ -122,73 +125,125 @@ pub enum StreamError {
     Closed,
 }
 
-/// Sends packets, each a gRPC message, waiting for flow-control capacity.
+/// Sends packets, each a gRPC message, waiting for flow-control capacity: on an HTTP/2
+/// stream, or on the control stream of a QUIC connection ([`crate::quic`]).
 #[derive(Debug)]
 pub struct PacketSender {
-    stream: SendStream<Bytes>,
+    stream: Tx,
     scratch: BytesMut,
+}
+
+#[derive(Debug)]
+enum Tx {
+    H2(SendStream<Bytes>),
+    Quic(quinn::SendStream),
 }
 
 impl PacketSender {
     pub fn new(stream: SendStream<Bytes>) -> Self {
         PacketSender {
-            stream,
+            stream: Tx::H2(stream),
             scratch: BytesMut::new(),
         }
     }
 
-    /// Sends one packet; returns once HTTP/2 took all of it.
+    pub fn quic(stream: quinn::SendStream) -> Self {
+        PacketSender {
+            stream: Tx::Quic(stream),
+            scratch: BytesMut::new(),
+        }
+    }
+
+    /// Sends one packet; returns once the transport took all of it.
     pub async fn send(&mut self, packet: &Packet) -> Result<(), StreamError> {
         self.scratch.clear();
         let message = packet.to_bytes();
         grpc::frame(&message, &mut self.scratch);
         let bytes = self.scratch.split().freeze();
-        self.send_bytes(bytes).await
-    }
-
-    async fn send_bytes(&mut self, mut bytes: Bytes) -> Result<(), StreamError> {
-        while !bytes.is_empty() {
-            self.stream.reserve_capacity(bytes.len());
-            let granted = match poll_fn(|cx| self.stream.poll_capacity(cx)).await {
-                Some(granted) => granted?,
-                None => return Err(StreamError::Closed),
-            };
-            if granted == 0 {
-                continue;
-            }
-            let chunk = bytes.split_to(granted.min(bytes.len()));
-            self.stream.send_data(chunk, false)?;
+        match &mut self.stream {
+            Tx::H2(stream) => send_h2(stream, bytes).await,
+            Tx::Quic(stream) => stream
+                .write_chunk(bytes)
+                .await
+                .map_err(|_| StreamError::Closed),
         }
-        Ok(())
     }
 
     /// Ends a server's response with `grpc-status` (0 is OK) and an optional message.
     pub fn finish_response(&mut self, status: u32, message: &str) {
-        let _ = self.stream.send_trailers(grpc_trailers(status, message));
+        match &mut self.stream {
+            Tx::H2(stream) => {
+                let _ = stream.send_trailers(grpc_trailers(status, message));
+            }
+            Tx::Quic(stream) => {
+                let _ = stream.finish();
+            }
+        }
     }
 
     /// Ends a client's request stream (half-close).
     pub fn finish_request(&mut self) {
-        let _ = self.stream.send_data(Bytes::new(), true);
+        match &mut self.stream {
+            Tx::H2(stream) => {
+                let _ = stream.send_data(Bytes::new(), true);
+            }
+            Tx::Quic(stream) => {
+                let _ = stream.finish();
+            }
+        }
     }
 
     /// Resets the stream (the peer sees an error at once).
     pub fn reset(&mut self) {
-        self.stream.send_reset(h2::Reason::CANCEL);
+        match &mut self.stream {
+            Tx::H2(stream) => stream.send_reset(h2::Reason::CANCEL),
+            Tx::Quic(stream) => {
+                let _ = stream.reset(quinn::VarInt::from_u32(0));
+            }
+        }
     }
+}
+
+async fn send_h2(stream: &mut SendStream<Bytes>, mut bytes: Bytes) -> Result<(), StreamError> {
+    while !bytes.is_empty() {
+        stream.reserve_capacity(bytes.len());
+        let granted = match poll_fn(|cx| stream.poll_capacity(cx)).await {
+            Some(granted) => granted?,
+            None => return Err(StreamError::Closed),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let chunk = bytes.split_to(granted.min(bytes.len()));
+        stream.send_data(chunk, false)?;
+    }
+    Ok(())
 }
 
 /// Receives packets, releasing flow-control capacity as each is decoded.
 #[derive(Debug)]
 pub struct PacketReceiver {
-    body: RecvStream,
+    body: Rx,
     deframer: Deframer,
+}
+
+#[derive(Debug)]
+enum Rx {
+    H2(RecvStream),
+    Quic(quinn::RecvStream),
 }
 
 impl PacketReceiver {
     pub fn new(body: RecvStream) -> Self {
         PacketReceiver {
-            body,
+            body: Rx::H2(body),
+            deframer: Deframer::default(),
+        }
+    }
+
+    pub fn quic(body: quinn::RecvStream) -> Self {
+        PacketReceiver {
+            body: Rx::Quic(body),
             deframer: Deframer::default(),
         }
     }
@@ -199,12 +254,22 @@ impl PacketReceiver {
             if let Some(message) = self.deframer.next_message()? {
                 return Ok(Some(Packet::decode(&message)?));
             }
-            match self.body.data().await {
-                Some(chunk) => {
-                    let chunk = chunk?;
-                    let _ = self.body.flow_control().release_capacity(chunk.len());
-                    self.deframer.push(&chunk);
-                }
+            let chunk = match &mut self.body {
+                Rx::H2(body) => match body.data().await {
+                    Some(chunk) => {
+                        let chunk = chunk?;
+                        let _ = body.flow_control().release_capacity(chunk.len());
+                        Some(chunk)
+                    }
+                    None => None,
+                },
+                Rx::Quic(body) => body
+                    .read_chunk(MAX_FRAME as usize, true)
+                    .await?
+                    .map(|chunk| chunk.bytes),
+            };
+            match chunk {
+                Some(chunk) => self.deframer.push(&chunk),
                 None => {
                     self.deframer.finish()?;
                     return Ok(None);
@@ -215,7 +280,10 @@ impl PacketReceiver {
 
     /// The trailers after the last packet (the `grpc-status` of a response), if any.
     pub async fn trailers(&mut self) -> Option<HeaderMap> {
-        self.body.trailers().await.ok().flatten()
+        match &mut self.body {
+            Rx::H2(body) => body.trailers().await.ok().flatten(),
+            Rx::Quic(_) => None,
+        }
     }
 }
 

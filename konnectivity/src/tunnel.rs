@@ -10,11 +10,13 @@
 //! upstream's blocking channel send does (ANP#180).
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, Semaphore};
 
 /// Default window a sender may have in flight per tunnel with the window extension.
@@ -165,6 +167,50 @@ impl Drop for QueueRx {
                 }
             }
         }
+    }
+}
+
+/// A socket a tunnel is spliced to (a frontend's connection, or an agent's destination): split
+/// in two halves, with a way to wait for input before allocating a read buffer where the
+/// transport can tell (TCP and UDS can; under TLS, rustls buffers records, so a read is simply
+/// attempted).
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send;
+    type Write: AsyncWrite + Unpin + Send;
+    fn halves(self) -> (Self::Read, Self::Write);
+    fn readable(read: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+impl Socket for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn readable(read: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        read.readable()
+    }
+}
+
+impl Socket for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+    fn readable(_: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl Socket for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn readable(read: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        read.readable()
     }
 }
 

@@ -69,18 +69,33 @@ async fn fast_tunnels_over_connect(server: &Server, to: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_http_connect_tunnel_stalls_only_itself_and_pushes_back_on_its_source() {
-    let certs = Certs::new("iso-window");
+    stalled_connect_tunnel(false).await;
+}
+
+/// The same over QUIC: each tunnel is a stream of its own, and QUIC's stream window pushes
+/// back on the stalled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_quic_tunnel_stalls_only_itself_and_pushes_back_on_its_source() {
+    stalled_connect_tunnel(true).await;
+}
+
+async fn stalled_connect_tunnel(quic: bool) {
+    let certs = Certs::new(if quic { "iso-quic" } else { "iso-window" });
     let uds = certs.file("konn.sock");
-    let server = Server::start(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-        ],
-    )
-    .await;
-    let agent = AgentHandle::start(&certs, server.agent_addr, &[]).await;
+    let flags = [
+        "--mode=http-connect",
+        "--server-port=0",
+        &format!("--uds-name={uds}"),
+    ];
+    let (server, agent) = if quic {
+        let server = Server::start_quic(&certs, &flags).await;
+        let agent = AgentHandle::start_quic(&certs, &server, &[]).await;
+        (server, agent)
+    } else {
+        let server = Server::start(&certs, &flags).await;
+        let agent = AgentHandle::start(&certs, server.agent_addr, &[]).await;
+        (server, agent)
+    };
     server.wait_agents(1).await;
     let (slow, slow_written) = source().await;
     let (fast, _) = source().await;
@@ -90,8 +105,9 @@ async fn a_stalled_http_connect_tunnel_stalls_only_itself_and_pushes_back_on_its
     assert_eq!(status, 200);
     fast_tunnels_over_connect(&server, &fast.to_string()).await;
 
-    // The window (512 KiB) plus the kernel's socket buffers is all the stalled tunnel took
-    // from its source; without flow control the agent would have read it all.
+    // The window (512 KiB, on gRPC our extension's, on QUIC the stream's) plus the kernel's
+    // socket buffers is all the stalled tunnel took from its source; without flow control
+    // the agent would have read it all.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let taken = slow_written.load(Ordering::Relaxed);
     assert!(

@@ -304,19 +304,32 @@ async fn grpc_frontend_serves_many_proxy_streams_on_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_dial_and_close_cycles_leave_descriptors_and_books_flat() {
-    let certs = Certs::new("leaks");
+    dial_and_close_cycles(false, 10_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_and_close_cycles_over_quic_leave_descriptors_and_books_flat() {
+    dial_and_close_cycles(true, 2_000).await;
+}
+
+async fn dial_and_close_cycles(quic: bool, cycles: usize) {
+    let certs = Certs::new(if quic { "leaks-quic" } else { "leaks" });
     let uds = certs.file("konn.sock");
-    let server = Server::start(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-            "--backend-dial-timeout=2s",
-        ],
-    )
-    .await;
-    let agent = AgentHandle::start(&certs, server.agent_addr, &["--dial-timeout=200ms"]).await;
+    let flags = [
+        "--mode=http-connect",
+        "--server-port=0",
+        &format!("--uds-name={uds}"),
+        "--backend-dial-timeout=2s",
+    ];
+    let (server, agent) = if quic {
+        let server = Server::start_quic(&certs, &flags).await;
+        let agent = AgentHandle::start_quic(&certs, &server, &["--dial-timeout=200ms"]).await;
+        (server, agent)
+    } else {
+        let server = Server::start(&certs, &flags).await;
+        let agent = AgentHandle::start(&certs, server.agent_addr, &["--dial-timeout=200ms"]).await;
+        (server, agent)
+    };
     server.wait_agents(1).await;
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
         .await
@@ -365,7 +378,6 @@ async fn thousands_of_dial_and_close_cycles_leave_descriptors_and_books_flat() {
     })
     .await;
     let fds_before = open_fds();
-    let cycles = 10_000;
     let mut i = 0;
     while i < cycles {
         // 8 at a time.

@@ -24,9 +24,34 @@ use tracing::{info, warn};
 use crate::metrics::AgentMetrics;
 use stream::ServerStream;
 
+/// How the agent reaches the server (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// gRPC over HTTP/2 over TLS over TCP, as upstream.
+    Grpc,
+    /// QUIC ([`crate::quic`]): our servers only.
+    Quic,
+    /// QUIC, falling back to gRPC when QUIC cannot connect (UDP blocked, or an upstream server).
+    Auto,
+}
+
+impl Transport {
+    pub fn parse(name: &str) -> Result<Transport, String> {
+        match name {
+            "grpc" => Ok(Transport::Grpc),
+            "quic" => Ok(Transport::Quic),
+            "auto" => Ok(Transport::Auto),
+            other => Err(format!("unknown transport {other:?} (grpc, quic, auto)")),
+        }
+    }
+}
+
 /// Everything the agent needs, from its flags.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub transport: Transport,
+    /// The server's QUIC (UDP) port.
+    pub quic_port: u16,
     pub server_host: String,
     pub server_port: u16,
     /// TLS toward the server (ALPN `h2` first, then `--alpn-proto`).
@@ -179,7 +204,7 @@ async fn sync_loop(agent: Arc<Agent>) {
                         stream.close();
                     } else {
                         agent.streams_changed();
-                        info!(server_id = %id, server_count = count, "connected to a proxy server");
+                        info!(server_id = %id, server_count = count, transport = stream.transport(), "connected to a proxy server");
                         let agent2 = Arc::clone(&agent);
                         agent.shutdown.spawn(async move {
                             let end = Arc::clone(&stream).serve(Arc::clone(&agent2)).await;

@@ -3,21 +3,21 @@
 //! waiting on a tunnel, and one task per tunnel that carries its destination socket.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentkit::sync::lock;
 use anyhow::{anyhow, bail, Context as _};
 use bytes::{BufMut as _, Bytes, BytesMut};
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::Agent;
+use super::{Agent, Transport};
 use crate::metrics::Segment;
 use crate::proto::packet::Packet;
 use crate::server::frontend::Grants;
@@ -25,6 +25,9 @@ use crate::transport::{self, Agreed, Extensions, PacketReceiver, PacketSender};
 use crate::tunnel::{self, Credit, Event, Queue, CHUNK};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// With `--transport=auto`, how long QUIC may take before gRPC is tried: UDP that is
+/// blocked gives no error, only silence.
+const AUTO_QUIC_TIMEOUT: Duration = Duration::from_secs(3);
 const DATA_QUEUE: usize = 64;
 
 struct Conn {
@@ -39,8 +42,12 @@ pub struct ServerStream {
     pub agreed: Agreed,
     control: mpsc::UnboundedSender<Packet>,
     data: mpsc::Sender<Packet>,
+    /// The QUIC connection, if this stream is QUIC's control stream: tunnels are streams of it.
+    quic: Option<quinn::Connection>,
     io: Mutex<Option<StreamIo>>,
     conns: Mutex<HashMap<i64, Conn>>,
+    /// Tunnels on QUIC streams.
+    quic_tunnels: AtomicUsize,
     pending: Mutex<HashMap<i64, CancellationToken>>,
     next_id: AtomicI64,
     draining: AtomicBool,
@@ -62,152 +69,97 @@ struct StreamIo {
     control_rx: mpsc::UnboundedReceiver<Packet>,
     data_rx: mpsc::Receiver<Packet>,
     ping: Option<h2::PingPong>,
-    /// Keeps the HTTP/2 connection (dropping every handle closes it).
-    _requests: h2::client::SendRequest<Bytes>,
+    _keep: Keep,
+}
+
+/// What a server answered to our `Connect` (either transport).
+struct Accepted {
+    server_id: String,
+    server_count: u32,
+    agreed: Agreed,
+    sender: PacketSender,
+    receiver: PacketReceiver,
+    ping: Option<h2::PingPong>,
+    keep: Keep,
+}
+
+/// Keeps the connection under a stream open (dropping every handle closes it).
+enum Keep {
+    H2(#[allow(dead_code)] h2::client::SendRequest<Bytes>),
+    Quic(quinn::Connection),
 }
 
 impl ServerStream {
-    /// Dials the server (through whatever load balancer is in front) and opens `Connect`.
+    /// Dials the server (through whatever load balancer is in front) and opens `Connect`, on
+    /// the transport `--transport` asks for: with `auto`, QUIC first and gRPC if QUIC fails.
     pub async fn connect(agent: &Agent) -> anyhow::Result<Arc<ServerStream>> {
         let config = &agent.config;
-        let authority = format!("{}:{}", config.server_host, config.server_port);
-        let token = match &config.token_path {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("--service-account-token-path {}", path.display()))?
-                    .trim()
-                    .to_owned(),
-            ),
-            None => None,
-        };
-        let open = async {
-            let tcp = TcpStream::connect(&authority)
-                .await
-                .with_context(|| format!("connecting to {authority}"))?;
-            let _ = tcp.set_nodelay(true);
-            let name = rustls::pki_types::ServerName::try_from(config.server_host.clone())
-                .map_err(|_| {
-                    anyhow!(
-                        "--proxy-server-host {:?} is not a valid TLS name",
-                        config.server_host
-                    )
-                })?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::clone(&config.tls))
-                .connect(name, tcp)
-                .await
-                .context("TLS handshake with the proxy server")?;
-            let (requests, mut connection) = h2::client::Builder::new()
-                .initial_window_size(transport::STREAM_WINDOW)
-                .initial_connection_window_size(transport::CONNECTION_WINDOW)
-                .max_frame_size(transport::MAX_FRAME)
-                .handshake::<_, Bytes>(tls)
-                .await
-                .context("HTTP/2 handshake with the proxy server")?;
-            let ping = connection.ping_pong();
-            agent.shutdown.spawn(async move {
-                let _ = connection.await;
-            });
-            let mut requests = requests
-                .ready()
-                .await
-                .context("HTTP/2 connection not ready")?;
-            let mut head = transport::request_head(&authority, transport::AGENT_PATH, true);
-            let headers = head.headers_mut();
-            headers.insert(
-                transport::AGENT_ID,
-                HeaderValue::from_str(&config.agent_id)
-                    .context("--agent-id is not a valid header value")?,
-            );
-            if !config.identifiers.is_empty() {
-                headers.insert(
-                    transport::AGENT_IDENTIFIERS,
-                    HeaderValue::from_str(&config.identifiers)
-                        .context("--agent-identifiers is not a valid header value")?,
-                );
-            }
-            if let Some(token) = &token {
-                headers.insert(
-                    transport::AUTHORIZATION,
-                    HeaderValue::from_str(&format!("Bearer {token}"))
-                        .context("the token is not a valid header value")?,
-                );
-            }
-            let ours = Extensions::all(config.window);
-            if let Some(value) = ours.header() {
-                headers.insert(transport::EXTENSIONS, value);
-            }
-            let (response, send) = requests
-                .send_request(head, false)
-                .context("opening Connect")?;
-            let response = response.await.context("the server refused Connect")?;
-            let headers = response.headers();
-            if let Some(status) = headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
-                if status != "0" {
-                    let message = headers
-                        .get("grpc-message")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default();
-                    bail!("the server refused Connect: grpc-status {status}: {message}");
+        let metadata = metadata(config)?;
+        let opened = match config.transport {
+            Transport::Grpc => timed(config, open_h2(agent, metadata)).await,
+            Transport::Quic => timed(config, open_quic(agent, metadata)).await,
+            Transport::Auto => {
+                match tokio::time::timeout(AUTO_QUIC_TIMEOUT, open_quic(agent, metadata.clone()))
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow!("no QUIC answer within {AUTO_QUIC_TIMEOUT:?}")))
+                {
+                    Ok(accepted) => Ok(accepted),
+                    Err(error) => {
+                        debug!(
+                            error = format!("{error:#}"),
+                            "QUIC failed: falling back to gRPC over TCP"
+                        );
+                        agent.metrics.quic_fallbacks.inc();
+                        timed(config, open_h2(agent, metadata)).await
+                    }
                 }
             }
-            if response.status() != http::StatusCode::OK || !transport::is_grpc(headers) {
-                bail!(
-                    "the server answered Connect with HTTP {} and no gRPC",
-                    response.status()
-                );
-            }
-            let server_id = transport::single(headers, transport::SERVER_ID)
-                .map_err(|e| anyhow!(e))?
-                .ok_or_else(|| anyhow!("the server sent no serverid"))?
-                .to_owned();
-            let server_count: u32 = transport::single(headers, transport::SERVER_COUNT)
-                .map_err(|e| anyhow!(e))?
-                .ok_or_else(|| anyhow!("the server sent no servercount"))?
-                .parse()
-                .context("servercount is not a number")?;
-            let agreed = Extensions::agreed(ours, Extensions::from_headers(headers));
-            let receiver = PacketReceiver::new(response.into_body());
-            anyhow::Ok((
-                server_id,
-                server_count,
-                agreed,
-                receiver,
-                PacketSender::new(send),
-                ping,
-                requests,
-            ))
         };
-        let (server_id, server_count, agreed, receiver, sender, ping, requests) =
-            tokio::time::timeout(CONNECT_TIMEOUT, open)
-                .await
-                .map_err(|_| anyhow!("no answer from {authority} within {CONNECT_TIMEOUT:?}"))??;
+        let accepted = opened?;
         let (control, control_rx) = mpsc::unbounded_channel();
         let (data, data_rx) = mpsc::channel(DATA_QUEUE);
+        let quic = match &accepted.keep {
+            Keep::Quic(connection) => Some(connection.clone()),
+            Keep::H2(_) => None,
+        };
         Ok(Arc::new(ServerStream {
-            server_id,
-            server_count,
-            agreed,
+            server_id: accepted.server_id,
+            server_count: accepted.server_count,
+            agreed: accepted.agreed,
             control,
             data,
+            quic,
             io: Mutex::new(Some(StreamIo {
-                sender,
-                receiver,
+                sender: accepted.sender,
+                receiver: accepted.receiver,
                 control_rx,
                 data_rx,
-                ping,
-                _requests: requests,
+                ping: accepted.ping,
+                _keep: accepted.keep,
             })),
             conns: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            quic_tunnels: AtomicUsize::new(0),
             next_id: AtomicI64::new(1),
             draining: AtomicBool::new(false),
             closed: CancellationToken::new(),
         }))
     }
 
+    /// The transport of this stream, for logs.
+    pub fn transport(&self) -> &'static str {
+        if self.quic.is_some() {
+            "quic"
+        } else {
+            "grpc"
+        }
+    }
+
     /// Open tunnels on this stream.
     pub fn tunnels(&self) -> usize {
-        lock(&self.conns).len() + lock(&self.pending).len()
+        lock(&self.conns).len()
+            + lock(&self.pending).len()
+            + self.quic_tunnels.load(Ordering::Relaxed)
     }
 
     /// Tells the server we are going away (DRAIN, once).
@@ -233,7 +185,7 @@ impl ServerStream {
             mut control_rx,
             mut data_rx,
             ping,
-            _requests,
+            _keep,
         } = io;
         let writer = {
             let this = Arc::clone(&self);
@@ -281,6 +233,9 @@ impl ServerStream {
             conn.credit.close();
         }
         let _ = writer.await;
+        if let Some(connection) = &self.quic {
+            connection.close(quinn::VarInt::from_u32(0), b"stream ended");
+        }
         end
     }
 
@@ -435,6 +390,27 @@ impl ServerStream {
             .observe(started.elapsed().as_secs_f64());
         let _ = stream.set_nodelay(true);
         let connect_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(connection) = &self.quic {
+            // The tunnel is a stream of its own, opened with the DIAL_RSP.
+            let mut tunnel = match crate::quic::open_tunnel(connection, connect_id, random).await {
+                Ok(tunnel) => tunnel,
+                Err(error) => {
+                    self.send(Packet::DialResponse {
+                        error: format!("{error:#}"),
+                        connect_id: 0,
+                        random,
+                    });
+                    return;
+                }
+            };
+            self.quic_tunnels.fetch_add(1, Ordering::Relaxed);
+            agent.metrics.open_endpoint_connections.inc();
+            crate::quic::splice_socket(&mut tunnel, stream, Bytes::new(), self.closed.cancelled())
+                .await;
+            agent.metrics.open_endpoint_connections.dec();
+            self.quic_tunnels.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
         let (queue, rx) = tunnel::queue(
             agent.config.buffer.max(self.agreed.recv_window as usize),
             Some(agent.metrics.common.tunnel_queued_bytes.clone()),
@@ -577,6 +553,192 @@ impl ServerStream {
             () = self.closed.cancelled() => {}
         }
     }
+}
+
+/// Bounds a connection attempt.
+async fn timed(
+    config: &super::Config,
+    open: impl std::future::Future<Output = anyhow::Result<Accepted>>,
+) -> anyhow::Result<Accepted> {
+    let authority = format!("{}:{}", config.server_host, config.server_port);
+    tokio::time::timeout(CONNECT_TIMEOUT, open)
+        .await
+        .map_err(|_| anyhow!("no answer from {authority} within {CONNECT_TIMEOUT:?}"))?
+}
+
+/// The metadata of `Connect`: agent ID, identifiers, token, our extensions.
+fn metadata(config: &super::Config) -> anyhow::Result<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        transport::AGENT_ID,
+        HeaderValue::from_str(&config.agent_id)
+            .context("--agent-id is not a valid header value")?,
+    );
+    if !config.identifiers.is_empty() {
+        headers.insert(
+            transport::AGENT_IDENTIFIERS,
+            HeaderValue::from_str(&config.identifiers)
+                .context("--agent-identifiers is not a valid header value")?,
+        );
+    }
+    if let Some(path) = &config.token_path {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("--service-account-token-path {}", path.display()))?;
+        headers.insert(
+            transport::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .context("the token is not a valid header value")?,
+        );
+    }
+    if let Some(value) = Extensions::all(config.window).header() {
+        headers.insert(transport::EXTENSIONS, value);
+    }
+    Ok(headers)
+}
+
+/// The server's answer head: refused (`grpc-status` not 0), or its `serverid` and
+/// `servercount`.
+fn answer(headers: &HeaderMap) -> anyhow::Result<(String, u32)> {
+    if let Some(status) = headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        if status != "0" {
+            let message = headers
+                .get("grpc-message")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            bail!("the server refused Connect: grpc-status {status}: {message}");
+        }
+    }
+    let server_id = transport::single(headers, transport::SERVER_ID)
+        .map_err(|e| anyhow!(e))?
+        .ok_or_else(|| anyhow!("the server sent no serverid"))?
+        .to_owned();
+    let server_count: u32 = transport::single(headers, transport::SERVER_COUNT)
+        .map_err(|e| anyhow!(e))?
+        .ok_or_else(|| anyhow!("the server sent no servercount"))?
+        .parse()
+        .context("servercount is not a number")?;
+    Ok((server_id, server_count))
+}
+
+fn server_name(config: &super::Config) -> anyhow::Result<rustls::pki_types::ServerName<'static>> {
+    rustls::pki_types::ServerName::try_from(config.server_host.clone()).map_err(|_| {
+        anyhow!(
+            "--proxy-server-host {:?} is not a valid TLS name",
+            config.server_host
+        )
+    })
+}
+
+/// gRPC over TLS over TCP, as upstream.
+async fn open_h2(agent: &Agent, metadata: HeaderMap) -> anyhow::Result<Accepted> {
+    let config = &agent.config;
+    let authority = format!("{}:{}", config.server_host, config.server_port);
+    let tcp = TcpStream::connect(&authority)
+        .await
+        .with_context(|| format!("connecting to {authority}"))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsConnector::from(Arc::clone(&config.tls))
+        .connect(server_name(config)?, tcp)
+        .await
+        .context("TLS handshake with the proxy server")?;
+    let (requests, mut connection) = h2::client::Builder::new()
+        .initial_window_size(transport::STREAM_WINDOW)
+        .initial_connection_window_size(transport::CONNECTION_WINDOW)
+        .max_frame_size(transport::MAX_FRAME)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .context("HTTP/2 handshake with the proxy server")?;
+    let ping = connection.ping_pong();
+    agent.shutdown.spawn(async move {
+        let _ = connection.await;
+    });
+    let mut requests = requests
+        .ready()
+        .await
+        .context("HTTP/2 connection not ready")?;
+    let mut head = transport::request_head(&authority, transport::AGENT_PATH, true);
+    head.headers_mut().extend(metadata);
+    let (response, send) = requests
+        .send_request(head, false)
+        .context("opening Connect")?;
+    let response = response.await.context("the server refused Connect")?;
+    let headers = response.headers();
+    let (server_id, server_count) = answer(headers)?;
+    if response.status() != http::StatusCode::OK || !transport::is_grpc(headers) {
+        bail!(
+            "the server answered Connect with HTTP {} and no gRPC",
+            response.status()
+        );
+    }
+    let agreed = Extensions::agreed(
+        Extensions::all(config.window),
+        Extensions::from_headers(headers),
+    );
+    Ok(Accepted {
+        server_id,
+        server_count,
+        agreed,
+        sender: PacketSender::new(send),
+        receiver: PacketReceiver::new(response.into_body()),
+        ping,
+        keep: Keep::H2(requests),
+    })
+}
+
+/// QUIC ([`crate::quic`]): a connection of its own (its own UDP port, so a load balancer may
+/// hash it to another replica), the control stream and its heads.
+async fn open_quic(agent: &Agent, metadata: HeaderMap) -> anyhow::Result<Accepted> {
+    let config = &agent.config;
+    let target = format!("{}:{}", config.server_host, config.quic_port);
+    // One address: the first IPv4 one if any (a QUIC attempt to a silent address costs a
+    // timeout, not an error, so addresses are not tried in turn as TCP's are).
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&target)
+        .await
+        .with_context(|| format!("resolving {target}"))?
+        .collect();
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| anyhow!("{target} resolves to no address"))?;
+    let local: std::net::SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(local).context("binding a UDP socket for QUIC")?;
+    endpoint.set_default_client_config(crate::quic::client_config(
+        &config.tls,
+        config.window,
+        config.keepalive,
+    )?);
+    let connection = endpoint
+        .connect(addr, &config.server_host)
+        .context("starting QUIC")?
+        .await
+        .with_context(|| format!("QUIC handshake with {target}"))?;
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .context("opening the control stream")?;
+    crate::quic::write_head(&mut send, &metadata).await?;
+    let head = crate::quic::read_head(&mut recv)
+        .await
+        .context("reading the server's answer")?;
+    let (server_id, server_count) = answer(&head)?;
+    Ok(Accepted {
+        server_id,
+        server_count,
+        agreed: Agreed {
+            half_close: true,
+            ..Agreed::default()
+        },
+        sender: PacketSender::quic(send),
+        receiver: PacketReceiver::quic(recv),
+        ping: None,
+        keep: Keep::Quic(connection),
+    })
 }
 
 /// Ends when a PING goes unanswered for `interval` (never without a ping handle).

@@ -14,11 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::backends::{Backend, DialOutcome, Identifiers, Orphan, TunnelEntry};
+use super::backends::{Backend, DialOutcome, Identifiers, Link, Orphan, TunnelEntry};
 use super::Server;
 use crate::metrics::Segment;
 use crate::proto::packet::Packet;
-use crate::transport::{self, status, Extensions, PacketReceiver, PacketSender, StreamError};
+use crate::quic;
+use crate::transport::{
+    self, status, Agreed, Extensions, PacketReceiver, PacketSender, StreamError,
+};
 use crate::tunnel::{self, Credit, Event};
 
 /// DATA packets waiting for one agent's stream, across its tunnels.
@@ -117,7 +120,59 @@ async fn serve_stream(
         );
         return;
     }
-    let headers = request.headers();
+    let admitted = match admit(&server, request.headers(), false).await {
+        Ok(admitted) => admitted,
+        Err((status, message)) => {
+            let _ = respond.send_response(transport::trailers_only(status, &message), true);
+            return;
+        }
+    };
+    let send = match respond.send_response(transport::response_head(admitted.response), false) {
+        Ok(send) => send,
+        Err(error) => {
+            debug!(%error, "agent stream gone before the response");
+            return;
+        }
+    };
+    let backend = Backend::new(
+        admitted.agent_id,
+        admitted.identifiers,
+        admitted.agreed,
+        admitted.control_tx,
+        admitted.data_tx,
+    );
+    serve_backend(
+        server,
+        Arc::new(backend),
+        PacketSender::new(send),
+        PacketReceiver::new(request.into_body()),
+        admitted.control_rx,
+        admitted.data_rx,
+    )
+    .await;
+}
+
+/// An agent whose `Connect` metadata passed: what it announced, the response head (sent
+/// before any packet) and the channels of its stream's writer.
+struct Admitted {
+    agent_id: String,
+    identifiers: Identifiers,
+    agreed: Agreed,
+    response: HeaderMap,
+    control_tx: mpsc::UnboundedSender<Packet>,
+    control_rx: mpsc::UnboundedReceiver<Packet>,
+    data_tx: mpsc::Sender<Packet>,
+    data_rx: mpsc::Receiver<Packet>,
+}
+
+/// Checks an agent's metadata (agent ID, identifiers, token) on either transport; a refusal
+/// is a gRPC status and message. Over QUIC no extension is negotiated: QUIC's own streams do
+/// what they do on gRPC.
+async fn admit(
+    server: &Server,
+    headers: &HeaderMap,
+    quic: bool,
+) -> Result<Admitted, (u32, String)> {
     let (agent_id, identifiers) = match agent_metadata(headers) {
         Ok(v) => v,
         Err(message) => {
@@ -127,11 +182,7 @@ async fn serve_stream(
                 .with_label_values(&["metadata"])
                 .inc();
             warn!(%message, "agent stream refused");
-            let _ = respond.send_response(
-                transport::trailers_only(status::INVALID_ARGUMENT, &message),
-                true,
-            );
-            return;
+            return Err((status::INVALID_ARGUMENT, message));
         }
     };
     if let Some(auth) = &server.auth {
@@ -147,50 +198,54 @@ async fn serve_stream(
                 .with_label_values(&[reason.label()])
                 .inc();
             warn!(agent_id, %reason, "agent stream refused");
-            let _ = respond.send_response(
-                transport::trailers_only(status::UNAUTHENTICATED, &reason.to_string()),
-                true,
-            );
-            return;
+            return Err((status::UNAUTHENTICATED, reason.to_string()));
         }
     }
-    let theirs = Extensions::from_headers(headers);
+    let theirs = if quic {
+        Extensions::default()
+    } else {
+        Extensions::from_headers(headers)
+    };
     let ours = server.extensions();
-    let agreed = Extensions::agreed(ours, theirs);
-    let mut response_headers = HeaderMap::new();
-    response_headers.insert(
+    let mut response = HeaderMap::new();
+    response.insert(
         transport::SERVER_ID,
         HeaderValue::from_str(&server.config.server_id)
             .unwrap_or(HeaderValue::from_static("invalid")),
     );
-    response_headers.insert(
+    response.insert(
         transport::SERVER_COUNT,
         HeaderValue::from(server.config.server_count),
     );
     if theirs != Extensions::default() {
         if let Some(value) = ours.header() {
-            response_headers.insert(transport::EXTENSIONS, value);
+            response.insert(transport::EXTENSIONS, value);
         }
     }
-    let send = match respond.send_response(transport::response_head(response_headers), false) {
-        Ok(send) => send,
-        Err(error) => {
-            debug!(%error, "agent stream gone before the response");
-            return;
-        }
-    };
-    let mut receiver = PacketReceiver::new(request.into_body());
-    let sender = PacketSender::new(send);
-
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
-    let backend = Arc::new(Backend::new(
+    Ok(Admitted {
         agent_id,
         identifiers,
-        agreed,
+        agreed: Extensions::agreed(ours, theirs),
+        response,
         control_tx,
+        control_rx,
         data_tx,
-    ));
+        data_rx,
+    })
+}
+
+/// Serves an admitted agent's stream until it ends: registered as a backend, a writer task,
+/// and the reader here; then every pending dial and tunnel of it is ended.
+async fn serve_backend(
+    server: Arc<Server>,
+    backend: Arc<Backend>,
+    sender: PacketSender,
+    mut receiver: PacketReceiver,
+    control_rx: mpsc::UnboundedReceiver<Packet>,
+    data_rx: mpsc::Receiver<Packet>,
+) {
     server.backends.add(Arc::clone(&backend));
     server.backends_changed();
     let gauge = server
@@ -198,7 +253,7 @@ async fn serve_stream(
         .grpc_connections
         .with_label_values(&["/AgentService/Connect"]);
     gauge.inc();
-    info!(agent_id = %backend.agent_id, ?agreed, "agent connected");
+    info!(agent_id = %backend.agent_id, agreed = ?backend.extensions, quic = backend.quic, "agent connected");
 
     let writer = server.shutdown.clone().spawn(write_loop(
         Arc::clone(&server),
@@ -233,6 +288,150 @@ async fn serve_stream(
     }
     let _ = writer.await;
     gauge.dec();
+}
+
+/// Accepts agents over QUIC until shutdown ([`crate::quic`]): each connection's first
+/// stream is its control stream, admitted like a `Connect` stream; every later stream is a
+/// tunnel the agent opened for a dial.
+pub async fn serve_quic(server: Arc<Server>, endpoint: quinn::Endpoint) {
+    loop {
+        let incoming = tokio::select! {
+            () = server.shutdown.stopping() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let server = Arc::clone(&server);
+        server.shutdown.clone().spawn(async move {
+            let peer = incoming.remote_address();
+            let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(connection)) => connection,
+                Ok(Err(error)) => {
+                    server
+                        .metrics
+                        .agent_auth_failures
+                        .with_label_values(&["tls"])
+                        .inc();
+                    debug!(%peer, %error, "agent QUIC handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            serve_quic_connection(server, connection).await;
+        });
+    }
+    // No new agents; the connected ones keep their tunnels through the graceful period.
+    endpoint.set_server_config(None);
+    server.shutdown.forced().await;
+    endpoint.close(quinn::VarInt::from_u32(0), b"server shutting down");
+}
+
+async fn serve_quic_connection(server: Arc<Server>, connection: quinn::Connection) {
+    let control = tokio::time::timeout(quic::HEAD_TIMEOUT, async {
+        let (send, mut recv) = connection.accept_bi().await?;
+        let head = quic::read_head(&mut recv).await?;
+        anyhow::Ok((send, recv, head))
+    })
+    .await;
+    let (mut send, recv, head) = match control {
+        Ok(Ok(control)) => control,
+        Ok(Err(error)) => {
+            debug!(%error, "agent QUIC connection without a control stream");
+            return;
+        }
+        Err(_) => {
+            connection.close(quinn::VarInt::from_u32(1), b"no control stream in time");
+            return;
+        }
+    };
+    let admitted = match admit(&server, &head, true).await {
+        Ok(admitted) => admitted,
+        Err((status, message)) => {
+            let mut refusal = HeaderMap::new();
+            refusal.insert("grpc-status", HeaderValue::from(status));
+            if let Ok(value) = HeaderValue::from_str(&message) {
+                refusal.insert("grpc-message", value);
+            }
+            if quic::write_head(&mut send, &refusal).await.is_ok() {
+                let _ = send.finish();
+                // The agent reads the refusal, then closes.
+                let _ = tokio::time::timeout(quic::HEAD_TIMEOUT, connection.closed()).await;
+            }
+            return;
+        }
+    };
+    if quic::write_head(&mut send, &admitted.response)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let backend = Arc::new(
+        Backend::new(
+            admitted.agent_id,
+            admitted.identifiers,
+            admitted.agreed,
+            admitted.control_tx,
+            admitted.data_tx,
+        )
+        .over_quic(),
+    );
+    let tunnels = server.shutdown.clone().spawn(accept_tunnels(
+        Arc::clone(&server),
+        Arc::clone(&backend),
+        connection.clone(),
+    ));
+    serve_backend(
+        server,
+        backend,
+        PacketSender::quic(send),
+        PacketReceiver::quic(recv),
+        admitted.control_rx,
+        admitted.data_rx,
+    )
+    .await;
+    connection.close(quinn::VarInt::from_u32(0), b"stream ended");
+    tunnels.abort();
+}
+
+/// Hands each tunnel stream to the dial waiting for it; a stream nobody waits for (the dial
+/// was given up) is reset, which ends the agent's side of it.
+async fn accept_tunnels(server: Arc<Server>, backend: Arc<Backend>, connection: quinn::Connection) {
+    loop {
+        let (send, recv) = tokio::select! {
+            () = backend.closed.cancelled() => return,
+            accepted = connection.accept_bi() => match accepted {
+                Ok(streams) => streams,
+                Err(_) => {
+                    backend.closed.cancel();
+                    return;
+                }
+            },
+        };
+        let backend = Arc::clone(&backend);
+        server.shutdown.spawn(async move {
+            let opened =
+                tokio::time::timeout(quic::HEAD_TIMEOUT, quic::accept_tunnel(send, recv)).await;
+            let (connect_id, random, tunnel) = match opened {
+                Ok(Ok(opened)) => opened,
+                Ok(Err(error)) => {
+                    debug!(agent_id = %backend.agent_id, %error, "bad tunnel stream");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let waiter = agentkit::sync::lock(&backend.pending).remove(&random);
+            if let Some(waiter) = waiter {
+                let orphan = Orphan::new(Arc::clone(&backend), connect_id);
+                let _ = waiter.send(DialOutcome::Connected {
+                    connect_id,
+                    link: Link::Quic(tunnel),
+                    orphan,
+                });
+            }
+        });
+    }
 }
 
 fn agent_metadata(headers: &HeaderMap) -> Result<(String, Identifiers), String> {
@@ -309,6 +508,14 @@ async fn read_loop(
                     }
                     continue;
                 };
+                if backend.quic && error.is_empty() {
+                    // Over QUIC a tunnel arrives as a stream of its own, never as this.
+                    let _ = waiter.send(DialOutcome::Refused(
+                        "the agent answered a QUIC dial on the control stream".into(),
+                    ));
+                    backend.send_control(Packet::CloseRequest { connect_id });
+                    continue;
+                }
                 if !error.is_empty() || connect_id == 0 {
                     let error = if error.is_empty() {
                         "agent answered without a connection ID".into()
@@ -341,8 +548,7 @@ async fn read_loop(
                 let orphan = Orphan::new(Arc::clone(backend), connect_id);
                 let _ = waiter.send(DialOutcome::Connected {
                     connect_id,
-                    rx,
-                    credit,
+                    link: Link::Stream { rx, credit },
                     orphan,
                 });
             }
@@ -412,7 +618,7 @@ impl StreamError {
     /// A bounded label for `stream_errors_total{code}`.
     pub fn code(&self) -> &'static str {
         match self {
-            StreamError::H2(_) => "transport",
+            StreamError::H2(_) | StreamError::Quic(_) => "transport",
             StreamError::Frame(_) => "framing",
             StreamError::Decode(_) => "decode",
             StreamError::Closed => "closed",

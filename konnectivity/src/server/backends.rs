@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::proto::packet::Packet;
+use crate::quic::QuicTunnel;
 use crate::transport::Agreed;
 use crate::tunnel::{Credit, Queue, QueueRx};
 
@@ -117,15 +118,24 @@ fn percent_decode(s: &str) -> Option<String> {
 /// How a dial ended, as the agent's stream reader reports it to the waiting frontend.
 #[derive(Debug)]
 pub enum DialOutcome {
-    /// Established: the tunnel's id, its queue (already registered) and its send credit.
+    /// Established: the tunnel's id and how its bytes travel.
     Connected {
         connect_id: i64,
-        rx: QueueRx,
-        credit: Credit,
+        link: Link,
         orphan: Orphan,
     },
     /// The agent's error string.
     Refused(String),
+}
+
+/// How an established tunnel's bytes travel between the server and the agent.
+#[derive(Debug)]
+pub enum Link {
+    /// As packets on the agent's shared stream (gRPC): the tunnel's queue (registered in
+    /// [`Backend::tunnels`]) and its send credit.
+    Stream { rx: QueueRx, credit: Credit },
+    /// On the tunnel's own QUIC stream.
+    Quic(QuicTunnel),
 }
 
 /// Closes a tunnel that was established for a dial whose frontend had already gone when the
@@ -187,6 +197,8 @@ pub struct Backend {
     pub tunnels: Mutex<HashMap<i64, TunnelEntry>>,
     /// Cancelled when the stream ends.
     pub closed: CancellationToken,
+    /// The agent is connected over QUIC: tunnels arrive as streams of their own.
+    pub quic: bool,
 }
 
 impl Backend {
@@ -208,7 +220,14 @@ impl Backend {
             pending: Mutex::new(HashMap::new()),
             tunnels: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
+            quic: false,
         }
+    }
+
+    /// The agent is connected over QUIC.
+    pub fn over_quic(mut self) -> Backend {
+        self.quic = true;
+        self
     }
 
     pub fn is_draining(&self) -> bool {

@@ -9,11 +9,10 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::backends::{Backend, DialOutcome};
+use super::backends::{Backend, DialOutcome, Link};
 use super::Server;
 use crate::metrics::DialFailure;
 use crate::proto::packet::Packet;
-use crate::tunnel::{Credit, QueueRx};
 
 /// Why a dial failed, and how an HTTP-CONNECT frontend reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +71,7 @@ impl DialError {
 pub struct Tunnel {
     pub backend: Arc<Backend>,
     pub connect_id: i64,
-    pub rx: QueueRx,
-    pub credit: Credit,
+    pub link: Link,
     server: Arc<Server>,
     since: Instant,
 }
@@ -88,7 +86,9 @@ impl Drop for Tunnel {
                 connect_id: self.connect_id,
             });
         }
-        self.credit.close();
+        if let Link::Stream { credit, .. } = &self.link {
+            credit.close();
+        }
         let metrics = &self.server.metrics;
         metrics.established_connections.dec();
         metrics
@@ -134,7 +134,7 @@ pub async fn dial(
         .take(server.config.dial_attempts.max(1))
     {
         match attempt(server, &backend, protocol, address, random, deadline).await {
-            Ok((connect_id, rx, credit)) => {
+            Ok((connect_id, link)) => {
                 server
                     .metrics
                     .dial_duration
@@ -143,8 +143,7 @@ pub async fn dial(
                 return Ok(Tunnel {
                     backend,
                     connect_id,
-                    rx,
-                    credit,
+                    link,
                     server: Arc::clone(server),
                     since: Instant::now(),
                 });
@@ -173,7 +172,7 @@ async fn attempt(
     address: &str,
     random: i64,
     deadline: tokio::time::Instant,
-) -> Result<(i64, QueueRx, Credit), DialError> {
+) -> Result<(i64, Link), DialError> {
     let (tx, rx) = oneshot::channel();
     agentkit::sync::lock(&backend.pending).insert(random, tx);
     server.metrics.pending_backend_dials.inc();
@@ -189,9 +188,9 @@ async fn attempt(
     });
     tokio::select! {
         outcome = rx => match outcome {
-            Ok(DialOutcome::Connected { connect_id, rx, credit, orphan }) => {
+            Ok(DialOutcome::Connected { connect_id, link, orphan }) => {
                 orphan.defuse();
-                Ok((connect_id, rx, credit))
+                Ok((connect_id, link))
             }
             Ok(DialOutcome::Refused(error)) => Err(DialError::Refused(error)),
             Err(_) => Err(DialError::BackendClosed),

@@ -20,12 +20,14 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
+use super::backends::Link;
 use super::dial::{self, DialError, Tunnel};
 use super::{Mode, Server};
 use crate::metrics::Segment;
 use crate::proto::packet::Packet;
+use crate::quic::QuicTunnel;
 use crate::transport::{self, status, PacketReceiver, PacketSender};
-use crate::tunnel::{Event, CHUNK};
+use crate::tunnel::{Event, Socket, CHUNK};
 
 /// How long a client has to send its CONNECT request head (upstream's `ReadHeaderTimeout`).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -100,39 +102,7 @@ pub async fn serve_tcp(server: Arc<Server>, listener: TcpListener, tls: Arc<rust
     }
 }
 
-/// A frontend connection as the splice needs it: split in two halves, with a way to wait for
-/// input before allocating a read buffer where the transport can tell (a UDS can; under TLS,
-/// rustls buffers records, so a read is simply attempted).
-pub trait Frontend: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    type Read: AsyncRead + Unpin + Send;
-    type Write: AsyncWrite + Unpin + Send;
-    fn halves(self) -> (Self::Read, Self::Write);
-    fn readable(read: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send;
-}
-
-impl Frontend for tokio::net::UnixStream {
-    type Read = tokio::net::unix::OwnedReadHalf;
-    type Write = tokio::net::unix::OwnedWriteHalf;
-    fn halves(self) -> (Self::Read, Self::Write) {
-        self.into_split()
-    }
-    fn readable(read: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        read.readable()
-    }
-}
-
-impl Frontend for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {
-    type Read = tokio::io::ReadHalf<Self>;
-    type Write = tokio::io::WriteHalf<Self>;
-    fn halves(self) -> (Self::Read, Self::Write) {
-        tokio::io::split(self)
-    }
-    fn readable(_: &Self::Read) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        std::future::ready(Ok(()))
-    }
-}
-
-async fn serve_connection<S: Frontend>(server: Arc<Server>, io: S) {
+async fn serve_connection<S: Socket>(server: Arc<Server>, io: S) {
     match server.config.mode {
         Mode::HttpConnect => {
             server.metrics.http_connections.inc();
@@ -146,7 +116,7 @@ async fn serve_connection<S: Frontend>(server: Arc<Server>, io: S) {
 // ---------------------------------------------------------------------------------------
 // HTTP CONNECT
 
-async fn serve_connect<S: Frontend>(server: &Arc<Server>, mut io: S) {
+async fn serve_connect<S: Socket>(server: &Arc<Server>, mut io: S) {
     let mut buf = BytesMut::with_capacity(1024);
     let request = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut io, &mut buf)).await {
         Ok(Ok(Some(request))) => request,
@@ -264,15 +234,19 @@ async fn respond<S: AsyncWrite + Unpin>(
 }
 
 /// Moves bytes between a frontend socket and its tunnel until both directions are done.
-pub async fn splice_socket<S: Frontend>(server: &Arc<Server>, tunnel: Tunnel, io: S, early: Bytes) {
+pub async fn splice_socket<S: Socket>(server: &Arc<Server>, tunnel: Tunnel, io: S, early: Bytes) {
+    let mut tunnel = tunnel;
+    let (rx, credit) = match &mut tunnel.link {
+        Link::Stream { rx, credit } => (rx, credit.clone()),
+        Link::Quic(quic) => {
+            return crate::quic::splice_socket(quic, io, early, server.shutdown.forced()).await
+        }
+    };
     let (mut rd, mut wr) = io.halves();
     let half_close = tunnel.backend.extensions.half_close;
     let recv_window = tunnel.backend.extensions.recv_window;
     let connect_id = tunnel.connect_id;
     let backend = Arc::clone(&tunnel.backend);
-    let credit = tunnel.credit.clone();
-    let mut tunnel = tunnel;
-    let rx = &mut tunnel.rx;
 
     let up = async {
         if early.is_empty() {
@@ -565,10 +539,14 @@ async fn splice_grpc(
 ) {
     let connect_id = tunnel.connect_id;
     let backend = Arc::clone(&tunnel.backend);
-    let credit = tunnel.credit.clone();
     let recv_window = backend.extensions.recv_window;
     let common = &server.metrics.common;
-    let rx = &mut tunnel.rx;
+    let (rx, credit) = match &mut tunnel.link {
+        Link::Stream { rx, credit } => (rx, credit.clone()),
+        Link::Quic(quic) => {
+            return splice_grpc_quic(server, quic, connect_id, sender, receiver).await
+        }
+    };
     let up = async {
         loop {
             match receiver.recv().await {
@@ -625,6 +603,70 @@ async fn splice_grpc(
                 }
             }
         }
+        let packet = Packet::CloseResponse { error, connect_id };
+        if sender.send(&packet).await.is_ok() {
+            common.packet(Segment::ToClient, &packet);
+        }
+        sender.finish_response(status::OK, "");
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        () = &mut down => {}
+        clean = &mut up => if clean {
+            let _ = tokio::time::timeout(CLOSE_WAIT, &mut down).await;
+        },
+        () = server.shutdown.forced() => {}
+    }
+}
+
+/// [`splice_grpc`] for a tunnel on its own QUIC stream: the agent's FIN ends the tunnel
+/// (konnectivity-client has no half-close), the client's CLOSE_REQ sends ours.
+async fn splice_grpc_quic(
+    server: &Arc<Server>,
+    quic: &mut QuicTunnel,
+    connect_id: i64,
+    mut sender: PacketSender,
+    mut receiver: PacketReceiver,
+) {
+    let common = &server.metrics.common;
+    let (tx, rx) = quic.halves();
+    let up = async {
+        loop {
+            match receiver.recv().await {
+                Ok(Some(packet)) => {
+                    common.packet(Segment::FromClient, &packet);
+                    match packet {
+                        Packet::Data { data, .. } => {
+                            if !tx.send(data).await {
+                                return false;
+                            }
+                        }
+                        Packet::CloseRequest { .. } => return tx.finish(),
+                        other => debug!(packet = other.kind_label(), "frontend packet ignored"),
+                    }
+                }
+                Ok(None) | Err(_) => return false,
+            }
+        }
+    };
+    let down = async {
+        let error = loop {
+            match rx.recv().await {
+                Ok(Some(data)) => {
+                    let packet = Packet::Data {
+                        connect_id,
+                        error: String::new(),
+                        data,
+                    };
+                    if sender.send(&packet).await.is_err() {
+                        return;
+                    }
+                    common.packet(Segment::ToClient, &packet);
+                }
+                Ok(None) => break String::new(),
+                Err(error) => break error,
+            }
+        };
         let packet = Packet::CloseResponse { error, connect_id };
         if sender.send(&packet).await.is_ok() {
             common.packet(Segment::ToClient, &packet);

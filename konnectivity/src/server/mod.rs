@@ -57,6 +57,8 @@ pub struct Config {
     pub frontend_tcp: Option<(SocketAddr, Arc<rustls::ServerConfig>)>,
     /// The agent listener and its TLS (ALPN `h2` is added).
     pub agent_addr: SocketAddr,
+    /// Where our agents may connect over QUIC ([`crate::quic`]), with the same TLS.
+    pub agent_quic_addr: Option<SocketAddr>,
     pub agent_tls: Arc<rustls::ServerConfig>,
     pub health_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
@@ -90,6 +92,7 @@ pub struct Server {
 #[derive(Debug, Clone)]
 pub struct Bound {
     pub agent: SocketAddr,
+    pub agent_quic: Option<SocketAddr>,
     pub frontend_tcp: Option<SocketAddr>,
     pub health: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
@@ -154,6 +157,7 @@ pub async fn run(
     .with_context(|| format!("agent listener {}", server.config.agent_addr))?;
     let mut bound = Bound {
         agent: agent_listener.local_addr()?,
+        agent_quic: None,
         frontend_tcp: None,
         health: None,
         admin: None,
@@ -199,9 +203,17 @@ pub async fn run(
         shutdown.spawn(admin.serve(shutdown.clone()));
     }
     shutdown.spawn(agents::serve(Arc::clone(&server), agent_listener));
+    if let Some(addr) = server.config.agent_quic_addr {
+        let quic = crate::quic::server_config(&server.config.agent_tls, server.config.window)?;
+        let endpoint = quinn::Endpoint::server(quic, addr)
+            .with_context(|| format!("agent QUIC listener {addr}"))?;
+        bound.agent_quic = Some(endpoint.local_addr()?);
+        shutdown.spawn(agents::serve_quic(Arc::clone(&server), endpoint));
+    }
     info!(
         server_id = %server.config.server_id,
         agent = %bound.agent,
+        agent_quic = ?bound.agent_quic,
         mode = ?server.config.mode,
         uds = ?server.config.uds,
         frontend = ?bound.frontend_tcp,

@@ -82,6 +82,8 @@ impl Certs {
 pub struct Server {
     pub shutdown: Shutdown,
     pub agent_addr: SocketAddr,
+    /// The QUIC listener for agents, if started with [`Server::start_quic`].
+    pub agent_quic: Option<SocketAddr>,
     pub frontend_tcp: Option<SocketAddr>,
     pub health: SocketAddr,
     pub uds: Option<PathBuf>,
@@ -131,12 +133,21 @@ impl Server {
         Server {
             shutdown,
             agent_addr: bound.agent,
+            agent_quic: bound.agent_quic,
             frontend_tcp: bound.frontend_tcp,
             health: bound.health.unwrap(),
             uds,
             registry,
             task,
         }
+    }
+
+    /// [`Server::start`], also accepting agents over QUIC (an ephemeral UDP port).
+    pub async fn start_quic(certs: &Certs, extra: &[&str]) -> Server {
+        Server::start_with(certs, extra, |config| {
+            config.agent_quic_addr = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .await
     }
 
     /// A metric's value (summed over label sets), 0 if absent.
@@ -226,6 +237,18 @@ impl AgentHandle {
             registry,
             task,
         }
+    }
+
+    /// An agent with `--transport=quic` toward `server`'s QUIC listener.
+    pub async fn start_quic(certs: &Certs, server: &Server, extra: &[&str]) -> AgentHandle {
+        let quic = server.agent_quic.expect("a server with QUIC");
+        let mut args = vec![
+            "--transport=quic".to_owned(),
+            format!("--proxy-server-quic-port={}", quic.port()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        AgentHandle::start(certs, server.agent_addr, &args).await
     }
 
     pub fn metric(&self, name: &str) -> f64 {
