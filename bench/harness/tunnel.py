@@ -7,7 +7,9 @@ that no build starts during the measurements). Everything runs on loopback. Rows
 
 - direct: the load straight to the destination;
 - ours: konnectivity-server (--mode=http-connect on a UDS) + konnectivity-agent, mTLS on the
-  agent plane;
+  agent plane, gRPC over TCP (the default transport);
+- quic: the same with the QUIC transport (--agent-quic-port, --transport=quic): a QUIC stream
+  per tunnel, mTLS;
 - anp: upstream proxy-server + proxy-agent v0.36.0 (scripts/anp-bin current), same shape;
 - rathole: rathole from crates.io (TLS transport: server certificate only, rathole has no client
   certificates), one service per destination.
@@ -48,11 +50,11 @@ from .sni import parse_wrk
 GIB = 1024 ** 3
 WRK_CONNS = 64
 
-ROWS = ["direct", "ours", "anp", "rathole"]
-LABELS = {"direct": "direct", "ours": "konnectivity (ours)", "anp": "upstream ANP v0.36.0",
-          "rathole": "rathole"}
-OURS = ("ours",)
-TUNNELS = ("ours", "anp", "rathole")
+ROWS = ["direct", "ours", "quic", "anp", "rathole"]
+LABELS = {"direct": "direct", "ours": "konnectivity (ours, gRPC)", "quic": "konnectivity (ours, QUIC)",
+          "anp": "upstream ANP v0.36.0", "rathole": "rathole"}
+OURS = ("ours", "quic")
+TUNNELS = ("ours", "quic", "anp", "rathole")
 
 # Targets (printed next to the figures).
 T_BULK_VS_DIRECT = 0.6
@@ -311,9 +313,15 @@ def start_row(ctx: Ctx, row: str, with_entry: bool) -> Tunnel:
     agent_port, health, admin = upstream_port(), upstream_port(), upstream_port()
     a_health, a_admin = upstream_port(), upstream_port()
     uds = ctx.tmp / f"{tag}.sock"
-    if row == "ours":
+    server_extra: list[str] = []
+    agent_extra: list[str] = []
+    if row in OURS:
         server_bin, agent_bin = ctx.ours_server, ctx.ours_agent
         env = {"TOKIO_WORKER_THREADS": "1", "RUST_LOG": os.environ.get("BENCH_RUST_LOG", "warn")}
+        if row == "quic":
+            # UDP on the agent port's number
+            server_extra = [f"--agent-quic-port={agent_port}"]
+            agent_extra = ["--transport=quic"]
     else:
         assert ctx.anp_dir is not None
         server_bin, agent_bin = str(ctx.anp_dir / "proxy-server"), str(ctx.anp_dir / "proxy-agent")
@@ -322,11 +330,12 @@ def start_row(ctx: Ctx, row: str, with_entry: bool) -> Tunnel:
         server_bin, "--mode=http-connect", f"--uds-name={uds}", "--delete-existing-uds-file=true",
         "--server-port=0", f"--agent-port={agent_port}", f"--cluster-cert={p['server.crt']}",
         f"--cluster-key={p['server.key']}", f"--cluster-ca-cert={p['ca.crt']}", f"--health-port={health}",
-        f"--admin-port={admin}", "--server-id=s1", "--server-count=1"], health, 0, env)
+        f"--admin-port={admin}", "--server-id=s1", "--server-count=1", *server_extra], health, 0, env)
     agent = r.start(f"{tag}-agent", [
         agent_bin, "--proxy-server-host=localhost", f"--proxy-server-port={agent_port}",
         f"--ca-cert={p['ca.crt']}", f"--agent-cert={p['agent.crt']}", f"--agent-key={p['agent.key']}",
-        "--agent-id=a1", f"--health-server-port={a_health}", f"--admin-server-port={a_admin}"], a_health, 0, env)
+        "--agent-id=a1", f"--health-server-port={a_health}", f"--admin-server-port={a_admin}", *agent_extra],
+        a_health, 0, env)
     wait_ready(health, f"{tag} server", [srv, agent])
     tun = Tunnel(row, Pair([srv, agent]), ["--uds", str(uds), "--dest", f"127.0.0.1:{sink}"], 0)
     if with_entry:
@@ -491,6 +500,7 @@ def isolation(ctx: Ctx, t: Tunnel) -> dict[str, Any]:
 def measure_row(ctx: Ctx, row: str, first_round: bool) -> dict[str, Any]:
     res: dict[str, Any] = {"row": row, "label": LABELS[row], "status": "ok", "errors": [], "background": {}}
     missing = {"ours": not Path(ctx.ours_server).exists() and f"{ctx.ours_server} not built",
+               "quic": not Path(ctx.ours_server).exists() and f"{ctx.ours_server} not built",
                "anp": ctx.anp_dir is None and "scripts/anp-bin current failed (needs Go)",
                "rathole": not Path(ctx.rathole).exists() and f"{ctx.rathole} not installed "
                                                               "(bench/harness/install-deps.sh --rathole)"}.get(row)
@@ -593,34 +603,39 @@ def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
             r["ratio"][k] = v / base[k] if (v is not None and base[k]) else None
     targets = []
 
-    def add(what: str, goal: str, value: float | None, ok: bool | None, text: str) -> None:
-        targets.append({"row": "ours", "what": what, "target": goal, "value": value, "met": ok, "text": text})
+    def add(row: str, what: str, goal: str, value: float | None, ok: bool | None, text: str) -> None:
+        targets.append({"row": row, "what": what, "target": goal, "value": value, "met": ok,
+                        "text": f"{LABELS[row]}: {text}"})
 
-    ours, anp = by.get("ours"), by.get("anp")
-    if ours is not None:
+    anp = by.get("anp")
+    for row in OURS:
+        ours = by.get(row)
+        if ours is None:
+            continue
         v = fig(ours, "ratio", "bulk")
-        add("bulk Gbit/s", f">= {T_BULK_VS_DIRECT}x direct", v, None if v is None else v >= T_BULK_VS_DIRECT,
+        add(row, "bulk Gbit/s", f">= {T_BULK_VS_DIRECT}x direct", v, None if v is None else v >= T_BULK_VS_DIRECT,
             "not measured" if v is None else f"{v:.2f}x direct")
         o, a = fig(ours, "bulk", "gbit_s"), fig(anp, "bulk", "gbit_s")
         v = o / a if (o is not None and a) else None
-        add("bulk Gbit/s", f">= {T_BULK_VS_ANP}x upstream ANP", v, None if v is None else v >= T_BULK_VS_ANP,
+        add(row, "bulk Gbit/s", f">= {T_BULK_VS_ANP}x upstream ANP", v, None if v is None else v >= T_BULK_VS_ANP,
             "not measured" if v is None else f"{v:.2f}x upstream ({o:.2f} vs {a:.2f} Gbit/s)")
         v = fig(ours, "ratio", "rps")
-        add("requests/s", f">= {T_RPS_VS_DIRECT}x direct", v, None if v is None else v >= T_RPS_VS_DIRECT,
+        add(row, "requests/s", f">= {T_RPS_VS_DIRECT}x direct", v, None if v is None else v >= T_RPS_VS_DIRECT,
             "not measured" if v is None else f"{v:.2f}x direct")
         for lv in fig(ours, "idle", "levels") or []:
             k = lv["kib_per_tunnel"]
             short = lv["opened"] < lv["target"]
-            add(f"memory per idle tunnel at {lv['target']:,}", f"<= {T_IDLE_KIB:g} KiB", k,
+            add(row, f"memory per idle tunnel at {lv['target']:,}", f"<= {T_IDLE_KIB:g} KiB", k,
                 None if k is None else (k <= T_IDLE_KIB and not short),
                 "not measured" if k is None else f"{k:.2f} KiB" +
                 (f", but only {lv['opened']:,} of {lv['target']:,} opened" if short else ""))
         if not fig(ours, "idle", "levels"):
-            add("memory per idle tunnel", f"<= {T_IDLE_KIB:g} KiB", None, None, "not measured")
+            add(row, "memory per idle tunnel", f"<= {T_IDLE_KIB:g} KiB", None, None, "not measured")
         v = fig(ours, "isolation", "ratio")
         iso = fig(ours, "isolation") or {}
         short = iso.get("opened", iso.get("streams")) != iso.get("streams") or iso.get("stalled") == 0
-        add("slow-reader isolation", f">= {T_ISOLATION}", v, None if v is None else (v >= T_ISOLATION and not short),
+        add(row, "slow-reader isolation", f">= {T_ISOLATION}", v,
+            None if v is None else (v >= T_ISOLATION and not short),
             "not measured" if v is None else f"{v:.3f}" + (
                 f" (but {iso.get('opened')} of {iso.get('streams')} streams and {iso.get('stalled')} stalled "
                 "reader opened)" if short else ""))

@@ -472,6 +472,23 @@ def test_services(case: str) -> None:
         assert agents["type"] == "LoadBalancer" and agents["externalTrafficPolicy"] == "Local"
 
 
+def test_quic_opens_the_udp_port_on_both_sides() -> None:
+    objs = render_objs({"quic": {"enabled": True, "port": 8443}})
+    container = server_container(objs)
+    f = flags(container)
+    assert f["--agent-quic-port"] == "8443"
+    assert {"name": "agent-quic", "containerPort": 8443, "protocol": "UDP"} in container["ports"]
+    agents = one(objs, "Service", AGENT_SERVICE)["spec"]["ports"]
+    assert {"name": "agent-quic", "protocol": "UDP", "port": 8443, "targetPort": "agent-quic"} in agents
+    a = flags(agent_container(objs))
+    assert a["--transport"] == "auto" and a["--proxy-server-quic-port"] == "8443"
+    # Off by default: no UDP anywhere, agents on gRPC.
+    objs = objects_of("default")
+    assert "--agent-quic-port" not in flags(server_container(objs))
+    assert "--transport" not in flags(agent_container(objs))
+    assert all(p["protocol"] == "TCP" for p in one(objs, "Service", AGENT_SERVICE)["spec"]["ports"])
+
+
 @pytest.mark.parametrize("case", ["default", "gardener"])
 def test_pod_disruption_budget_and_rollout(case: str) -> None:
     objs = objects_of(case)

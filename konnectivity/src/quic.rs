@@ -40,6 +40,8 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections are closed after this long without a packet; keep-alives (from the
 /// agent's `--keepalive-time`) keep a healthy one open.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The agent's keep-alive at most this far apart (well inside the idle timeout).
+const KEEPALIVE: Duration = Duration::from_secs(15);
 /// Tunnels (streams) one connection may hold open at once, each way.
 const MAX_STREAMS: u32 = 100_000;
 
@@ -92,6 +94,8 @@ pub fn client_config(
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|e| anyhow!("the TLS configuration toward the server cannot do QUIC: {e}"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    // Upstream's --keepalive-time defaults to an hour; QUIC's idle timeout needs more.
+    let keepalive = keepalive.min(KEEPALIVE);
     config.transport_config(Arc::new(transport(window, Some(keepalive))));
     Ok(config)
 }

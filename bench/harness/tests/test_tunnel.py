@@ -25,8 +25,8 @@ def result(row: str, gbit: float | None, rps: float | None, idle: list[tuple[int
     return r
 
 
-def targets(derived: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {f"{t['what']} {t['target']}": t for t in derived["targets"]}
+def targets(derived: dict[str, Any], row: str = "ours") -> dict[str, dict[str, Any]]:
+    return {f"{t['what']} {t['target']}": t for t in derived["targets"] if t["row"] == row}
 
 
 class PerTunnel(unittest.TestCase):
@@ -58,6 +58,17 @@ class Derive(unittest.TestCase):
         self.assertTrue(t["requests/s >= 0.8x direct"]["met"])
         self.assertTrue(t["memory per idle tunnel at 10,000 <= 8 KiB"]["met"])
         self.assertTrue(t["slow-reader isolation >= 0.9"]["met"])
+
+    def test_each_of_our_transports_gets_its_own_targets(self) -> None:
+        rs = self.results() + [result("quic", 10.0, 70_000, [(1000, 1000, 9.0)], 0.97)]
+        derived = tunnel.derive(rs)
+        q = targets(derived, "quic")
+        self.assertFalse(q["bulk Gbit/s >= 0.6x direct"]["met"])  # 10 / 20 = 0.5
+        self.assertFalse(q["requests/s >= 0.8x direct"]["met"])
+        self.assertFalse(q["memory per idle tunnel at 1,000 <= 8 KiB"]["met"])
+        self.assertTrue(q["slow-reader isolation >= 0.9"]["met"])
+        self.assertIn("konnectivity (ours, QUIC): 0.97", q["slow-reader isolation >= 0.9"]["text"])
+        self.assertTrue(targets(derived)["bulk Gbit/s >= 0.6x direct"]["met"])
 
     def test_targets_missed_and_unmeasured(self) -> None:
         rs = self.results()
@@ -113,7 +124,7 @@ class Render(unittest.TestCase):
                 "versions": {"wrk": "4"}}
         derived = tunnel.derive(rs)
         md = tunnel.render_md(meta, rs, derived)
-        self.assertIn("| konnectivity (ours) | 13.00 (0.65×) | 85,000 (0.85×) |", md)
+        self.assertIn("| konnectivity (ours, gRPC) | 13.00 (0.65×) | 85,000 (0.85×) |", md)
         self.assertIn("**met**", md)
         self.assertIn("| rathole | missing |", md)
         self.assertTrue(tunnel.svg(rs, derived, meta).endswith("</svg>"))

@@ -168,6 +168,9 @@ whole numbers as integers.
 {{- $args = append $args (printf "--keepalive-time=%s" $s.keepaliveTime) -}}
 {{- $args = append $args (printf "--proxy-strategies=%s" (join "," $s.proxyStrategies)) -}}
 {{- $args = append $args (printf "--graceful-shutdown-timeout=%s" $s.gracefulShutdownTimeout) -}}
+{{- if .Values.quic.enabled -}}
+{{- $args = append $args (printf "--agent-quic-port=%d" (int .Values.quic.port)) -}}
+{{- end -}}
 {{- if .Values.auth.enabled -}}
 {{- $args = concat $args (list (printf "--agent-namespace=%s" (include "konnectivity.agentNamespace" .)) (printf "--agent-service-account=%s" (include "konnectivity.agentServiceAccountName" .)) (printf "--authentication-audience=%s" .Values.auth.audience)) -}}
 {{- if $s.kubeconfigSecretName -}}
@@ -191,6 +194,9 @@ whole numbers as integers.
 {{- $args = concat $args (list (printf "--health-server-port=%d" (int $a.ports.health)) (printf "--admin-server-port=%d" (int $a.ports.admin))) -}}
 {{- $args = append $args (printf "--keepalive-time=%s" $a.keepaliveTime) -}}
 {{- $args = append $args (printf "--drain-timeout=%s" $a.drainTimeout) -}}
+{{- if .Values.quic.enabled -}}
+{{- $args = concat $args (list "--transport=auto" (printf "--proxy-server-quic-port=%d" (int .Values.quic.port))) -}}
+{{- end -}}
 {{- $args = concat $args ($a.extraArgs | default (list)) -}}
 {{- toYaml $args -}}
 {{- end -}}
@@ -219,6 +225,11 @@ ports:
   - name: agent
     containerPort: {{ int $s.ports.agent }}
     protocol: TCP
+  {{- if .Values.quic.enabled }}
+  - name: agent-quic
+    containerPort: {{ int .Values.quic.port }}
+    protocol: UDP
+  {{- end }}
   {{- if eq $s.mode "deployment" }}
   - name: frontend
     containerPort: {{ int $s.ports.frontend }}
