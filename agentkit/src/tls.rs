@@ -1,5 +1,7 @@
 //! rustls configuration from PEM files, for the agents that speak TLS themselves (the tunnel's
-//! mTLS, the log shipper's HTTPS). Errors name the file and what was missing in it.
+//! mTLS, the log shipper's HTTPS). Errors name the file and what was missing in it. Certificates,
+//! keys and CA bundles are read again when their files change, so a rotated Secret is used
+//! without a restart.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,7 +83,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A server config presenting `cert_chain`/`key`; with `client_ca`, clients must present a
-/// certificate signed by it (mTLS).
+/// certificate signed by it (mTLS). The certificate and the CA bundle are read again when their
+/// files change ([`Reloading`]).
 pub fn server_config(
     cert_chain: &Path,
     key: &Path,
@@ -94,78 +97,139 @@ pub fn server_config(
             source,
         })?;
     let builder = match client_ca {
-        Some(ca) => {
-            let roots = Arc::new(root_store(ca)?);
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-                    .build()
-                    .map_err(|e| TlsError::Rustls {
-                        context: "client verifier",
-                        source: rustls::Error::General(e.to_string()),
-                    })?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(ca) => builder.with_client_cert_verifier(Arc::new(ReloadingClientVerifier(
+            Reloading::new(vec![ca.to_owned()], client_verifier)?,
+        ))),
         None => builder.with_no_client_auth(),
     };
     let resolver = ReloadingCert::new(cert_chain, key)?;
     Ok(Arc::new(builder.with_cert_resolver(Arc::new(resolver))))
 }
 
-/// A server certificate read again from its files when they change (a rotated Secret), checked
-/// at most once per [`RELOAD_CHECK`] during handshakes. A pair that cannot be read or does not
-/// match keeps the last good one in use (and is logged).
-#[derive(Debug)]
-pub struct ReloadingCert {
-    cert: PathBuf,
-    key: PathBuf,
-    state: std::sync::Mutex<CertState>,
+/// A client config trusting the CAs in `ca` (read again when the file changes).
+pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    Ok(Arc::new(client_builder(ca)?.with_no_client_auth()))
 }
 
-#[derive(Debug)]
-struct CertState {
-    current: Arc<rustls::sign::CertifiedKey>,
-    stamp: Option<(std::time::SystemTime, std::time::SystemTime)>,
+/// A client config trusting the CAs in `ca` and presenting `cert`/`key` (mTLS); all three are
+/// read again when their files change.
+pub fn client_config_with_cert(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let resolver = ReloadingCert::new(cert, key)?;
+    Ok(Arc::new(
+        client_builder(ca)?.with_client_cert_resolver(Arc::new(resolver)),
+    ))
+}
+
+fn client_builder(
+    ca: &Path,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, TlsError>
+{
+    let verifier = ReloadingServerVerifier(Reloading::new(vec![ca.to_owned()], server_verifier)?);
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            context: "client config",
+            source,
+        })?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier)))
+}
+
+/// How often a handshake may look at the files' modification times.
+pub const RELOAD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A value built from files and built again when they change (a rotated Secret), checked at
+/// most once per [`RELOAD_CHECK`] during handshakes. Files that cannot be read or used keep
+/// the last good value in use (and are logged).
+pub struct Reloading<T> {
+    paths: Vec<PathBuf>,
+    build: fn(&[PathBuf]) -> Result<T, TlsError>,
+    state: std::sync::Mutex<ReloadState<T>>,
+}
+
+struct ReloadState<T> {
+    current: T,
+    stamp: Option<Vec<std::time::SystemTime>>,
     checked: std::time::Instant,
 }
 
-/// How often a handshake may look at the certificate files' modification times.
-pub const RELOAD_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+impl<T> std::fmt::Debug for Reloading<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("paths", &self.paths)
+            .finish_non_exhaustive()
+    }
+}
 
-impl ReloadingCert {
-    /// Loads the pair now (an error names the file).
-    pub fn new(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let current = certified_key(cert, key)?;
-        Ok(ReloadingCert {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            state: std::sync::Mutex::new(CertState {
+impl<T: Clone> Reloading<T> {
+    /// Builds the value now (an error names the file).
+    pub fn new(
+        paths: Vec<PathBuf>,
+        build: fn(&[PathBuf]) -> Result<T, TlsError>,
+    ) -> Result<Self, TlsError> {
+        let current = build(&paths)?;
+        let stamp = stamp(&paths);
+        Ok(Reloading {
+            paths,
+            build,
+            state: std::sync::Mutex::new(ReloadState {
                 current,
-                stamp: stamp(cert, key),
+                stamp,
                 checked: std::time::Instant::now(),
             }),
         })
     }
 
-    /// The pair in use, reloaded first if the files changed.
-    pub fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+    /// The value in use, built again first if the files changed.
+    pub fn current(&self) -> T {
         let mut state = crate::sync::lock(&self.state);
         if state.checked.elapsed() >= RELOAD_CHECK {
             state.checked = std::time::Instant::now();
-            let now = stamp(&self.cert, &self.key);
+            let now = stamp(&self.paths);
             if now.is_some() && now != state.stamp {
-                match certified_key(&self.cert, &self.key) {
+                match (self.build)(&self.paths) {
                     Ok(fresh) => {
-                        tracing::info!(cert = %self.cert.display(), "certificate reloaded");
+                        tracing::info!(files = ?self.paths, "reloaded");
                         state.current = fresh;
                         state.stamp = now;
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "certificate changed but cannot be used; keeping the previous one")
+                        tracing::warn!(%error, "changed but cannot be used; keeping the previous one")
                     }
                 }
             }
         }
-        Arc::clone(&state.current)
+        state.current.clone()
+    }
+}
+
+fn stamp(paths: &[PathBuf]) -> Option<Vec<std::time::SystemTime>> {
+    paths
+        .iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// A certificate and key presented by a server or a client, read again when their files change.
+#[derive(Debug)]
+pub struct ReloadingCert(Reloading<Arc<rustls::sign::CertifiedKey>>);
+
+impl ReloadingCert {
+    /// Loads the pair now (an error names the file).
+    pub fn new(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(ReloadingCert(Reloading::new(
+            vec![cert.to_owned(), key.to_owned()],
+            |paths| certified_key(&paths[0], &paths[1]),
+        )?))
+    }
+
+    /// The pair in use, reloaded first if the files changed.
+    pub fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.0.current()
     }
 }
 
@@ -178,9 +242,18 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
     }
 }
 
-fn stamp(cert: &Path, key: &Path) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    Some((modified(cert)?, modified(key)?))
+impl rustls::client::ResolvesClientCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 fn certified_key(cert: &Path, key: &Path) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
@@ -190,49 +263,129 @@ fn certified_key(cert: &Path, key: &Path) -> Result<Arc<rustls::sign::CertifiedK
         .key_provider
         .load_private_key(key_der)
         .map_err(|source| TlsError::Rustls {
-            context: "server private key",
+            context: "private key",
             source,
         })?;
     let certified = rustls::sign::CertifiedKey::new(certs, signing);
     certified.keys_match().map_err(|source| TlsError::Rustls {
-        context: "server certificate and key",
+        context: "certificate and key",
         source,
     })?;
     Ok(Arc::new(certified))
 }
 
-/// A client config trusting the CAs in `ca`.
-pub fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Rustls {
-            context: "client config",
-            source,
-        })?
-        .with_root_certificates(root_store(ca)?)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+fn client_verifier(
+    paths: &[PathBuf],
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let roots = Arc::new(root_store(&paths[0])?);
+    rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Rustls {
+            context: "client verifier",
+            source: rustls::Error::General(e.to_string()),
+        })
 }
 
-/// A client config trusting the CAs in `ca` and presenting `cert`/`key` (mTLS).
-pub fn client_config_with_cert(
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Rustls {
-            context: "client config",
-            source,
-        })?
-        .with_root_certificates(root_store(ca)?)
-        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|source| TlsError::Rustls {
-            context: "client certificate",
-            source,
-        })?;
-    Ok(Arc::new(config))
+fn server_verifier(
+    paths: &[PathBuf],
+) -> Result<Arc<rustls::client::WebPkiServerVerifier>, TlsError> {
+    let roots = Arc::new(root_store(&paths[0])?);
+    rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Rustls {
+            context: "server verifier",
+            source: rustls::Error::General(e.to_string()),
+        })
+}
+
+/// Verifies clients against a CA bundle read again when its file changes. It sends no CA
+/// names in its certificate request (they would have to outlive a reload); clients then offer
+/// their one certificate, as every agent here does.
+#[derive(Debug)]
+struct ReloadingClientVerifier(Reloading<Arc<dyn rustls::server::danger::ClientCertVerifier>>);
+
+impl rustls::server::danger::ClientCertVerifier for ReloadingClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.0
+            .current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.current().supported_verify_schemes()
+    }
+}
+
+/// Verifies servers against a CA bundle read again when its file changes.
+#[derive(Debug)]
+struct ReloadingServerVerifier(Reloading<Arc<rustls::client::WebPkiServerVerifier>>);
+
+impl rustls::client::danger::ServerCertVerifier for ReloadingServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.0.current().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.current().supported_verify_schemes()
+    }
 }
 
 fn root_store(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
