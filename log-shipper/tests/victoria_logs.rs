@@ -24,13 +24,14 @@ fn victoria_logs() -> Option<PathBuf> {
         .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("victoria-logs"))
 }
 
-/// The server, killed when the test ends however it ends.
-struct Server(Child);
+/// The server, killed and its storage removed when the test ends however it ends.
+struct Server(Child, PathBuf);
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
     }
 }
 
@@ -83,6 +84,7 @@ fn victoria_logs_stores_what_we_push() {
             .stdout(Stdio::null())
             .spawn()
             .expect("victoria-logs starts"),
+        storage.clone(),
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
