@@ -1,0 +1,16 @@
+//! log-shipper: container logs from every node of a Gardener seed to each shoot's log store,
+//! at least once. It tails the CRI log files under `/var/log/pods`, joins partial lines,
+//! routes each `shoot--*` namespace's lines to that shoot's store (the rest to the seed's) and
+//! pushes them with the Loki push API or OTLP, advancing a file's checkpoint only past what a
+//! store acknowledged.
+//!
+//! It is its own crate, like every agent: a DaemonSet with its own config, metrics and
+//! release cycle, sharing only plumbing (`agentkit`). So far it holds the foundation: the
+//! sans-IO CRI reader ([`cri`]), the configuration ([`config`]) and the Loki push request
+//! encoding ([`loki`]); tailing, checkpoints, delivery and the query command are to come.
+
+pub mod config;
+pub mod cri;
+pub mod loki;
+
+pub use config::Config;
