@@ -18,6 +18,7 @@ pub mod log;
 pub mod net;
 pub mod netlink;
 pub mod process;
+pub mod protobuf;
 pub mod reload;
 pub mod shutdown;
 pub mod sync;

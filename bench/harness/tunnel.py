@@ -971,7 +971,8 @@ def main() -> int:
                  "bulk_gib": bulk_mib / 1024, "dials": dials, "idle_counts": idle_counts, "iso_streams": 100,
                  "iso_seconds": iso_seconds, "wrk_connections": WRK_CONNS, "nofile": common.NOFILE,
                  "elapsed_s": time.monotonic() - t_start,
-                 "agent_plane": "ours and ANP: gRPC over TLS with client certificates (mTLS); rathole: its TLS "
+                 "agent_plane": "ours (gRPC) and ANP: gRPC over TLS with client certificates (mTLS); ours (QUIC): "
+                                "QUIC with client certificates; rathole: its TLS "
                                 "transport (native-tls, server certificate only; rathole authenticates clients "
                                 "by a service token)"})
     # the rounds table reads "dial_p50": merge_rounds keeps the sorted figures under the measure's name

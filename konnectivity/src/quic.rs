@@ -52,8 +52,8 @@ fn transport(window: u32, keepalive: Option<Duration>) -> quinn::TransportConfig
     let window = window.max(64 << 10);
     let connection = u64::from(window).saturating_mul(64).max(16 << 20);
     // Path MTU discovery up to jumbo frames (9000-byte links, less the IPv6 and UDP headers):
-    // where the path carries them, a packet carries six times the data; where it does not,
-    // probing stops at what passes.
+    // where the path carries them, fewer packets per byte; where it does not, probing stops at
+    // what passes.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(8952);
     let mut config = quinn::TransportConfig::default();

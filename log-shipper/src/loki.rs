@@ -14,6 +14,7 @@
 //! metadata) are left out. A stream's `labels` is a selector string, `{name="value", ...}`;
 //! [`format_labels`] writes it. Nothing here does IO.
 
+use agentkit::protobuf::{put_key, put_varint, varint_len, LEN, VARINT};
 use thiserror::Error;
 
 /// The request's `Content-Type`.
@@ -31,9 +32,6 @@ mod field {
     pub const TIMESTAMP_SECONDS: u32 = 1;
     pub const TIMESTAMP_NANOS: u32 = 2;
 }
-
-const VARINT: u8 = 0;
-const LEN: u8 = 2;
 
 /// One log line of a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,22 +166,6 @@ fn put_int(out: &mut Vec<u8>, number: u32, value: u64) {
         put_key(out, number, VARINT);
         put_varint(out, value);
     }
-}
-
-fn put_key(out: &mut Vec<u8>, number: u32, wire: u8) {
-    put_varint(out, u64::from(number) << 3 | u64::from(wire));
-}
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push(value as u8 | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn varint_len(value: u64) -> usize {
-    (64 - value.max(1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Why labels cannot name a Loki stream.

@@ -20,7 +20,8 @@
 //! ([`Packet::Window`], [`Packet::HalfClose`], sent only to a peer that announced them) ride
 //! on the same stream.
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use agentkit::protobuf::{put_key, put_varint, varint_len, I32, I64, LEN, VARINT};
+use bytes::{Buf, Bytes, BytesMut};
 use thiserror::Error;
 
 /// `PacketType` values of the upstream enum, and this project's extensions.
@@ -313,11 +314,6 @@ impl Packet {
     }
 }
 
-const VARINT: u8 = 0;
-const I64: u8 = 1;
-const LEN: u8 = 2;
-const I32: u8 = 5;
-
 /// A submessage being encoded.
 #[derive(Default)]
 struct Message {
@@ -451,22 +447,6 @@ impl Reader {
         self.buf.advance(n);
         Ok(())
     }
-}
-
-fn put_key(out: &mut BytesMut, number: u32, wire: u8) {
-    put_varint(out, u64::from(number) << 3 | u64::from(wire));
-}
-
-fn put_varint(out: &mut BytesMut, mut value: u64) {
-    while value >= 0x80 {
-        out.put_u8(value as u8 | 0x80);
-        value >>= 7;
-    }
-    out.put_u8(value as u8);
-}
-
-fn varint_len(value: u64) -> usize {
-    (64 - value.max(1).leading_zeros() as usize).div_ceil(7)
 }
 
 #[cfg(test)]
@@ -615,13 +595,6 @@ mod tests {
                     prop_assert_eq!(Packet::decode(&packet.to_bytes()).unwrap(), packet);
                 }
             }
-        }
-
-        #[test]
-        fn varint_len_matches_encoding(v in any::<u64>()) {
-            let mut out = BytesMut::new();
-            put_varint(&mut out, v);
-            prop_assert_eq!(out.len(), varint_len(v));
         }
     }
 }
