@@ -6,9 +6,11 @@
 //!
 //! It is its own crate, like every agent: a DaemonSet with its own config, metrics and
 //! release cycle, sharing only plumbing (`agentkit`). So far it holds the foundation: the
-//! sans-IO CRI reader ([`cri`]), the configuration ([`config`]) and the Loki push request
-//! encoding ([`loki`]); tailing, checkpoints, delivery and the query command are to come.
+//! sans-IO CRI reader ([`cri`]), the crash-safe per-file checkpoints ([`checkpoint`]), the
+//! configuration ([`config`]) and the Loki push request encoding ([`loki`]); tailing, delivery
+//! and the query command are to come.
 
+pub mod checkpoint;
 pub mod config;
 pub mod cri;
 pub mod loki;
