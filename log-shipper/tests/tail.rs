@@ -638,3 +638,112 @@ fn the_descriptor_cap_is_respected_and_every_file_is_read() {
     }
     assert!(d.tailer.stats().evictions > 0);
 }
+
+#[test]
+fn checkpoints_that_do_not_fit_are_read_from_zero() {
+    use log_shipper::checkpoint::{Checkpoint, Checkpoints, Fingerprint};
+    use std::os::unix::fs::MetadataExt;
+
+    let dir = Dir::new("mismatch");
+    let input = dir.input(16);
+    let reused = dir.container("reused", "app").join("0.log");
+    let shrunk = dir.container("shrunk", "app").join("0.log");
+    append(&reused, &lines("r", 0..20));
+    append(&shrunk, &lines("s", 0..20));
+    let key = |path: &Path| {
+        let m = fs::metadata(path).expect("log");
+        FileKey {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    };
+    {
+        // As a previous life would have left them: one for another file that had this inode
+        // (other first bytes), one past the end of a file truncated while the agent was down.
+        let (mut store, _) = Checkpoints::open(&input.checkpoint_dir).expect("store");
+        store.set(
+            key(&reused),
+            Checkpoint {
+                fingerprint: Fingerprint::of(line("other", 0).as_bytes()),
+                path: reused.clone(),
+                offset: line("r", 0).len() as u64 * 10,
+            },
+        );
+        let content = fs::read(&shrunk).expect("log");
+        store.set(
+            key(&shrunk),
+            Checkpoint {
+                fingerprint: Fingerprint::of(&content),
+                path: shrunk.clone(),
+                offset: content.len() as u64 + 1,
+            },
+        );
+        store.persist().expect("persist");
+    }
+    let mut d = Driver::new(&input);
+    d.until(|r| r.len() >= 40);
+    assert_eq!(d.settle(2), 0);
+    let stats = d.tailer.stats();
+    assert_eq!(
+        (stats.checkpoint_mismatch, stats.resumed),
+        (2, 0),
+        "{stats:?}"
+    );
+    for (_, lines) in per_file(&d.records) {
+        let seqs: Vec<usize> = lines.iter().map(|l| l.1).collect();
+        assert_eq!(seqs, (0..20).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn a_garbage_checkpoint_file_costs_a_reread_not_a_line() {
+    let dir = Dir::new("garbage-checkpoints");
+    let input = dir.input(16);
+    let log = dir.container("app", "app").join("0.log");
+    append(&log, &lines("a", 0..30));
+    let mut d = Driver::new(&input);
+    d.until(|r| r.len() == 30);
+    d.ack_all();
+    d.tailer.persist().expect("persist");
+    drop(d);
+    // The file damaged after its header: the line of our file fails its checksum.
+    let path = input
+        .checkpoint_dir
+        .join(log_shipper::checkpoint::FILE_NAME);
+    let mut bytes = fs::read(&path).expect("checkpoints");
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x01;
+    fs::write(&path, &bytes).expect("damage");
+    let mut d = Driver::new(&input);
+    assert_eq!(d.tailer.stats().checkpoints_ignored, 1);
+    d.until(|r| r.len() >= 30);
+    assert_eq!(d.settle(2), 0);
+    let seqs: Vec<usize> = d.records.iter().map(|r| parse(r).1).collect();
+    assert_eq!(seqs, (0..30).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_partial_line_without_its_end_is_flushed_after_the_timeout() {
+    let dir = Dir::new("partial");
+    let mut input = dir.input(16);
+    input.partial_timeout = Duration::from_secs(5);
+    let log = dir.container("app", "app").join("0.log");
+    append(
+        &log,
+        "2026-12-06T07:50:00.000000001Z stdout P the container exited mid-li\n",
+    );
+    let mut d = Driver::new(&input);
+    // Each poll is one second later: nothing before five seconds without new bytes.
+    for _ in 0..4 {
+        assert_eq!(d.poll(), 0);
+    }
+    d.until(|r| !r.is_empty());
+    assert_eq!(d.records.len(), 1);
+    let entry = d.records[0].event.as_ref().expect("entry");
+    assert_eq!(entry.content, b"the container exited mid-li");
+    assert_eq!(entry.end, log_shipper::cri::End::Flushed);
+    assert_eq!(
+        d.records[0].checkpoint(),
+        fs::metadata(&log).expect("log").len()
+    );
+}
