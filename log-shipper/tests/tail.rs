@@ -747,3 +747,26 @@ fn a_partial_line_without_its_end_is_flushed_after_the_timeout() {
         fs::metadata(&log).expect("log").len()
     );
 }
+
+#[test]
+fn a_file_opened_empty_gets_its_full_fingerprint() {
+    let dir = Dir::new("fingerprint");
+    let log = dir.container("app", "app").join("0.log");
+    append(&log, "");
+    let mut d = Driver::new(&dir.input(16));
+    d.poll();
+    assert_eq!(d.tailer.open_files(), 1);
+    append(&log, &lines("a", 0..30));
+    d.until(|r| r.len() == 30);
+    let key = d.records[0].file.key;
+    let c = d.tailer.checkpoint(&key).expect("checkpoint");
+    let content = fs::read(&log).expect("log");
+    assert_eq!(
+        c.fingerprint,
+        log_shipper::checkpoint::Fingerprint::of(&content)
+    );
+    assert_eq!(
+        c.fingerprint.len as usize,
+        log_shipper::checkpoint::FINGERPRINT_BYTES
+    );
+}

@@ -208,7 +208,8 @@ impl Tailer {
 
     /// One round at `now`: a scan if the rescan interval has passed since the last (or none
     /// was done), files opened up to the cap, up to [`READ_QUANTUM`] read from each open file
-    /// into `out`, and the checkpoints persisted if [`CHECKPOINT_INTERVAL`] has passed.
+    /// into `out`, and the checkpoints persisted if [`CHECKPOINT_INTERVAL`] has passed. What
+    /// was read is in `out` even when it returns an error.
     pub fn poll(&mut self, now: Instant, out: &mut Vec<Record>) -> Result<(), TailError> {
         let mut result = Ok(());
         if self.next_scan.is_none_or(|t| now >= t) {
@@ -242,16 +243,11 @@ impl Tailer {
             let Some(c) = self.store.get(key) else {
                 continue;
             };
-            let mut c = c.clone();
-            c.path.clone_from(&t.path);
-            if (c.fingerprint.len as usize) < FINGERPRINT_BYTES {
-                let file = self.reading.get(key).and_then(|r| r.file.as_ref());
-                if let Some(Ok(fingerprint)) = file.map(|f| Fingerprint::read(f, FINGERPRINT_BYTES))
-                {
-                    c.fingerprint = fingerprint;
-                }
+            if c.path != t.path {
+                let mut c = c.clone();
+                c.path.clone_from(&t.path);
+                self.store.set(*key, c);
             }
-            self.store.set(*key, c);
         }
         Ok(self.store.persist()?)
     }
@@ -497,6 +493,18 @@ impl Tailer {
                     r.file = None;
                     self.tracker.set_open(&key, false);
                     return;
+                }
+            }
+        }
+        // A file opened shorter than a fingerprint gets the full one once it has the bytes.
+        if let Some(c) = self.store.get(&key) {
+            if u64::from(c.fingerprint.len) < r.pos.min(FINGERPRINT_BYTES as u64) {
+                if let Ok(fingerprint) = Fingerprint::read(file, FINGERPRINT_BYTES) {
+                    let c = Checkpoint {
+                        fingerprint,
+                        ..c.clone()
+                    };
+                    self.store.set(key, c);
                 }
             }
         }
