@@ -5,12 +5,16 @@
 //! store acknowledged.
 //!
 //! It is its own crate, like every agent: a DaemonSet with its own config, metrics and
-//! release cycle, sharing only plumbing (`agentkit`). So far it holds the foundation: the
-//! sans-IO CRI reader ([`cri`]), the configuration ([`config`]) and the Loki push request
-//! encoding ([`loki`]); tailing, checkpoints, delivery and the query command are to come.
+//! release cycle, sharing only plumbing (`agentkit`). So far it holds the input half: the
+//! sans-IO CRI reader ([`cri`]), the tailer that follows the kubelet's files and rotation
+//! ([`tail`]) with its crash-safe per-file checkpoints ([`checkpoint`]); the configuration
+//! ([`config`]) and the Loki push request encoding ([`loki`]). Delivery (the HTTP client that
+//! acknowledges), routing and the query command are to come.
 
+pub mod checkpoint;
 pub mod config;
 pub mod cri;
 pub mod loki;
+pub mod tail;
 
 pub use config::Config;
