@@ -316,15 +316,22 @@ pub async fn splice_socket<S: Socket>(
         if !early.is_empty() && !tx.send(early).await {
             return false;
         }
+        // Buffers sized to what the socket gives: small for requests, up to CHUNK for bulk.
+        let mut size = 4096;
         loop {
             // No buffer is held while the socket is quiet.
             if S::readable(&rd).await.is_err() {
                 return false;
             }
-            let mut buf = BytesMut::with_capacity(CHUNK);
+            let mut buf = BytesMut::with_capacity(size);
             match rd.read_buf(&mut buf).await {
                 Ok(0) => return tx.finish(),
-                Ok(_) => {
+                Ok(n) => {
+                    size = if n >= size {
+                        (size * 2).min(CHUNK)
+                    } else {
+                        4096
+                    };
                     if !tx.send(buf.freeze()).await {
                         return false;
                     }

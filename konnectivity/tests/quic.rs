@@ -10,31 +10,9 @@ mod common;
 use agentkit::testing::EchoServer;
 use common::*;
 use konnectivity::proto::packet::Packet;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const ESTABLISHED: &str = "konnectivity_network_proxy_server_established_connections";
 const FALLBACKS: &str = "konnectivity_network_proxy_agent_quic_fallback_total";
-
-/// A round trip with half-close through a CONNECT tunnel: everything written comes back, then
-/// EOF.
-async fn half_closed_echo(path: &std::path::Path, echo: &str, n: usize, seed: u64) {
-    let (status, body, stream) = connect_uds(path, echo).await;
-    assert_eq!(status, 200, "{body}");
-    let data = payload(n, seed);
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let writer = async {
-        wr.write_all(&data).await.unwrap();
-        wr.shutdown().await.unwrap();
-    };
-    let reader = async {
-        let mut got = Vec::new();
-        rd.read_to_end(&mut got).await.unwrap();
-        got
-    };
-    let ((), got) = tokio::join!(writer, reader);
-    assert_eq!(got.len(), data.len());
-    assert!(got == data, "bytes changed in the tunnel");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_tunnels_carry_bytes_both_ways_with_half_close_and_failures_map_to_statuses() {

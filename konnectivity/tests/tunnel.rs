@@ -33,24 +33,14 @@ async fn http_connect_over_uds_carries_bytes_both_ways_and_half_close() {
         .await
         .unwrap();
 
-    let (status, _, stream) =
-        connect_uds(server.uds.as_ref().unwrap(), &echo.addr.to_string()).await;
-    assert_eq!(status, 200);
-    let data = payload(3 << 20, 1);
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let writer = async {
-        wr.write_all(&data).await.unwrap();
-        // Half-close: the echo server sends everything back, then its own FIN.
-        wr.shutdown().await.unwrap();
-    };
-    let reader = async {
-        let mut got = Vec::new();
-        rd.read_to_end(&mut got).await.unwrap();
-        got
-    };
-    let ((), got) = tokio::join!(writer, reader);
-    assert_eq!(got.len(), data.len());
-    assert!(got == data, "bytes changed in the tunnel");
+    // Half-close: the echo server sends everything back, then its own FIN.
+    half_closed_echo(
+        server.uds.as_ref().unwrap(),
+        &echo.addr.to_string(),
+        3 << 20,
+        1,
+    )
+    .await;
 
     wait_for("the tunnel to be closed", || {
         server.metric(ESTABLISHED) == 0.0

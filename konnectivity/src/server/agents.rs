@@ -48,25 +48,35 @@ pub async fn serve(server: Arc<Server>, listener: TcpListener) {
         let server = Arc::clone(&server);
         let acceptor = acceptor.clone();
         server.shutdown.clone().spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    server
-                        .metrics
-                        .agent_auth_failures
-                        .with_label_values(&["tls"])
-                        .inc();
-                    debug!(%peer, %error, "agent TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            serve_connection(server, tls).await;
+            if let Some(tls) = handshake(&server, peer, acceptor.accept(tcp)).await {
+                serve_connection(server, tls).await;
+            }
         });
     }
 }
 
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An agent's TLS (or QUIC) handshake, bounded; a failed one is counted as a refusal.
+async fn handshake<T, E: std::fmt::Display>(
+    server: &Server,
+    peer: std::net::SocketAddr,
+    handshake: impl std::future::IntoFuture<Output = Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(error)) => {
+            server
+                .metrics
+                .agent_auth_failures
+                .with_label_values(&["tls"])
+                .inc();
+            debug!(%peer, %error, "agent handshake failed");
+            None
+        }
+        Err(_) => None,
+    }
+}
 
 async fn serve_connection<T>(server: Arc<Server>, io: T)
 where
@@ -305,20 +315,9 @@ pub async fn serve_quic(server: Arc<Server>, endpoint: quinn::Endpoint) {
         let server = Arc::clone(&server);
         server.shutdown.clone().spawn(async move {
             let peer = incoming.remote_address();
-            let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-                Ok(Ok(connection)) => connection,
-                Ok(Err(error)) => {
-                    server
-                        .metrics
-                        .agent_auth_failures
-                        .with_label_values(&["tls"])
-                        .inc();
-                    debug!(%peer, %error, "agent QUIC handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            serve_quic_connection(server, connection).await;
+            if let Some(connection) = handshake(&server, peer, incoming).await {
+                serve_quic_connection(server, connection).await;
+            }
         });
     }
     // No new agents; the connected ones keep their tunnels through the graceful period.

@@ -299,6 +299,27 @@ pub async fn connect_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>
     (status, body)
 }
 
+/// A round trip with half-close through a CONNECT tunnel: everything written comes back, then
+/// EOF.
+pub async fn half_closed_echo(path: &std::path::Path, echo: &str, n: usize, seed: u64) {
+    let (status, body, stream) = connect_uds(path, echo).await;
+    assert_eq!(status, 200, "{body}");
+    let data = payload(n, seed);
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let writer = async {
+        wr.write_all(&data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) = tokio::join!(writer, reader);
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes changed in the tunnel");
+}
+
 /// `n` pseudo-random bytes (a fixed xorshift stream, so failures reproduce).
 pub fn payload(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
