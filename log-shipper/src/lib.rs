@@ -14,7 +14,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod cri;
+pub mod deliver;
 pub mod loki;
+pub mod push;
 pub mod tail;
 
 pub use config::Config;

@@ -1,0 +1,257 @@
+//! The HTTP client of the Loki push API: one store, one HTTP/1.1 connection kept alive and
+//! opened again when it is gone, one request at a time (the [`deliver`](crate::deliver)
+//! policy sends batches one by one). It POSTs the raw-Snappy protobuf body with
+//! `Content-Type: application/x-protobuf` and no `Content-Encoding` (Loki, Vali and
+//! VictoriaLogs read the body as raw Snappy from the content type alone; `Content-Encoding:
+//! snappy` would only be tolerated), the tenant in `X-Scope-OrgID` when configured, and
+//! returns the status with the start of the body, or a [`TransportKind`]. The whole exchange
+//! (connect, TLS, request, answer) has one deadline, `delivery.request_timeout`. `https` URLs
+//! need a rustls client config (from `agentkit::tls`, which re-reads a rotated CA).
+//!
+//! The connection is driven inline, within [`Client::push`] (no task of its own): between
+//! pushes nothing polls it, and a connection the server closed meanwhile is noticed before
+//! the next use and replaced.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
+use http::{HeaderValue, Method, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use thiserror::Error;
+use tokio::net::TcpStream;
+
+use crate::deliver::{TransportKind, MAX_REASON_TEXT};
+use crate::loki;
+
+/// The body of an answer kept for its reason (and logs); the rest is not read.
+const MAX_ANSWER_BYTES: usize = MAX_REASON_TEXT;
+
+/// Why a client cannot be made.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The URL is not `http://` or `https://` with a host.
+    #[error("`{0}` is not an http:// or https:// URL with a host")]
+    Url(String),
+    /// An `https://` URL without a TLS config.
+    #[error("`{0}` is https but no TLS client config was given")]
+    NoTls(String),
+    /// The tenant is not a header value.
+    #[error("tenant `{0}` is not a header value")]
+    Tenant(String),
+}
+
+/// The answer of a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// A status and the start of the body (at most [`MAX_REASON_TEXT`] bytes, lossy UTF-8).
+    Status(u16, String),
+    /// No answer.
+    Transport(TransportKind),
+}
+
+impl Answer {
+    /// As the policy takes it.
+    pub fn as_response(&self) -> crate::deliver::Response<'_> {
+        match self {
+            Answer::Status(code, body) => crate::deliver::Response::Status(*code, body),
+            Answer::Transport(kind) => crate::deliver::Response::Transport(*kind),
+        }
+    }
+}
+
+type Connection = http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>;
+
+/// A byte stream: TCP or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A push client of one store URL.
+pub struct Client {
+    uri: Uri,
+    host: String,
+    port: u16,
+    authority: HeaderValue,
+    tenant: Option<HeaderValue>,
+    tls: Option<tokio_rustls::TlsConnector>,
+    timeout: Duration,
+    conn: Option<(http1::SendRequest<Full<Bytes>>, Connection)>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("uri", &self.uri)
+            .field("tenant", &self.tenant)
+            .field("tls", &self.tls.is_some())
+            .field("timeout", &self.timeout)
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client of `url` (a rendered store URL), with an optional tenant, the request
+    /// deadline and, for `https`, a TLS config.
+    pub fn new(
+        url: &str,
+        tenant: Option<&str>,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
+        let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.into()))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(ClientError::Url(url.into())),
+        };
+        let host = uri
+            .host()
+            .ok_or_else(|| ClientError::Url(url.into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let authority = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| ClientError::Url(url.into()))?;
+        let tls = match (https, tls) {
+            (false, _) => None,
+            (true, Some(config)) => Some(tokio_rustls::TlsConnector::from(config)),
+            (true, None) => return Err(ClientError::NoTls(url.into())),
+        };
+        let tenant = tenant
+            .map(|t| HeaderValue::from_str(t).map_err(|_| ClientError::Tenant(t.into())))
+            .transpose()?;
+        Ok(Client {
+            uri,
+            host,
+            port,
+            authority,
+            tenant,
+            tls,
+            timeout,
+            conn: None,
+        })
+    }
+
+    /// POSTs one push body and returns what came back, within the deadline.
+    pub async fn push(&mut self, body: Bytes) -> Answer {
+        match tokio::time::timeout(self.timeout, self.exchange(body)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.conn = None;
+                Answer::Transport(TransportKind::Timeout)
+            }
+        }
+    }
+
+    async fn exchange(&mut self, body: Bytes) -> Answer {
+        // A kept connection that the server closed (or that failed) is replaced first.
+        if let Some((sender, conn)) = &mut self.conn {
+            if sender.is_closed() || (&mut *conn).now_or_never().is_some() {
+                self.conn = None;
+            }
+        }
+        let (mut sender, mut conn) = match self.conn.take() {
+            Some(pair) => pair,
+            None => match self.connect().await {
+                Ok(pair) => pair,
+                Err(kind) => return Answer::Transport(kind),
+            },
+        };
+        let request = match self.request(body) {
+            Ok(r) => r,
+            Err(_) => return Answer::Transport(TransportKind::Io),
+        };
+        let exchange = async {
+            sender.ready().await.map_err(|_| TransportKind::Io)?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|_| TransportKind::Io)?;
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            let mut text = Vec::new();
+            let mut complete = true;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|_| TransportKind::Io)?;
+                if let Some(data) = frame.data_ref() {
+                    let room = MAX_ANSWER_BYTES - text.len();
+                    text.extend_from_slice(&data[..data.len().min(room)]);
+                    if text.len() == MAX_ANSWER_BYTES {
+                        complete = false;
+                        break;
+                    }
+                }
+            }
+            Ok::<_, TransportKind>((status, text, complete))
+        };
+        let result = tokio::select! {
+            result = exchange => result,
+            // The connection ended before the answer did.
+            _ = &mut conn => Err(TransportKind::Io),
+        };
+        match result {
+            Ok((status, text, complete)) => {
+                if complete {
+                    self.conn = Some((sender, conn));
+                }
+                Answer::Status(status, String::from_utf8_lossy(&text).into_owned())
+            }
+            Err(kind) => Answer::Transport(kind),
+        }
+    }
+
+    async fn connect(
+        &self,
+    ) -> Result<(http1::SendRequest<Full<Bytes>>, Connection), TransportKind> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|_| TransportKind::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|_| TransportKind::Connect)?;
+                Box::new(
+                    connector
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|_| TransportKind::Connect)?,
+                )
+            }
+        };
+        http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|_| TransportKind::Connect)
+    }
+
+    fn request(&self, body: Bytes) -> Result<http::Request<Full<Bytes>>, http::Error> {
+        let target = self
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let mut builder = http::Request::builder()
+            .method(Method::POST)
+            .uri(target)
+            .header(HOST, self.authority.clone())
+            .header(CONTENT_TYPE, loki::CONTENT_TYPE)
+            .header(CONTENT_LENGTH, body.len())
+            .header(
+                USER_AGENT,
+                concat!("log-shipper/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(tenant) = &self.tenant {
+            builder = builder.header(loki::TENANT_HEADER, tenant.clone());
+        }
+        builder.body(Full::new(body))
+    }
+}
