@@ -42,6 +42,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::config::{Delivery, OutagePolicy};
 use crate::loki;
 use crate::tail::FileRef;
@@ -303,7 +305,7 @@ impl Open {
             loki::push_body(&streams)?
         };
         Ok(Sealed {
-            body: Arc::new(body),
+            body: Bytes::from(body),
             acks: self.acks.into_vec(),
             entries: self.entries,
             bytes: self.bytes,
@@ -334,7 +336,7 @@ impl Acks {
 /// A batch encoded, being sent or waiting for a retry.
 #[derive(Debug)]
 struct Sealed {
-    body: Arc<Vec<u8>>,
+    body: Bytes,
     acks: Vec<Ack>,
     entries: usize,
     bytes: usize,
@@ -347,7 +349,7 @@ struct Sealed {
 #[derive(Debug, Clone)]
 pub struct Request {
     /// The body, shared with the policy (kept for a retry).
-    pub body: Arc<Vec<u8>>,
+    pub body: Bytes,
     /// Entries in it.
     pub entries: usize,
     /// Which attempt this is, from 1.

@@ -80,6 +80,7 @@ pub struct Client {
     tls: Option<tokio_rustls::TlsConnector>,
     timeout: Duration,
     conn: Option<(http1::SendRequest<Full<Bytes>>, Connection)>,
+    connects: u64,
 }
 
 impl std::fmt::Debug for Client {
@@ -137,6 +138,7 @@ impl Client {
             tls,
             timeout,
             conn: None,
+            connects: 0,
         })
     }
 
@@ -192,14 +194,20 @@ impl Client {
             }
             Ok::<_, TransportKind>((status, text, complete))
         };
-        let result = tokio::select! {
-            result = exchange => result,
-            // The connection ended before the answer did.
-            _ = &mut conn => Err(TransportKind::Io),
+        let (result, closed) = {
+            let mut exchange = std::pin::pin!(exchange);
+            tokio::select! {
+                biased;
+                result = &mut exchange => (result, false),
+                // The connection ended (closed by the server after its answer, or failed):
+                // what it delivered before is still there for the exchange, which ends now
+                // either way.
+                _ = &mut conn => (exchange.await, true),
+            }
         };
         match result {
             Ok((status, text, complete)) => {
-                if complete {
+                if complete && !closed {
                     self.conn = Some((sender, conn));
                 }
                 Answer::Status(status, String::from_utf8_lossy(&text).into_owned())
@@ -208,9 +216,16 @@ impl Client {
         }
     }
 
+    /// Connections opened (attempts included): 1 for any number of pushes while the store
+    /// keeps the connection alive.
+    pub fn connects(&self) -> u64 {
+        self.connects
+    }
+
     async fn connect(
-        &self,
+        &mut self,
     ) -> Result<(http1::SendRequest<Full<Bytes>>, Connection), TransportKind> {
+        self.connects += 1;
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|_| TransportKind::Connect)?;
@@ -254,4 +269,40 @@ impl Client {
         }
         builder.body(Full::new(body))
     }
+}
+
+/// One step of a store's sender, the IO half of [`Policy`](crate::deliver::Policy): makes
+/// the push that is due now, if any, and returns its outcome (`None`: nothing was due; wait
+/// until [`Policy::next_wakeup`](crate::deliver::Policy::next_wakeup) or new entries).
+/// Rejections and skips are logged here, at `warn`: they are the lines a store will not have.
+pub async fn send_due(
+    policy: &mut crate::deliver::Policy,
+    client: &mut Client,
+) -> Option<crate::deliver::Outcome> {
+    use crate::deliver::Outcome;
+    let request = policy.poll_transmit(std::time::Instant::now())?;
+    let answer = client.push(request.body.clone()).await;
+    let outcome = policy.on_response(answer.as_response(), std::time::Instant::now());
+    match (&outcome, &answer) {
+        (Outcome::Rejected { reason, done }, Answer::Status(_, text)) => tracing::warn!(
+            reason = reason.as_str(),
+            entries = done.entries,
+            store = %client.uri,
+            answer = %text,
+            "store refused a batch (400), not retried"
+        ),
+        (Outcome::Skipped(done), _) => tracing::warn!(
+            entries = done.entries,
+            store = %client.uri,
+            "store down longer than delivery.max_outage: batch skipped"
+        ),
+        (Outcome::Retry { kind, .. }, _) => tracing::debug!(
+            kind = kind.as_str(),
+            attempt = request.attempt,
+            store = %client.uri,
+            "push failed, retrying"
+        ),
+        _ => {}
+    }
+    Some(outcome)
 }

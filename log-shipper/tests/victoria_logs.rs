@@ -3,94 +3,21 @@
 //! labels and its timestamp to the nanosecond. Without the binary the test says SKIP, or
 //! fails under `REQUIRE_PRIVILEGED=1` (CI, where `scripts/test` builds it first).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{http, Server};
 use log_shipper::cri::parse_timestamp;
 use log_shipper::loki::{self, Entry, Stream};
 
-/// The directory `scripts/vlogs-bin --built` prints, if the binary is built.
-fn victoria_logs() -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/vlogs-bin");
-    let out = Command::new(script)
-        .arg("--built")
-        .output()
-        .expect("scripts/vlogs-bin runs");
-    out.status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("victoria-logs"))
-}
-
-/// The server, killed and its storage removed when the test ends however it ends.
-struct Server(Child, PathBuf);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-/// One HTTP/1.0 exchange (so the answer is neither chunked nor kept alive): status and body.
-fn http(port: u16, method: &str, target: &str, headers: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let head = format!(
-        "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).expect("write head");
-    stream.write_all(body).expect("write body");
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("read");
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a response head");
-    let status = std::str::from_utf8(&answer[9..12])
-        .expect("status")
-        .parse()
-        .expect("status code");
-    (status, answer[split + 4..].to_vec())
-}
-
 #[test]
 fn victoria_logs_stores_what_we_push() {
-    let Some(binary) = victoria_logs() else {
-        if std::env::var("REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-            panic!("victoria-logs is not built: run scripts/vlogs-bin");
-        }
-        eprintln!("SKIP victoria_logs_stores_what_we_push: victoria-logs is not built (scripts/vlogs-bin)");
+    let Some(binary) = common::victoria_logs("victoria_logs_stores_what_we_push") else {
         return;
     };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let storage =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vlogs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&storage);
-    let _server = Server(
-        Command::new(&binary)
-            .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-            .arg(format!("-storageDataPath={}", storage.display()))
-            .arg("-loggerLevel=ERROR")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("victoria-logs starts"),
-        storage.clone(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "victoria-logs did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = Server::start(&binary, common::free_port(), "push");
+    let port = server.port;
 
     // Timestamps of a minute ago, with nanoseconds that a rounding would lose.
     let now = SystemTime::now()
@@ -139,20 +66,7 @@ fn victoria_logs_stores_what_we_push() {
     );
     assert_eq!(status, 204, "{}", String::from_utf8_lossy(&answer));
 
-    // Read everything back (made searchable at once by a flush), one JSON object per line.
-    let mut found = Vec::new();
-    while found.len() < 4 {
-        assert!(Instant::now() < deadline, "only {found:?} came back");
-        http(port, "GET", "/internal/force_flush", "", b"");
-        let (status, answer) = http(port, "GET", "/select/logsql/query?query=*", "", b"");
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
-        found = answer
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_slice::<serde_json::Value>(l).expect("a JSON line"))
-            .collect();
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let found = server.read_all(4);
     let mut got: Vec<(i64, String, String, String)> = found
         .iter()
         .map(|v| {

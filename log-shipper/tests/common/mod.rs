@@ -1,0 +1,126 @@
+//! What the VictoriaLogs tests share: the binary `scripts/vlogs-bin` built, a server on a
+//! port that is killed (and its storage removed) when the test ends, one HTTP/1.0 exchange,
+//! and a LogsQL read of everything stored.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory `scripts/vlogs-bin --built` prints, if the binary is built; `None` after
+/// a loud SKIP, or a panic under `REQUIRE_PRIVILEGED=1` (CI, where `scripts/test` builds it).
+pub fn victoria_logs(test: &str) -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/vlogs-bin");
+    let out = Command::new(script)
+        .arg("--built")
+        .output()
+        .expect("scripts/vlogs-bin runs");
+    if out.status.success() {
+        return Some(
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("victoria-logs"),
+        );
+    }
+    if std::env::var("REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("victoria-logs is not built: run scripts/vlogs-bin");
+    }
+    eprintln!("SKIP {test}: victoria-logs is not built (scripts/vlogs-bin)");
+    None
+}
+
+/// A port free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The server, killed and its storage removed when the test ends however it ends.
+pub struct Server {
+    child: Child,
+    storage: PathBuf,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.storage);
+    }
+}
+
+impl Server {
+    /// Starts `binary` on `port` with its own storage named after `name`, and waits (20 s at
+    /// most) until it listens.
+    pub fn start(binary: &Path, port: u16, name: &str) -> Server {
+        let storage = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("vlogs-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&storage);
+        let server = Server {
+            child: Command::new(binary)
+                .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+                .arg(format!("-storageDataPath={}", storage.display()))
+                .arg("-loggerLevel=ERROR")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("victoria-logs starts"),
+            storage,
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "victoria-logs did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// Every stored record, one JSON object each, once at least `want` are there (20 s at
+    /// most); made searchable at once by a flush.
+    pub fn read_all(&self, want: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            http(self.port, "GET", "/internal/force_flush", "", b"");
+            let (status, answer) = http(self.port, "GET", "/select/logsql/query?query=*", "", b"");
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+            let found: Vec<serde_json::Value> = answer
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).expect("a JSON line"))
+                .collect();
+            if found.len() >= want || Instant::now() > deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// One HTTP/1.0 exchange (so the answer is neither chunked nor kept alive): status and body.
+pub fn http(port: u16, method: &str, target: &str, headers: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("write head");
+    stream.write_all(body).expect("write body");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("read");
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let status = std::str::from_utf8(&answer[9..12])
+        .expect("status")
+        .parse()
+        .expect("status code");
+    (status, answer[split + 4..].to_vec())
+}
