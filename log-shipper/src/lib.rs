@@ -8,8 +8,9 @@
 //! release cycle, sharing only plumbing (`agentkit`). So far it holds the input half: the
 //! sans-IO CRI reader ([`cri`]), the tailer that follows the kubelet's files and rotation
 //! ([`tail`]) with its crash-safe per-file checkpoints ([`checkpoint`]); the configuration
-//! ([`config`]) and the Loki push request encoding ([`loki`]). Delivery (the HTTP client that
-//! acknowledges), routing and the query command are to come.
+//! ([`config`]), the Loki push request encoding ([`loki`]), the delivery policy of one store
+//! ([`deliver`], sans-IO) and its HTTP client ([`push`]). Wiring them into the binary, routing
+//! per shoot, OTLP and the query command are to come.
 
 pub mod checkpoint;
 pub mod config;
