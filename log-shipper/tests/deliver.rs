@@ -303,8 +303,9 @@ async fn a_400_from_the_store_is_counted_not_retried() {
     assert_eq!(RejectReason::parse(text), RejectReason::Other);
 }
 
-/// A scripted HTTP/1.1 server: answers each request with the next status of `script`
-/// (closing the connection after each), and sends each request's head and body.
+/// A scripted HTTP/1.1 server: answers each request with the next status of `script`, then
+/// closes the connection without saying so in the answer (as an idle timeout would), and
+/// sends each request's head and body.
 fn scripted(script: Vec<(u16, &'static str)>) -> (u16, mpsc::Receiver<(String, Vec<u8>)>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
@@ -347,7 +348,7 @@ fn scripted(script: Vec<(u16, &'static str)>) -> (u16, mpsc::Receiver<(String, V
             let mut stream = reader.into_inner();
             let _ = write!(
                 stream,
-                "HTTP/1.1 {status} Whatever\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status} Whatever\r\nContent-Length: {}\r\n\r\n{body}",
                 body.len()
             );
             let _ = tx.send((head, request_body));
@@ -378,6 +379,11 @@ async fn the_request_head_and_429_and_503_retried_with_the_same_body() {
         })
         .collect();
     assert_eq!(kinds, ["rate_limited", "server_error", "accepted"]);
+    assert_eq!(
+        client.connects(),
+        3,
+        "a kept connection the server closed is replaced before it is used"
+    );
     let got: Vec<(String, Vec<u8>)> = requests.try_iter().collect();
     assert_eq!(got.len(), 3);
     assert!(
@@ -431,4 +437,65 @@ async fn a_store_that_does_not_answer_times_out() {
         took >= Duration::from_millis(300) && took < Duration::from_secs(2),
         "{took:?}"
     );
+}
+
+#[tokio::test]
+async fn https_with_a_ca_from_agentkit_tls_keeps_its_connection() {
+    let pki = agentkit::testing::Pki::new().expect("a CA");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("deliver-tls-{}", std::process::id()));
+    let ca = pki.write_ca(&dir).expect("ca.pem");
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(pki.server_config(&["localhost"]).expect("server"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = acceptor.accept(tcp).await.expect("handshake");
+        let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+            let tx = tx.clone();
+            async move {
+                let tenant = request.headers().get("x-scope-orgid").cloned();
+                let body = http_body_util::BodyExt::collect(request.into_body())
+                    .await?
+                    .to_bytes();
+                let _ = tx.send((tenant, body.len()));
+                let mut response =
+                    hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                *response.status_mut() = hyper::StatusCode::NO_CONTENT;
+                Ok::<_, hyper::Error>(response)
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+            .await;
+    });
+    let tls = agentkit::tls::client_config(&ca).expect("client config");
+    let url = format!("https://localhost:{port}/loki/api/v1/push");
+    let mut client =
+        Client::new(&url, Some("garden"), Duration::from_secs(5), Some(tls)).expect("client");
+    let mut policy = Policy::new(&delivery(512), 6);
+    let (items, _) = two_streams(10, "tls");
+    let outcomes = ship(&mut policy, &mut client, items).await;
+    assert!(outcomes.len() >= 2, "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Accepted(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(client.connects(), 1, "one TLS connection for every push");
+    for _ in 0..outcomes.len() {
+        let (tenant, len) = rx.recv().await.expect("a request");
+        assert_eq!(
+            tenant.as_ref().and_then(|t| t.to_str().ok()),
+            Some("garden")
+        );
+        assert!(len > 0);
+    }
+    server.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+    // Without a TLS config an https store is refused up front.
+    assert!(Client::new(&url, None, Duration::from_secs(5), None).is_err());
 }
