@@ -1136,4 +1136,172 @@ mod tests {
         assert_eq!(done.acks.len(), 2);
         assert_eq!(done.acks[1].offset, 120);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// An entry of stream `0..3` (file = stream), timestamp, line length.
+            Push(usize, i64, usize),
+            /// A malformed line's checkpoint of file `0..3`.
+            PushAck(usize),
+            /// Time passes.
+            Advance(u64),
+            /// The push in flight is answered.
+            Answer(u16),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => (0..3usize, 0..40i64, 0..300usize).prop_map(|(s, t, l)| Op::Push(s, t, l)),
+                1 => (0..3usize).prop_map(Op::PushAck),
+                2 => (0..1500u64).prop_map(Op::Advance),
+                3 => prop::sample::select(vec![204u16, 204, 400, 429, 503, 0]).prop_map(Op::Answer),
+            ]
+        }
+
+        /// The push request of a body.
+        fn decode(body: &Bytes) -> loki::tests::Decoded {
+            loki::tests::decode(&snap::raw::Decoder::new().decompress_vec(body).unwrap())
+        }
+
+        /// Entries of stream `s` carry their sequence number in the line: `s:seq:padding`.
+        fn seq(line: &str) -> (usize, u64) {
+            let mut parts = line.split(':');
+            let s = parts.next().unwrap().parse().unwrap();
+            (s, parts.next().unwrap().parse().unwrap())
+        }
+
+        proptest! {
+            /// Whatever the answers and the timing: acknowledgements of a file only move
+            /// forward and never past what was pushed; each stream's entries are in timestamp
+            /// order within a request; a retry resends the same body; every pushed entry is
+            /// settled exactly once (accepted, rejected or skipped), in read order across
+            /// batches; a refusal happens only with two full batches.
+            #[test]
+            fn policy_invariants(ops in prop::collection::vec(op(), 1..200), skip in any::<bool>()) {
+                let mut cfg = config(if skip { OutagePolicy::Skip } else { OutagePolicy::Wait });
+                cfg.max_outage = Duration::from_secs(5);
+                let mut p = Policy::new(&cfg, 11);
+                let mut now = Instant::now();
+                let labels = ["{s=\"0\"}", "{s=\"1\"}", "{s=\"2\"}"];
+                let mut offsets = [0u64; 3];
+                let mut next_seq = [0u64; 3];
+                let mut acked = [0u64; 3];
+                let mut settled: [Vec<u64>; 3] = Default::default();
+                let mut in_flight: Option<Request> = None;
+                let mut last_body: Option<Bytes> = None;
+                let mut settled_entries = 0usize;
+                let mut pushed = 0usize;
+                let settle = |done: &Done, last_body: &mut Option<Bytes>, acked: &mut [u64; 3]| {
+                    for a in &done.acks {
+                        let f = a.file.key.ino as usize;
+                        assert!(a.offset > acked[f], "ack of file {f} moved back");
+                        acked[f] = a.offset;
+                    }
+                    *last_body = None;
+                    done.entries
+                };
+                let ops = ops.into_iter().chain(std::iter::repeat_n(Op::Answer(204), 400));
+                for op in ops {
+                    // What is due now goes first (also after a `continue`).
+                    if let Some(done) = p.poll_done(now) {
+                        assert_eq!(done.entries, 0);
+                        settle(&done, &mut last_body, &mut acked);
+                    }
+                    if in_flight.is_none() {
+                        if let Some(request) = p.poll_transmit(now) {
+                            if let Some(previous) = &last_body {
+                                assert_eq!(&request.body, previous, "a retry resends the same body");
+                                assert!(request.attempt > 1);
+                            }
+                            // Per stream in timestamp order.
+                            let decoded = decode(&request.body);
+                            assert_eq!(decoded.iter().map(|(_, e)| e.len()).sum::<usize>(), request.entries);
+                            for (_, entries) in &decoded {
+                                let ts: Vec<(i64, i32)> = entries.iter().map(|(s, n, _)| (*s, *n)).collect();
+                                assert!(ts.windows(2).all(|w| w[0] <= w[1]), "{ts:?}");
+                            }
+                            in_flight = Some(request);
+                        }
+                    }
+                    match op {
+                        Op::Push(s, ts, len) => {
+                            offsets[s] += 1;
+                            let line = format!("{s}:{}:{}", next_seq[s], "x".repeat(len));
+                            let it = Item {
+                                labels: labels[s].into(),
+                                timestamp: ts,
+                                line,
+                                ack: Some(Ack { file: file(s as u64), offset: offsets[s] }),
+                            };
+                            let had_room = p.has_room(entry_size(&it) + labels[s].len() + STREAM_OVERHEAD);
+                            match p.push(it, now) {
+                                Ok(()) => {
+                                    next_seq[s] += 1;
+                                    pushed += 1;
+                                }
+                                Err(Full(_)) => {
+                                    assert!(!had_room || p.sealed.is_some());
+                                    assert!(p.sealed.is_some(), "refused with a free slot");
+                                    offsets[s] -= 1;
+                                }
+                            }
+                        }
+                        Op::PushAck(f) => {
+                            offsets[f] += 1;
+                            p.push_ack(Ack { file: file(f as u64), offset: offsets[f] }, now);
+                        }
+                        Op::Advance(ms) => now += Duration::from_millis(ms),
+                        Op::Answer(code) => {
+                            let Some(request) = in_flight.take() else {
+                                // Nothing in flight: let time reach the next wake-up.
+                                if let Some(at) = p.next_wakeup(now) {
+                                    now = now.max(at);
+                                }
+                                continue;
+                            };
+                            let response = if code == 0 {
+                                Response::Transport(TransportKind::Connect)
+                            } else {
+                                Response::Status(code, "entry out of order")
+                            };
+                            let done = match p.on_response(response, now) {
+                                Outcome::Retry { at, .. } => {
+                                    assert!(at > now);
+                                    last_body = Some(request.body.clone());
+                                    None
+                                }
+                                Outcome::Accepted(d) | Outcome::Skipped(d) => Some(d),
+                                Outcome::Rejected { done, .. } => Some(done),
+                            };
+                            if let Some(done) = done {
+                                assert_eq!(done.entries, request.entries);
+                                settled_entries += settle(&done, &mut last_body, &mut acked);
+                                for (labels, entries) in decode(&request.body) {
+                                    let s: usize = labels[4..5].parse().unwrap();
+                                    for (_, _, line) in entries {
+                                        let (s2, n) = seq(&line);
+                                        assert_eq!(s, s2);
+                                        settled[s].push(n);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                prop_assert!(p.is_idle(), "drained");
+                prop_assert_eq!(settled_entries, pushed);
+                prop_assert_eq!(acked, offsets);
+                for (s, seqs) in settled.iter_mut().enumerate() {
+                    // Each batch is a contiguous run of the stream's entries, in read order.
+                    let mut sorted = seqs.clone();
+                    sorted.sort_unstable();
+                    prop_assert_eq!(sorted, (0..next_seq[s]).collect::<Vec<_>>());
+                }
+            }
+        }
+    }
 }

@@ -256,7 +256,7 @@ pub fn sanitize_label_name(text: &str) -> String {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -269,11 +269,11 @@ mod tests {
     }
 
     /// A decoded `PushRequest`: (labels, [(seconds, nanos, line)]).
-    type Decoded = Vec<(String, Vec<(i64, i32, String)>)>;
+    pub(crate) type Decoded = Vec<(String, Vec<(i64, i32, String)>)>;
 
     /// A strict decoder of exactly the fields above: any other field number or wire type
     /// fails the test, so a wrong number in the encoder cannot go unnoticed.
-    fn decode(mut bytes: &[u8]) -> Decoded {
+    pub(crate) fn decode(mut bytes: &[u8]) -> Decoded {
         let mut streams = Vec::new();
         while !bytes.is_empty() {
             let body = expect_len(&mut bytes, 1, "PushRequest.streams");
