@@ -131,18 +131,8 @@ async fn stalled_connect_tunnel(quic: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_flow_control_the_stalled_tunnel_alone_is_closed_at_its_buffer() {
     let certs = Certs::new("iso-nowindow");
-    let uds = certs.file("konn.sock");
     // The agent plays an upstream agent: no window extension.
-    let server = Server::start(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-            "--tunnel-buffer=1048576",
-        ],
-    )
-    .await;
+    let server = Server::start_connect(&certs, &["--tunnel-buffer=1048576"]).await;
     let agent = AgentHandle::start(&certs, server.agent_addr, &["--tunnel-window=0"]).await;
     server.wait_agents(1).await;
     let (slow, _) = source().await;

@@ -66,14 +66,10 @@ async fn token_review_admits_the_agents_service_account_once_and_refuses_the_res
         return;
     };
     let certs = Certs::new("tokenreview");
-    let uds = certs.file("konn.sock");
     let kubeconfig = cp.kubeconfig().to_string_lossy().into_owned();
-    let server = Server::start(
+    let server = Server::start_connect(
         &certs,
         &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
             "--agent-namespace=kube-system",
             "--agent-service-account=konnectivity-agent",
             &format!("--authentication-audience={AUDIENCE}"),

@@ -21,16 +21,7 @@ const DIALS: &str = "konnectivity_network_proxy_agent_dial_duration_seconds_coun
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_agent_gets_no_new_dials_and_finishes_its_open_tunnels() {
     let certs = Certs::new("drain");
-    let uds = certs.file("konn.sock");
-    let server = Server::start(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-        ],
-    )
-    .await;
+    let server = Server::start_connect(&certs, &[]).await;
     let a = AgentHandle::start(
         &certs,
         server.agent_addr,

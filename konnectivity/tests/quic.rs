@@ -9,7 +9,6 @@ mod common;
 
 use agentkit::testing::EchoServer;
 use common::*;
-use konnectivity::proto::packet::Packet;
 
 const ESTABLISHED: &str = "konnectivity_network_proxy_server_established_connections";
 const FALLBACKS: &str = "konnectivity_network_proxy_agent_quic_fallback_total";
@@ -17,16 +16,7 @@ const FALLBACKS: &str = "konnectivity_network_proxy_agent_quic_fallback_total";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_tunnels_carry_bytes_both_ways_with_half_close_and_failures_map_to_statuses() {
     let certs = Certs::new("quic-connect");
-    let uds = certs.file("konn.sock");
-    let server = Server::start_quic(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-        ],
-    )
-    .await;
+    let server = Server::start_connect_quic(&certs, &[]).await;
     let agent = AgentHandle::start_quic(&certs, &server, &["--dial-timeout=300ms"]).await;
     server.wait_agents(1).await;
     assert_eq!(agent.metric(FALLBACKS), 0.0);
@@ -90,47 +80,8 @@ async fn grpc_frontend_streams_go_over_quic_tunnels() {
         let client = &client;
         let echo = echo.addr.to_string();
         async move {
-            let (mut send, mut recv, rsp) = client.dial(&echo, 1000 + i).await;
-            let Packet::DialResponse {
-                connect_id, random, ..
-            } = rsp
-            else {
-                panic!("{rsp:?}")
-            };
-            assert!(connect_id > 0);
-            assert_eq!(random, 1000 + i);
             let data = payload(300_000, i as u64);
-            for chunk in data.chunks(16 << 10) {
-                send.send(&Packet::Data {
-                    connect_id,
-                    error: String::new(),
-                    data: bytes::Bytes::copy_from_slice(chunk),
-                })
-                .await
-                .unwrap();
-            }
-            let mut got = Vec::new();
-            while got.len() < data.len() {
-                match recv.recv().await.unwrap() {
-                    Some(Packet::Data { data, .. }) => got.extend_from_slice(&data),
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-            assert!(got == data, "bytes changed in the tunnel");
-            send.send(&Packet::CloseRequest { connect_id })
-                .await
-                .unwrap();
-            // The echo server closes when it reads EOF: CLOSE_RSP follows.
-            loop {
-                match recv.recv().await.unwrap() {
-                    Some(Packet::CloseResponse { connect_id: id, .. }) => {
-                        assert_eq!(id, connect_id);
-                        break;
-                    }
-                    Some(Packet::Data { .. }) => {}
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
+            client.echo_tunnel(&echo, 1000 + i, &data, 16 << 10).await;
         }
     });
     futures_util::future::join_all(streams).await;
@@ -143,17 +94,8 @@ async fn grpc_frontend_streams_go_over_quic_tunnels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_falls_back_to_grpc_where_quic_cannot_connect() {
     let certs = Certs::new("quic-auto");
-    let uds = certs.file("konn.sock");
     // A server without QUIC: nothing answers on UDP.
-    let server = Server::start(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-        ],
-    )
-    .await;
+    let server = Server::start_connect(&certs, &[]).await;
     let agent = AgentHandle::start(&certs, server.agent_addr, &["--transport=auto"]).await;
     server.wait_agents(1).await;
     assert!(agent.metric(FALLBACKS) >= 1.0);
@@ -171,15 +113,7 @@ async fn auto_falls_back_to_grpc_where_quic_cannot_connect() {
     server.stop().await;
 
     // With QUIC on the server, auto takes QUIC.
-    let server = Server::start_quic(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-        ],
-    )
-    .await;
+    let server = Server::start_connect_quic(&certs, &[]).await;
     let quic_port = format!(
         "--proxy-server-quic-port={}",
         server.agent_quic.unwrap().port()
@@ -195,17 +129,8 @@ async fn auto_falls_back_to_grpc_where_quic_cannot_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_quic_plane_requires_the_agents_client_certificate() {
     let certs = Certs::new("quic-mtls");
-    let uds = certs.file("konn.sock");
-    let server = Server::start_quic(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-            &format!("--cluster-ca-cert={}", certs.ca()),
-        ],
-    )
-    .await;
+    let server =
+        Server::start_connect_quic(&certs, &[&format!("--cluster-ca-cert={}", certs.ca())]).await;
     // Without a certificate, and with one from another CA: refused in the handshake.
     let intruder = [
         format!("--agent-cert={}", certs.file("intruder.pem")),

@@ -17,16 +17,7 @@ const PENDING: &str = "konnectivity_network_proxy_server_pending_backend_dials";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_connect_over_uds_carries_bytes_both_ways_and_half_close() {
     let certs = Certs::new("connect-uds");
-    let uds = certs.file("konn.sock");
-    let server = Server::start(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-        ],
-    )
-    .await;
+    let server = Server::start_connect(&certs, &[]).await;
     let agent = AgentHandle::start(&certs, server.agent_addr, &["--agent-id=node-1"]).await;
     server.wait_agents(1).await;
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap())
@@ -58,17 +49,7 @@ async fn http_connect_over_uds_carries_bytes_both_ways_and_half_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_failures_get_upstreams_statuses_and_nothing_leaks() {
     let certs = Certs::new("connect-fail");
-    let uds = certs.file("konn.sock");
-    let server = Server::start(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-            "--backend-dial-timeout=2s",
-        ],
-    )
-    .await;
+    let server = Server::start_connect(&certs, &["--backend-dial-timeout=2s"]).await;
     let path = server.uds.clone().unwrap();
 
     // No agent yet: 500 with upstream's body.
@@ -203,57 +184,9 @@ async fn grpc_frontend_serves_many_proxy_streams_on_one_connection() {
         let client = &client;
         let echo = echo.addr.to_string();
         streams.push(async move {
-            let random = 1000 + i;
-            let (mut send, mut recv, rsp) = client.dial(&echo, random).await;
-            let Packet::DialResponse {
-                error,
-                connect_id,
-                random: echoed,
-            } = rsp
-            else {
-                panic!("expected DIAL_RSP, got {rsp:?}");
-            };
-            assert_eq!((error.as_str(), echoed), ("", random));
-            assert!(connect_id > 0);
             let data = payload(100_000 + i as usize, i as u64);
             // konnectivity-client writes whatever slice it is given: here 10 kB pieces.
-            for piece in data.chunks(10_000) {
-                send.send(&Packet::Data {
-                    connect_id,
-                    error: String::new(),
-                    data: piece.to_vec().into(),
-                })
-                .await
-                .unwrap();
-            }
-            let mut got = Vec::new();
-            while got.len() < data.len() {
-                match recv.recv().await.unwrap().expect("stream open") {
-                    Packet::Data {
-                        connect_id: id,
-                        data,
-                        ..
-                    } => {
-                        assert_eq!(id, connect_id);
-                        got.extend_from_slice(&data);
-                    }
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-            assert!(got == data);
-            send.send(&Packet::CloseRequest { connect_id })
-                .await
-                .unwrap();
-            loop {
-                match recv.recv().await.unwrap() {
-                    Some(Packet::CloseResponse { connect_id: id, .. }) => {
-                        assert_eq!(id, connect_id);
-                        break;
-                    }
-                    Some(Packet::Data { .. }) => {}
-                    other => panic!("expected CLOSE_RSP, got {other:?}"),
-                }
-            }
+            client.echo_tunnel(&echo, 1000 + i, &data, 10_000).await;
         });
     }
     futures_util::future::join_all(streams).await;
@@ -420,17 +353,8 @@ fn rss_kib() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reaches_the_server_through_sni_proxy_passthrough() {
     let certs = Certs::new("through-sni");
-    let uds = certs.file("konn.sock");
-    let server = Server::start(
-        &certs,
-        &[
-            "--mode=http-connect",
-            "--server-port=0",
-            &format!("--uds-name={uds}"),
-            &format!("--cluster-ca-cert={}", certs.ca()),
-        ],
-    )
-    .await;
+    let server =
+        Server::start_connect(&certs, &[&format!("--cluster-ca-cert={}", certs.ca())]).await;
     let config = sni_proxy::Config::from_yaml(&format!(
         "admin: {{address: '127.0.0.1:0'}}\n\
          listeners: [{{name: apiserver-sni, address: '127.0.0.1:0', mode: tls}}]\n\

@@ -93,14 +93,14 @@ pub struct Server {
 
 impl Server {
     /// Starts with upstream-style flags (`--agent-port=0` etc. are added); `extra` wins.
-    pub async fn start(certs: &Certs, extra: &[&str]) -> Server {
+    pub async fn start(certs: &Certs, extra: &[impl AsRef<str>]) -> Server {
         Server::start_with(certs, extra, |_| {}).await
     }
 
     /// [`Server::start`], with `tweak` applied to the config the flags gave.
     pub async fn start_with(
         certs: &Certs,
-        extra: &[&str],
+        extra: &[impl AsRef<str>],
         tweak: impl FnOnce(&mut konnectivity::server::Config),
     ) -> Server {
         let mut args: Vec<String> = vec![
@@ -112,7 +112,7 @@ impl Server {
             "--health-port=0".into(),
             "--admin-port=0".into(),
         ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(|s| s.as_ref().to_owned()));
         let flags = ServerFlags::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         let mut config = flags.config().unwrap();
         config.health_addr = Some("127.0.0.1:0".parse().unwrap());
@@ -142,8 +142,19 @@ impl Server {
         }
     }
 
+    /// A server with kube-apiserver's usual frontend: HTTP CONNECT on a UDS in `certs`'
+    /// directory; `extra` flags follow.
+    pub async fn start_connect(certs: &Certs, extra: &[&str]) -> Server {
+        Server::start(certs, &connect_flags(certs, extra)).await
+    }
+
+    /// [`Server::start_connect`], also accepting agents over QUIC.
+    pub async fn start_connect_quic(certs: &Certs, extra: &[&str]) -> Server {
+        Server::start_quic(certs, &connect_flags(certs, extra)).await
+    }
+
     /// [`Server::start`], also accepting agents over QUIC (an ephemeral UDP port).
-    pub async fn start_quic(certs: &Certs, extra: &[&str]) -> Server {
+    pub async fn start_quic(certs: &Certs, extra: &[impl AsRef<str>]) -> Server {
         Server::start_with(certs, extra, |config| {
             config.agent_quic_addr = Some("127.0.0.1:0".parse().unwrap());
         })
@@ -194,6 +205,17 @@ pub async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// `--mode=http-connect` on a UDS in `certs`' directory, then `extra`.
+fn connect_flags(certs: &Certs, extra: &[&str]) -> Vec<String> {
+    let mut flags = vec![
+        "--mode=http-connect".to_owned(),
+        "--server-port=0".to_owned(),
+        format!("--uds-name={}", certs.file("konn.sock")),
+    ];
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    flags
 }
 
 /// Our agent, running in this process.
@@ -399,6 +421,63 @@ impl GrpcClient {
         .unwrap();
         let rsp = recv.recv().await.unwrap().expect("a DIAL_RSP");
         (send, recv, rsp)
+    }
+}
+
+impl GrpcClient {
+    /// One whole tunnel the way konnectivity-client uses it: dial `echo` (an echo server), check
+    /// the DIAL_RSP (no error, `random` echoed), send `data` in `piece`-sized DATA packets, read
+    /// it all back unchanged on the same connect ID, send CLOSE_REQ and get the CLOSE_RSP.
+    pub async fn echo_tunnel(&self, echo: &str, random: i64, data: &[u8], piece: usize) {
+        let (mut send, mut recv, rsp) = self.dial(echo, random).await;
+        let Packet::DialResponse {
+            error,
+            connect_id,
+            random: echoed,
+        } = rsp
+        else {
+            panic!("expected DIAL_RSP, got {rsp:?}");
+        };
+        assert_eq!((error.as_str(), echoed), ("", random));
+        assert!(connect_id > 0);
+        for chunk in data.chunks(piece) {
+            send.send(&Packet::Data {
+                connect_id,
+                error: String::new(),
+                data: Bytes::copy_from_slice(chunk),
+            })
+            .await
+            .unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < data.len() {
+            match recv.recv().await.unwrap().expect("stream open") {
+                Packet::Data {
+                    connect_id: id,
+                    data,
+                    ..
+                } => {
+                    assert_eq!(id, connect_id);
+                    got.extend_from_slice(&data);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(got == data, "bytes changed in the tunnel");
+        send.send(&Packet::CloseRequest { connect_id })
+            .await
+            .unwrap();
+        // The echo server closes when it reads EOF: CLOSE_RSP follows.
+        loop {
+            match recv.recv().await.unwrap() {
+                Some(Packet::CloseResponse { connect_id: id, .. }) => {
+                    assert_eq!(id, connect_id);
+                    break;
+                }
+                Some(Packet::Data { .. }) => {}
+                other => panic!("expected CLOSE_RSP, got {other:?}"),
+            }
+        }
     }
 }
 
