@@ -18,6 +18,7 @@ pub mod cri;
 pub mod deliver;
 pub mod loki;
 pub mod push;
+pub mod route;
 pub mod tail;
 
 pub use config::Config;

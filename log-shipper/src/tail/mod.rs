@@ -211,13 +211,26 @@ impl Tailer {
     /// into `out`, and the checkpoints persisted if [`CHECKPOINT_INTERVAL`] has passed. What
     /// was read is in `out` even when it returns an error.
     pub fn poll(&mut self, now: Instant, out: &mut Vec<Record>) -> Result<(), TailError> {
+        self.poll_except(now, out, &|_| false)
+    }
+
+    /// [`poll`](Tailer::poll), but the files of containers for which `paused` is true are not
+    /// read this round (their readers keep their partial lines, their positions stay): the
+    /// caller's queue for them is full, and the files are the buffer. Scans, opens and
+    /// checkpoints go on as usual.
+    pub fn poll_except(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<Record>,
+        paused: &dyn Fn(&Container) -> bool,
+    ) -> Result<(), TailError> {
         let mut result = Ok(());
         if self.next_scan.is_none_or(|t| now >= t) {
             self.next_scan = Some(now + self.rescan_interval);
             result = self.scan();
         }
         self.open_waiting(now);
-        self.read_files(now, out);
+        self.read_files(now, out, paused);
         if self.next_persist.is_none_or(|t| now >= t) {
             self.next_persist = Some(now + CHECKPOINT_INTERVAL);
             self.persist()?;
@@ -433,11 +446,22 @@ impl Tailer {
     }
 
     /// Reads a quantum of every open file; finishes the files that ended.
-    fn read_files(&mut self, now: Instant, out: &mut Vec<Record>) {
+    fn read_files(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<Record>,
+        paused: &dyn Fn(&Container) -> bool,
+    ) {
+        let tracker = &self.tracker;
+        let is_paused = |key: &FileKey| {
+            tracker
+                .get(key)
+                .is_some_and(|t| paused(&t.location.container))
+        };
         let keys: Vec<FileKey> = self
             .reading
             .iter()
-            .filter(|(_, r)| r.file.is_some())
+            .filter(|(k, r)| r.file.is_some() && !is_paused(k))
             .map(|(k, _)| *k)
             .collect();
         for key in keys {
@@ -445,11 +469,15 @@ impl Tailer {
         }
         for (key, r) in &mut self.reading {
             if !r.flushed && now.saturating_duration_since(r.last_data) >= self.partial_timeout {
+                let Some(t) = self.tracker.get(key) else {
+                    continue;
+                };
+                if paused(&t.location.container) {
+                    continue;
+                }
                 r.flushed = true;
                 r.reader.flush_partials();
-                if let Some(t) = self.tracker.get(key) {
-                    drain(&mut r.reader, *key, r.epoch, &t.location.container, out);
-                }
+                drain(&mut r.reader, *key, r.epoch, &t.location.container, out);
             }
         }
     }
