@@ -17,8 +17,10 @@ pub mod config;
 pub mod cri;
 pub mod deliver;
 pub mod loki;
+pub mod metrics;
 pub mod push;
 pub mod route;
+pub mod run;
 pub mod tail;
 
 pub use config::Config;

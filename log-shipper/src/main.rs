@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    agentkit::process::main("log-shipper", |_shutdown| async move {
-        anyhow::bail!("tailing and shipping are not implemented yet; only --check works")
+    agentkit::process::main("log-shipper", |shutdown| async move {
+        Ok(log_shipper::run::run(config, shutdown).await?)
     })
 }
