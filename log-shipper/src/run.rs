@@ -448,3 +448,61 @@ fn take(policy: &mut Policy, m: Message, now: Instant) -> Option<Item> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::checkpoint::FileKey;
+    use crate::tail::FileRef;
+
+    fn ack(offset: u64) -> Message {
+        Message::Ack(Ack {
+            file: FileRef {
+                key: FileKey { dev: 1, ino: 1 },
+                epoch: 0,
+            },
+            offset,
+        })
+    }
+
+    fn offset(m: Message) -> u64 {
+        match m {
+            Message::Ack(a) => a.offset,
+            Message::Entry(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_holds_in_order_and_refills() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let mut q = StoreQueue {
+            tx,
+            held: VecDeque::new(),
+        };
+        for i in 0..5 {
+            q.send(ack(i));
+        }
+        assert_eq!(q.held.len(), 3);
+        assert!(!q.flush_held());
+        assert_eq!(offset(rx.try_recv().unwrap()), 0);
+        assert!(!q.flush_held());
+        assert_eq!(q.held.len(), 2);
+        assert_eq!(offset(rx.try_recv().unwrap()), 1);
+        assert_eq!(offset(rx.try_recv().unwrap()), 2);
+        assert!(q.flush_held());
+        q.send(ack(5));
+        assert_eq!(q.held.len(), 1, "the queue is full again");
+        let mut got: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(offset)
+            .collect();
+        assert!(q.flush_held());
+        got.extend(std::iter::from_fn(|| rx.try_recv().ok()).map(offset));
+        assert_eq!(got, [3, 4, 5]);
+        drop(rx);
+        q.send(ack(6));
+        q.send(ack(7));
+        assert!(q.flush_held(), "a closed queue holds nothing");
+        assert!(q.held.is_empty());
+    }
+}

@@ -770,3 +770,38 @@ fn a_file_opened_empty_gets_its_full_fingerprint() {
         log_shipper::checkpoint::FINGERPRINT_BYTES
     );
 }
+
+/// `poll_except`: the files of a paused container are not read (their position stays), the
+/// others are; once unpaused, the paused file's lines come, none lost or repeated.
+#[test]
+fn a_paused_containers_files_wait_while_the_others_are_read() {
+    let dir = Dir::new("paused");
+    let a = dir.container("pod-a", "app");
+    let b = dir.container("pod-b", "app");
+    append(&a.join("0.log"), &lines("a", 0..50));
+    append(&b.join("0.log"), &lines("b", 0..50));
+    let mut d = Driver::new(&dir.input(16));
+    let paused = |c: &log_shipper::tail::path::Container| c.pod == "pod-a";
+    let step = |d: &mut Driver, paused: &dyn Fn(&log_shipper::tail::path::Container) -> bool| {
+        d.now += RESCAN;
+        d.tailer
+            .poll_except(d.now, &mut d.records, paused)
+            .expect("poll");
+    };
+    step(&mut d, &paused);
+    step(&mut d, &paused);
+    append(&b.join("0.log"), &lines("b", 50..60));
+    step(&mut d, &paused);
+    let tags: Vec<(String, usize)> = d.records.iter().map(parse).collect();
+    assert_eq!(
+        tags,
+        (0..60).map(|i| ("b".to_owned(), i)).collect::<Vec<_>>()
+    );
+    d.records.clear();
+    step(&mut d, &|_| false);
+    let tags: Vec<(String, usize)> = d.records.iter().map(parse).collect();
+    assert_eq!(
+        tags,
+        (0..50).map(|i| ("a".to_owned(), i)).collect::<Vec<_>>()
+    );
+}
