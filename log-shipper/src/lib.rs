@@ -5,12 +5,13 @@
 //! store acknowledged.
 //!
 //! It is its own crate, like every agent: a DaemonSet with its own config, metrics and
-//! release cycle, sharing only plumbing (`agentkit`). So far it holds the input half: the
-//! sans-IO CRI reader ([`cri`]), the tailer that follows the kubelet's files and rotation
-//! ([`tail`]) with its crash-safe per-file checkpoints ([`checkpoint`]); the configuration
-//! ([`config`]), the Loki push request encoding ([`loki`]), the delivery policy of one store
-//! ([`deliver`], sans-IO) and its HTTP client ([`push`]). Wiring them into the binary, routing
-//! per shoot, OTLP and the query command are to come.
+//! release cycle, sharing only plumbing (`agentkit`). The sans-IO parts: the CRI reader
+//! ([`cri`]), the routing per shoot ([`route`]), the Loki push request encoding ([`loki`]) and
+//! the delivery policy of one store ([`deliver`]). The IO parts: the tailer that follows the
+//! kubelet's files and rotation ([`tail`]) with its crash-safe per-file checkpoints
+//! ([`checkpoint`]), the HTTP client ([`push`]), and the agent that wires them ([`run`]), with
+//! its [`metrics`] and [`config`]. The `Cluster` lifecycle, OTLP and the query command are to
+//! come.
 
 pub mod checkpoint;
 pub mod config;
