@@ -6,6 +6,7 @@ errors).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,45 @@ def assert_valid(objects: list[dict[str, Any]], kube_version: str, case: str) ->
             pytest.fail(f"{case}: {where}: {path}: {error.message}")
         except kubernetes_validate.SchemaNotFoundError as error:
             pytest.fail(f"{case}: {where}: {error.message}")
+
+
+def leaf_value_paths(chart_dir: Path, free_form_maps: set[str]) -> list[str]:
+    """Dotted paths of every leaf in a chart's values.yaml (lists, empty maps and the free-form
+    maps named count as leaves)."""
+    paths = []
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node and prefix not in free_form_maps:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else key, value)
+        else:
+            paths.append(prefix)
+
+    walk("", yaml.safe_load((chart_dir / "values.yaml").read_text()))
+    return paths
+
+
+def undocumented_values(chart_dir: Path) -> list[str]:
+    """Keys with a value in values.yaml without their own comment line right above them (keys
+    inside list items are documented by the comment above the list)."""
+    undocumented = []
+    previous = ""
+    in_list_item_indent = None
+    for number, line in enumerate((chart_dir / "values.yaml").read_text().splitlines(), 1):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if stripped.startswith("- "):
+            in_list_item_indent = indent
+        elif (
+            stripped
+            and not stripped.startswith("#")
+            and (in_list_item_indent is not None and indent <= in_list_item_indent)
+        ):
+            in_list_item_indent = None
+        match = re.match(r"^\s*([A-Za-z][\w.-]*):(\s+\S.*)?$", line)
+        is_leaf = match and match.group(2) and not match.group(2).strip().startswith("#")
+        if is_leaf and in_list_item_indent is None and not previous.startswith("#"):
+            undocumented.append(f"values.yaml:{number}: {stripped}")
+        if stripped:
+            previous = stripped
+    return undocumented

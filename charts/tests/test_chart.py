@@ -508,26 +508,7 @@ def test_options_off() -> None:
 
 
 def test_every_value_is_documented() -> None:
-    """Each key with a value in values.yaml has its own comment line right above it (keys
-    inside list items are documented by the comment above the list)."""
-    undocumented = []
-    previous = ""
-    in_list_item_indent = None
-    for number, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
-        stripped = line.strip()
-        indent = len(line) - len(line.lstrip())
-        if stripped.startswith("- "):
-            in_list_item_indent = indent
-        elif stripped and not stripped.startswith("#") and (
-            in_list_item_indent is not None and indent <= in_list_item_indent
-        ):
-            in_list_item_indent = None
-        match = re.match(r"^\s*([A-Za-z][\w.-]*):(\s+\S.*)?$", line)
-        is_leaf = match and match.group(2) and not match.group(2).strip().startswith("#")
-        if is_leaf and in_list_item_indent is None and not previous.startswith("#"):
-            undocumented.append(f"values.yaml:{number}: {stripped}")
-        if stripped:
-            previous = stripped
+    undocumented = chartkit.undocumented_values(CHART)
     assert not undocumented, "values without a comment:\n" + "\n".join(undocumented)
 
 

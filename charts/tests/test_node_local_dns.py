@@ -716,44 +716,11 @@ FREE_FORM_MAPS = {"kubeDNSUpstream.selector"}
 
 
 def leaf_value_paths() -> list[str]:
-    """Dotted paths of every leaf in values.yaml (lists, empty maps and free-form maps count as
-    leaves)."""
-    paths = []
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict) and node and prefix not in FREE_FORM_MAPS:
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else key, value)
-        else:
-            paths.append(prefix)
-
-    walk("", yaml.safe_load((CHART / "values.yaml").read_text()))
-    return paths
+    return chartkit.leaf_value_paths(CHART, FREE_FORM_MAPS)
 
 
 def test_every_value_is_documented_in_values_yaml() -> None:
-    """Each key with a value in values.yaml has its own comment line right above it (keys inside
-    list items are documented by the comment above the list)."""
-    undocumented = []
-    previous = ""
-    in_list_item_indent = None
-    for number, line in enumerate((CHART / "values.yaml").read_text().splitlines(), 1):
-        stripped = line.strip()
-        indent = len(line) - len(line.lstrip())
-        if stripped.startswith("- "):
-            in_list_item_indent = indent
-        elif (
-            stripped
-            and not stripped.startswith("#")
-            and (in_list_item_indent is not None and indent <= in_list_item_indent)
-        ):
-            in_list_item_indent = None
-        match = re.match(r"^\s*([A-Za-z][\w.-]*):(\s+\S.*)?$", line)
-        is_leaf = match and match.group(2) and not match.group(2).strip().startswith("#")
-        if is_leaf and in_list_item_indent is None and not previous.startswith("#"):
-            undocumented.append(f"values.yaml:{number}: {stripped}")
-        if stripped:
-            previous = stripped
+    undocumented = chartkit.undocumented_values(CHART)
     assert not undocumented, "values without a comment:\n" + "\n".join(undocumented)
 
 
