@@ -4,7 +4,8 @@
 //! ([`reload`]), graceful shutdown and the task tracker every task is spawned on
 //! ([`shutdown`]), poison-free locking ([`sync`]), YAML config loading with errors that name
 //! the bad field ([`config`]), tracing setup ([`log`]), rustls configuration ([`tls`]), the sans-IO HTTP CONNECT request parser of the proxies'
-//! CONNECT frontends ([`http_connect`]) and rtnetlink requests and replies ([`netlink`]).
+//! CONNECT frontends ([`http_connect`]), rtnetlink requests and replies ([`netlink`]) and,
+//! with the `kube` feature, the Kubernetes API client ([`kube`](crate::kube)).
 //!
 //! It is its own crate so that sni-proxy, konnectivity, node-local-dns and log-shipper behave
 //! alike to an operator (same signals, same endpoints, same log format) without copying code.
@@ -14,6 +15,8 @@
 pub mod admin;
 pub mod config;
 pub mod http_connect;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod log;
 pub mod net;
 pub mod netlink;

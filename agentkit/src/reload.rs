@@ -60,6 +60,27 @@ impl Fingerprint {
     }
 }
 
+/// The usual *load* closure of a config file: reads `path`, and on a signal, or on a poll
+/// that finds other bytes than last time (`initial` at first), hands its text to `parse`.
+pub fn file_loader<T, P>(
+    path: std::path::PathBuf,
+    initial: Option<Vec<u8>>,
+    mut parse: P,
+) -> impl FnMut(Trigger) -> anyhow::Result<Option<T>> + Send + 'static
+where
+    P: FnMut(&str) -> anyhow::Result<T> + Send + 'static,
+{
+    let mut seen = Fingerprint::new(initial);
+    move |trigger| {
+        let bytes = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        if !seen.update(&bytes) && trigger == Trigger::Poll {
+            return Ok(None);
+        }
+        parse(&String::from_utf8_lossy(&bytes)).map(Some)
+    }
+}
+
 /// Signals and poll interval.
 #[derive(Debug, Clone)]
 pub struct Options {

@@ -18,8 +18,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use agentkit::config::{duration, ConfigError};
 use serde::Deserialize;
+
+use crate::lifecycle::{Routing, State, Stores};
 
 /// Default maximum size of one log entry (partial lines joined); a longer one is split. Loki's
 /// default `max_line_size` (256 KiB), so a default Loki never refuses a line as too long.
@@ -48,6 +52,9 @@ pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(500);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Default outage length after which `delivery.outage_policy` applies.
 pub const DEFAULT_MAX_OUTAGE: Duration = Duration::from_secs(3600);
+/// Default wait of shoot namespaces for the first list of `Cluster` resources (Gardener's
+/// `ControllerSyncTimeout`).
+pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest tenant ID Loki accepts.
 pub const MAX_TENANT_LEN: usize = 150;
 /// The placeholder a shoot store's `url` (or `tenant`) holds, filled per shoot namespace.
@@ -153,6 +160,22 @@ impl Default for RawDelivery {
 struct RawKubernetes {
     #[serde(default)]
     kubeconfig: Option<PathBuf>,
+    #[serde(default = "default_sync_timeout", with = "duration")]
+    sync_timeout: Duration,
+    #[serde(default)]
+    routing: HashMap<State, Vec<StoreName>>,
+}
+
+fn default_sync_timeout() -> Duration {
+    DEFAULT_SYNC_TIMEOUT
+}
+
+/// A store named in `kubernetes.routing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StoreName {
+    Shoot,
+    Seed,
 }
 
 // === runtime types ===
@@ -281,6 +304,11 @@ pub struct Delivery {
 pub struct Kubernetes {
     /// The kubeconfig; `None` is the pod's service account.
     pub kubeconfig: Option<PathBuf>,
+    /// How long shoot namespaces wait for the first list of `Cluster` resources; then every
+    /// shoot counts as ready until the list comes.
+    pub sync_timeout: Duration,
+    /// The stores of each lifecycle state (Gardener's defaults, overridden per state).
+    pub routing: Routing,
 }
 
 impl Config {
@@ -368,9 +396,32 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_outage: delivery.max_outage,
             outage_policy: delivery.outage_policy,
         },
-        kubernetes: raw.kubernetes.map(|k| Kubernetes {
-            kubeconfig: k.kubeconfig,
-        }),
+        kubernetes: match raw.kubernetes {
+            None => None,
+            Some(k) => {
+                if k.sync_timeout.is_zero() {
+                    return Err(ConfigError::invalid(
+                        "kubernetes.sync_timeout",
+                        "must be positive",
+                    ));
+                }
+                let mut routing = Routing::default();
+                for (state, stores) in k.routing {
+                    let stores = stores.iter().fold(Stores::NONE, |all, s| {
+                        all | match s {
+                            StoreName::Shoot => Stores::SHOOT,
+                            StoreName::Seed => Stores::SEED,
+                        }
+                    });
+                    routing.set(state, stores);
+                }
+                Some(Kubernetes {
+                    kubeconfig: k.kubeconfig,
+                    sync_timeout: k.sync_timeout,
+                    routing,
+                })
+            }
+        },
     })
 }
 
@@ -484,7 +535,14 @@ mod tests {
             (c.seed.protocol, c.shoot.protocol),
             (Protocol::Loki, Protocol::Loki)
         );
-        assert_eq!(c.kubernetes, Some(Kubernetes { kubeconfig: None }));
+        assert_eq!(
+            c.kubernetes,
+            Some(Kubernetes {
+                kubeconfig: None,
+                sync_timeout: DEFAULT_SYNC_TIMEOUT,
+                routing: Routing::default(),
+            })
+        );
         assert_eq!(c.delivery.batch_bytes, DEFAULT_BATCH_BYTES);
         assert_eq!(c.delivery.outage_policy, OutagePolicy::Wait);
     }
@@ -524,7 +582,8 @@ mod tests {
              shoot: {url: 'https://shared/push', protocol: loki, tenant: '{namespace}'}\n\
              delivery: {batch_bytes: 65536, batch_wait: 2s, request_timeout: 5s, min_backoff: 1s, \
              max_backoff: 1m, max_outage: 24h, outage_policy: skip}\n\
-             kubernetes: {kubeconfig: /etc/kubeconfig}\n",
+             kubernetes: {kubeconfig: /etc/kubeconfig, sync_timeout: 10s, \
+             routing: {ready: [shoot, seed], hibernated: [seed], deletion: []}}\n",
         )
         .unwrap();
         assert_eq!(c.input.max_entry_bytes, 16384);
@@ -533,10 +592,13 @@ mod tests {
         assert_eq!(c.seed.tenant.unwrap().as_str(), "garden");
         assert_eq!(c.delivery.outage_policy, OutagePolicy::Skip);
         assert_eq!(c.delivery.max_outage, Duration::from_secs(86_400));
-        assert_eq!(
-            c.kubernetes.unwrap().kubeconfig,
-            Some(PathBuf::from("/etc/kubeconfig"))
-        );
+        let k = c.kubernetes.unwrap();
+        assert_eq!(k.kubeconfig, Some(PathBuf::from("/etc/kubeconfig")));
+        assert_eq!(k.sync_timeout, Duration::from_secs(10));
+        assert_eq!(k.routing.get(State::Ready), Stores::BOTH);
+        assert_eq!(k.routing.get(State::Hibernated), Stores::SEED);
+        assert_eq!(k.routing.get(State::Deletion), Stores::NONE);
+        assert_eq!(k.routing.get(State::Creation), Stores::BOTH, "default kept");
     }
 
     #[test]
@@ -596,6 +658,19 @@ mod tests {
             ),
             (format!("{BASE}{STORES}delivery: {{outage_policy: drop}}\n"), "delivery.outage_policy"),
             (format!("{BASE}{STORES}kubernetes: {{namespace: x}}\n"), "kubernetes.namespace"),
+            (
+                format!("{BASE}{STORES}kubernetes: {{routing: {{asleep: [seed]}}}}\n"),
+                // serde_path_to_error's name of a map key that is not one.
+                "kubernetes.routing.?",
+            ),
+            (
+                format!("{BASE}{STORES}kubernetes: {{routing: {{ready: [operator]}}}}\n"),
+                "kubernetes.routing.?[0]",
+            ),
+            (
+                format!("{BASE}{STORES}kubernetes: {{sync_timeout: 0s}}\n"),
+                "kubernetes.sync_timeout",
+            ),
             (
                 format!("admin: {{address: localhost}}\ninput: {{path: /p, checkpoint_dir: /x}}\n{STORES}"),
                 "admin.address",

@@ -17,6 +17,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod cri;
 pub mod deliver;
+pub mod fanout;
+pub mod lifecycle;
 pub mod loki;
 pub mod metrics;
 pub mod push;

@@ -3,9 +3,13 @@
 //! are added here as differences since the last update, by the loop that owns them; labels
 //! are bounded (`store` is `seed` or `shoot`, `reason` and `kind` closed enums).
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::deliver;
+use crate::fanout;
+use crate::lifecycle::State;
 use crate::tail;
 
 /// A counter of the tailer: its name, help and field.
@@ -94,6 +98,19 @@ pub struct Metrics {
     pub paused_stores: IntGaugeVec,
     /// Stores (seed and one per shoot namespace seen).
     pub stores: IntGaugeVec,
+    /// Shoot stores ended after going idle.
+    pub retired_stores: IntCounter,
+    /// Entries of shoots whose state sends them nowhere (hibernating, hibernated by default),
+    /// acknowledged unsent.
+    pub muted_entries: IntCounter,
+    /// Failed watches of the `Cluster` resources (each retried).
+    pub cluster_watch_errors: IntCounter,
+    /// `Cluster` resources not understood.
+    pub cluster_errors: IntCounter,
+    clusters: IntGaugeVec,
+    lag: GaugeVec,
+    files_in_flight: IntGauge,
+    checkpoint_age: Gauge,
     requests: IntCounterVec,
     accepted_entries: IntCounterVec,
     accepted_bytes: IntCounterVec,
@@ -119,6 +136,21 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
     #[allow(clippy::expect_used)]
     let c = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     reg(registry, c)
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    #[allow(clippy::expect_used)]
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn float_gauge(name: &str, help: &str) -> Gauge {
+    #[allow(clippy::expect_used)]
+    Gauge::new(name, help).expect("valid metric")
+}
+
+fn float_gauge_vec(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    #[allow(clippy::expect_used)]
+    GaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
@@ -176,6 +208,54 @@ impl Metrics {
                 "Stores being sent to (the seed's, one per shoot namespace seen).",
                 store,
             ),
+            retired_stores: reg(
+                registry,
+                counter(
+                    "log_shipper_stores_retired_total",
+                    "Stores ended: shoot stores without a line for a while (deleted or hibernated shoots), and stores of a config replaced by a reload.",
+                ),
+            ),
+            muted_entries: reg(
+                registry,
+                counter(
+                    "log_shipper_entries_muted_total",
+                    "Entries of shoots whose lifecycle state sends them to no store, acknowledged unsent.",
+                ),
+            ),
+            cluster_watch_errors: reg(
+                registry,
+                counter(
+                    "log_shipper_cluster_watch_errors_total",
+                    "Failed watches of the Cluster resources, each retried with backoff.",
+                ),
+            ),
+            cluster_errors: reg(
+                registry,
+                counter(
+                    "log_shipper_cluster_errors_total",
+                    "Cluster resources not understood (their shoot counts as unknown).",
+                ),
+            ),
+            clusters: gauge_vec(
+                registry,
+                "log_shipper_clusters",
+                "Shoots by lifecycle state, from the Cluster resources.",
+                &["state"],
+            ),
+            lag: reg(registry, float_gauge_vec(
+                "log_shipper_lag_seconds",
+                "Age of the oldest line read and not yet accepted, per store (for shoot: the shoot store most behind).",
+                store,
+            )),
+            files_in_flight: gauge(
+                registry,
+                "log_shipper_files_in_flight",
+                "Files with lines read and not yet accepted by every store they went to.",
+            ),
+            checkpoint_age: reg(registry, float_gauge(
+                "log_shipper_checkpoint_age_seconds",
+                "Time since the checkpoints were last persisted.",
+            )),
             requests: counter_vec(
                 registry,
                 "log_shipper_requests_total",
@@ -221,6 +301,30 @@ impl Metrics {
             c.inc_by(field(now).saturating_sub(field(last)));
         }
         self.malformed_dirs.set(now.malformed_dirs as i64);
+    }
+
+    /// Sets the lag gauges, and the checkpoint age if they were ever persisted.
+    pub fn lag(&self, lag: &fanout::Lag, checkpoint_age: Option<std::time::Duration>) {
+        self.lag
+            .with_label_values(&["seed"])
+            .set(lag.seed.as_secs_f64());
+        self.lag
+            .with_label_values(&["shoot"])
+            .set(lag.shoot.as_secs_f64());
+        self.files_in_flight.set(lag.files as i64);
+        if let Some(age) = checkpoint_age {
+            self.checkpoint_age.set(age.as_secs_f64());
+        }
+    }
+
+    /// Sets the shoots per lifecycle state.
+    pub fn clusters(&self, states: &std::collections::HashMap<String, State>) {
+        for state in State::ALL {
+            let n = states.values().filter(|s| **s == state).count();
+            self.clusters
+                .with_label_values(&[state.as_str()])
+                .set(n as i64);
+        }
     }
 
     /// Adds a policy's counters that grew since `last`.

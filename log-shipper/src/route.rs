@@ -3,10 +3,12 @@
 //! As Gardener's Fluent Bit output plugin does (`DynamicHostPath` on the namespace): a pod in
 //! a shoot control-plane namespace, `shoot--<project>--<name>`, logs to that shoot's store,
 //! whose URL (and tenant) is the `stores.shoot` template with `{namespace}` filled in; every
-//! other namespace logs to the seed's store. The shoot's lifecycle (`Cluster` resources) is not
-//! followed yet: every shoot counts as ready, and a ready shoot's lines go to its own store
-//! only (Gardener's default for `ready`). Separate from the agent's loop so that the rule is
-//! tested on its own.
+//! other namespace logs to the seed's store. With the `kubernetes:` setting, the shoot's
+//! lifecycle state (from its `Cluster`, see [`lifecycle`](crate::lifecycle)) decides whether a
+//! shoot's lines go to its store, the seed's, both or neither; a shoot namespace without a
+//! `Cluster` (its shoot is gone) logs to the seed's store, as Gardener sends a deleted
+//! cluster's lines to its default client. Without the setting every shoot counts as ready: its
+//! own store only. Separate from the agent's loop so that the rule is tested on its own.
 //!
 //! Labels are the ones Gardener's dashboards and queries use (its `LabelMapPath` and static
 //! labels): `namespace_name`, `pod_name`, `container_name` from the file's path, and
@@ -18,6 +20,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{Store, Template};
+use crate::lifecycle::watch::Snapshot;
+use crate::lifecycle::{Routing, Stores};
 use crate::loki;
 use crate::tail::path::Container;
 
@@ -112,27 +116,94 @@ pub fn labels(container: &Container) -> String {
     .unwrap_or_else(|_| format!("{{origin=\"{ORIGIN}\"}}"))
 }
 
-/// A container's target and labels, computed once per container.
-#[derive(Debug, Default)]
+/// Where a container's lines go and their stream labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The stores: [`Stores::SEED`] is the seed's, [`Stores::SHOOT`] the namespace's own.
+    pub stores: Stores,
+    /// The shoot namespace's store, for a shoot namespace.
+    pub shoot: Option<Target>,
+    /// The stream labels.
+    pub labels: Arc<str>,
+}
+
+/// What the router knows of the shoots' lifecycle.
+#[derive(Debug, Clone)]
+pub enum Lifecycle {
+    /// Not followed (no `kubernetes:` setting), or not listed in time: every shoot is ready.
+    EveryShootReady,
+    /// Followed, not listed yet: shoot namespaces wait.
+    Waiting,
+    /// The states of the listed shoots.
+    Known(Snapshot),
+}
+
+/// A container's route, computed once per container and again after a lifecycle change.
+#[derive(Debug)]
 pub struct Router {
-    cache: HashMap<Arc<Container>, (Target, Arc<str>)>,
+    cache: HashMap<Arc<Container>, Route>,
+    lifecycle: Lifecycle,
+    routing: Routing,
 }
 
 impl Router {
-    /// An empty router.
-    pub fn new() -> Router {
-        Router::default()
+    /// A router of `lifecycle`, sending each state's lines where `routing` says.
+    pub fn new(lifecycle: Lifecycle, routing: Routing) -> Router {
+        Router {
+            cache: HashMap::new(),
+            lifecycle,
+            routing,
+        }
     }
 
-    /// The target and labels of `container`'s lines.
-    pub fn route(&mut self, container: &Arc<Container>) -> (Target, Arc<str>) {
+    /// Replaces what is known of the shoots' lifecycle.
+    pub fn set_lifecycle(&mut self, lifecycle: Lifecycle) {
+        self.lifecycle = lifecycle;
+        self.cache.clear();
+    }
+
+    /// Whether lines of `namespace` must wait: a shoot namespace before the shoots are
+    /// listed.
+    pub fn waits(&self, namespace: &str) -> bool {
+        matches!(self.lifecycle, Lifecycle::Waiting) && is_shoot_namespace(namespace)
+    }
+
+    /// Whether the shoots are listed (or not followed).
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Waiting)
+    }
+
+    /// The stores of `namespace`'s lines.
+    pub fn stores(&self, namespace: &str) -> Stores {
+        if !is_shoot_namespace(namespace) {
+            return Stores::SEED;
+        }
+        match &self.lifecycle {
+            Lifecycle::EveryShootReady | Lifecycle::Waiting => Stores::SHOOT,
+            Lifecycle::Known(states) => match states.get(namespace) {
+                Some(state) => self.routing.get(*state),
+                None => Stores::SEED,
+            },
+        }
+    }
+
+    /// The route of `container`'s lines.
+    pub fn route(&mut self, container: &Arc<Container>) -> Route {
         if let Some(hit) = self.cache.get(container) {
             return hit.clone();
         }
         if self.cache.len() >= MAX_CACHED_LABELS {
             self.cache.clear();
         }
-        let routed = (target(&container.namespace), Arc::from(labels(container)));
+        let shoot = match target(&container.namespace) {
+            Target::Seed => None,
+            shoot => Some(shoot),
+        };
+        let routed = Route {
+            stores: self.stores(&container.namespace),
+            shoot,
+            labels: Arc::from(labels(container)),
+        };
         self.cache.insert(container.clone(), routed.clone());
         routed
     }
@@ -211,15 +282,54 @@ mod tests {
 
     #[test]
     fn router_caches_per_container() {
-        let mut router = Router::new();
+        let mut router = Router::new(Lifecycle::EveryShootReady, Routing::default());
         let c = container("garden");
-        let (t1, l1) = router.route(&c);
-        let (t2, l2) = router.route(&container("garden"));
-        assert_eq!(t1, Target::Seed);
-        assert_eq!(t1, t2);
-        assert!(Arc::ptr_eq(&l1, &l2));
-        let (t3, _) = router.route(&container("shoot--a--b"));
-        assert_eq!(t3, Target::Shoot("shoot--a--b".into()));
+        let r1 = router.route(&c);
+        let r2 = router.route(&container("garden"));
+        assert_eq!((r1.stores, &r1.shoot), (Stores::SEED, &None));
+        assert_eq!(r1, r2);
+        assert!(Arc::ptr_eq(&r1.labels, &r2.labels));
+        let r3 = router.route(&container("shoot--a--b"));
+        assert_eq!(r3.shoot, Some(Target::Shoot("shoot--a--b".into())));
+        assert_eq!(r3.stores, Stores::SHOOT);
         assert_eq!(router.cache.len(), 2);
+    }
+
+    #[test]
+    fn router_follows_the_lifecycle() {
+        use crate::lifecycle::State;
+        let mut router = Router::new(Lifecycle::Waiting, Routing::default());
+        assert!(router.waits("shoot--a--b"));
+        assert!(!router.waits("garden"));
+        assert_eq!(router.route(&container("garden")).stores, Stores::SEED);
+        let states: HashMap<String, State> = [
+            ("shoot--a--ready".to_owned(), State::Ready),
+            ("shoot--a--new".to_owned(), State::Creation),
+            ("shoot--a--asleep".to_owned(), State::Hibernated),
+        ]
+        .into();
+        router.set_lifecycle(Lifecycle::Known(Arc::new(states)));
+        assert!(!router.waits("shoot--a--b"));
+        for (ns, stores) in [
+            ("shoot--a--ready", Stores::SHOOT),
+            ("shoot--a--new", Stores::BOTH),
+            ("shoot--a--asleep", Stores::NONE),
+            ("shoot--a--gone", Stores::SEED),
+            ("garden", Stores::SEED),
+        ] {
+            assert_eq!(router.route(&container(ns)).stores, stores, "{ns}");
+        }
+        // A change of state reaches the cached containers.
+        router.set_lifecycle(Lifecycle::Known(Arc::new(
+            [("shoot--a--asleep".to_owned(), State::Waking)].into(),
+        )));
+        assert_eq!(
+            router.route(&container("shoot--a--asleep")).stores,
+            Stores::BOTH
+        );
+        assert_eq!(
+            router.route(&container("shoot--a--ready")).stores,
+            Stores::SEED
+        );
     }
 }

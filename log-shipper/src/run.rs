@@ -1,8 +1,11 @@
 //! The agent's life: the tailer on the blocking pool, one task per store, the admin server.
 //!
 //! - **The tailer thread** ([`Shutdown::spawn_blocking`]) polls the [`Tailer`], routes each
-//!   record ([`route`](crate::route)) and hands it to its store's queue (bounded,
-//!   [`QUEUE_CAPACITY`] messages) without waiting. When a store's queue is full, the records
+//!   record ([`route`](crate::route)) and hands it to its stores' queues (bounded,
+//!   [`QUEUE_CAPACITY`] messages) without waiting: one store, or two or none by the shoot's
+//!   lifecycle state, whose acknowledgements meet in the [`Fanout`] before a checkpoint
+//!   moves. With `kubernetes:` set, shoot namespaces are not read until the `Cluster`
+//!   resources were listed ([`watch`]), at most `kubernetes.sync_timeout`. When a store's queue is full, the records
 //!   that did not fit are held, in order, and the files routed to that store are not read
 //!   ([`Tailer::poll_except`]) until the held records went in: the files are the buffer, and
 //!   the files of every other store go on being read. Memory per store is its queue, its
@@ -10,20 +13,23 @@
 //!   acknowledgements the store tasks send back and persists checkpoints by the tailer's own
 //!   rule (every second, and at the end).
 //! - **A store task** per target (the seed, and each shoot namespace as its first line
-//!   appears; never retired yet) owns its [`Policy`] and [`Client`]: a dead or slow store
-//!   delays only its own lines.
+//!   appears, ended after [`STORE_IDLE`] without one) owns its [`Policy`] and [`Client`]: a
+//!   dead or slow store delays only its own lines.
 //! - **Shutdown**: on SIGTERM readiness goes false and the tailer stops reading; each store
 //!   task sends what it holds (batches as they come due) and ends once idle, or when the
 //!   grace ([`SHUTDOWN_GRACE`]) is over; the tailer applies the last acknowledgements and
 //!   persists the checkpoints. What was not acknowledged is read again after the restart.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentkit::admin::{AdminServer, Endpoints, Health};
+use agentkit::reload::{Options as ReloadOptions, Reloader};
 use agentkit::Shutdown;
 use prometheus::Registry;
 use thiserror::Error;
@@ -32,15 +38,26 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, Delivery, Protocol, Store};
 use crate::deliver::{Ack, Full, Item, Outcome, Policy};
+use crate::fanout::Fanout;
+use crate::lifecycle::watch::{self, Snapshot};
+use crate::lifecycle::Stores;
 use crate::metrics::Metrics;
 use crate::push::{send_due, Client};
-use crate::route::{self, Router, Target};
+use crate::route::{self, Lifecycle, Router, Target};
 use crate::tail::{Record, TailError, Tailer};
 
 /// Messages a store's queue holds at most.
 pub const QUEUE_CAPACITY: usize = 4096;
 /// How long the tailer thread waits for an acknowledgement when a poll read nothing.
 pub const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How often the config file is checked for a change (SIGHUP reloads at once).
+pub const RELOAD_POLL: Duration = Duration::from_secs(10);
+/// How long a shoot store may go without a line before its task is ended.
+pub const STORE_IDLE: Duration = Duration::from_secs(600);
+/// How often the lag and checkpoint-age gauges are set.
+const GAUGES_INTERVAL: Duration = Duration::from_secs(1);
+/// How often idle stores are looked for.
+const RETIRE_CHECK: Duration = Duration::from_secs(10);
 /// How long the stores may take to send what they hold after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -58,22 +75,33 @@ pub enum RunError {
     /// The tailer could not start (its checkpoint directory).
     #[error("tailer: {0}")]
     Tailer(#[from] TailError),
+    /// The Kubernetes client could not be made (the kubeconfig).
+    #[error("kubernetes: {0:#}")]
+    Kubernetes(anyhow::Error),
     /// A task of the agent panicked.
     #[error("task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
 
 /// What a store's queue carries: an entry, or a malformed line's checkpoint.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Message {
     Entry(Item),
     Ack(Ack),
+}
+
+/// A store's acknowledgement, back to the tailer thread.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    ack: Ack,
+    from: Stores,
 }
 
 /// A running agent.
 #[derive(Debug)]
 pub struct Agent {
     admin: SocketAddr,
+    reload: ReloadHandle,
     tailer: tokio::task::JoinHandle<Result<(), TailError>>,
     shutdown: Shutdown,
 }
@@ -82,6 +110,11 @@ impl Agent {
     /// The admin server's address (useful with port 0).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// A handle to reload the agent's config.
+    pub fn reloader(&self) -> ReloadHandle {
+        self.reload.clone()
     }
 
     /// Waits for the shutdown (SIGTERM, or the caller's `stop_accepting`), drains within
@@ -93,6 +126,34 @@ impl Agent {
         };
         let (tailed, _) = tokio::join!(self.tailer, drain);
         Ok(tailed??)
+    }
+}
+
+/// Reloads a running agent's config.
+#[derive(Debug, Clone)]
+pub struct ReloadHandle {
+    /// The running config's restart-only parts.
+    running: Arc<Config>,
+    reloads: std_mpsc::Sender<Arc<Config>>,
+}
+
+impl ReloadHandle {
+    /// Applies a reloaded config: the stores and delivery settings (stores started from now
+    /// on use them; running ones finish what they hold, then end). A change of `admin`,
+    /// `input` or `kubernetes` needs a restart and is refused, naming the section.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        for (section, same) in [
+            ("admin", config.admin == self.running.admin),
+            ("input", config.input == self.running.input),
+            ("kubernetes", config.kubernetes == self.running.kubernetes),
+        ] {
+            if !same {
+                return Err(format!("{section} changed: it needs a restart"));
+            }
+        }
+        self.reloads
+            .send(Arc::new(config))
+            .map_err(|_| "the agent is stopping".to_owned())
     }
 }
 
@@ -123,11 +184,41 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Agent, RunError
             health.set_ready(false);
         });
     }
+    let (lifecycle, sync_deadline, router) = match &config.kubernetes {
+        None => (
+            None,
+            None,
+            Router::new(Lifecycle::EveryShootReady, Default::default()),
+        ),
+        Some(k) => {
+            let client = agentkit::kube::client(k.kubeconfig.as_deref(), "kubernetes.kubeconfig")
+                .await
+                .map_err(RunError::Kubernetes)?;
+            let (tx, rx) = std_mpsc::channel();
+            shutdown.spawn(watch::run(client, tx, shutdown.clone(), metrics.clone()));
+            (
+                Some(rx),
+                Some(Instant::now() + k.sync_timeout),
+                Router::new(Lifecycle::Waiting, k.routing),
+            )
+        }
+    };
+    let config = Arc::new(config);
+    let (reloads_tx, reloads) = std_mpsc::channel();
+    let reload = ReloadHandle {
+        running: config.clone(),
+        reloads: reloads_tx,
+    };
     let looper = TailLoop {
         tailer,
-        router: Router::new(),
+        router,
+        reloads,
+        generation: 0,
+        lifecycle,
+        sync_deadline,
+        fanout: Fanout::new(),
         stores: HashMap::new(),
-        config: Arc::new(config),
+        config,
         shutdown: shutdown.clone(),
         metrics,
     };
@@ -136,14 +227,35 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Agent, RunError
     let tailer = shutdown.spawn_blocking(move || looper.run());
     Ok(Agent {
         admin: admin_addr,
+        reload,
         tailer,
         shutdown,
     })
 }
 
-/// Runs the agent until `shutdown` and its drain: what the binary does.
-pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), RunError> {
-    start(config, shutdown).await?.wait(SHUTDOWN_GRACE).await
+/// Runs the agent until `shutdown` and its drain: what the binary does. With `config_path`,
+/// reloads the file on SIGHUP and when it changes ([`RELOAD_POLL`]).
+pub async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: Shutdown,
+) -> Result<(), RunError> {
+    let agent = start(config, shutdown.clone()).await?;
+    if let Some(path) = config_path {
+        let initial = tokio::fs::read(&path).await.ok();
+        let loader =
+            agentkit::reload::file_loader(path, initial, |text| Ok(Config::from_yaml(text)?));
+        match Reloader::spawn(&shutdown, ReloadOptions::new(Some(RELOAD_POLL)), loader) {
+            Ok(reloader) => {
+                let handle = agent.reloader();
+                shutdown.spawn(reloader.apply_each(move |loaded| {
+                    handle.reload(loaded.map_err(|e| format!("{e:#}"))?)
+                }));
+            }
+            Err(error) => warn!(%error, "cannot watch for reloads"),
+        }
+    }
+    agent.wait(SHUTDOWN_GRACE).await
 }
 
 /// One store as the tailer thread sees it.
@@ -152,6 +264,10 @@ struct StoreQueue {
     /// Messages that did not fit the queue, in order; while not empty the store's files are
     /// not read.
     held: VecDeque<Message>,
+    /// When it was last given a line.
+    last_used: Instant,
+    /// The config generation it was started with.
+    generation: u64,
 }
 
 impl StoreQueue {
@@ -188,6 +304,15 @@ impl StoreQueue {
 struct TailLoop {
     tailer: Tailer,
     router: Router,
+    /// Reloaded configs.
+    reloads: std_mpsc::Receiver<Arc<Config>>,
+    /// The config's generation: stores of an older one end once they hold nothing.
+    generation: u64,
+    /// Snapshots of the shoots' states, when the lifecycle is followed.
+    lifecycle: Option<std_mpsc::Receiver<Snapshot>>,
+    /// When shoot namespaces stop waiting for the first snapshot.
+    sync_deadline: Option<Instant>,
+    fanout: Fanout,
     stores: HashMap<Target, StoreQueue>,
     config: Arc<Config>,
     shutdown: Shutdown,
@@ -196,12 +321,16 @@ struct TailLoop {
 
 impl TailLoop {
     fn run(mut self) -> Result<(), TailError> {
-        let (ack_tx, ack_rx) = std_mpsc::channel::<Ack>();
+        let (ack_tx, ack_rx) = std_mpsc::channel::<Acked>();
         let mut out: Vec<Record> = Vec::new();
         let mut last = self.tailer.stats();
+        let mut last_retire = Instant::now();
+        let mut last_gauges = Instant::now();
         while !self.shutdown.is_stopping() {
-            while let Ok(ack) = ack_rx.try_recv() {
-                self.tailer.ack(ack.file, ack.offset);
+            self.follow_lifecycle();
+            let reloaded = self.follow_reloads();
+            while let Ok(acked) = ack_rx.try_recv() {
+                self.apply(acked);
             }
             let mut seed_paused = false;
             let mut paused: HashSet<Arc<str>> = HashSet::new();
@@ -223,12 +352,14 @@ impl TailLoop {
                 .paused_stores
                 .with_label_values(&["shoot"])
                 .set(paused.len() as i64);
+            let router = &self.router;
             let is_paused = |c: &crate::tail::path::Container| {
-                if route::is_shoot_namespace(&c.namespace) {
-                    paused.contains(c.namespace.as_str())
-                } else {
-                    seed_paused
+                if router.waits(&c.namespace) {
+                    return true;
                 }
+                let stores = router.stores(&c.namespace);
+                (stores.contains(Stores::SEED) && seed_paused)
+                    || (stores.contains(Stores::SHOOT) && paused.contains(c.namespace.as_str()))
             };
             if let Err(error) = self
                 .tailer
@@ -238,49 +369,27 @@ impl TailLoop {
             }
             let read = out.len();
             for record in out.drain(..) {
-                let (target, labels) = self.router.route(&record.container);
-                let ack = Ack {
-                    file: record.file,
-                    offset: record.checkpoint(),
-                };
-                let message = match record.event {
-                    Ok(entry) => {
-                        self.metrics
-                            .entries_routed
-                            .with_label_values(&[target.kind()])
-                            .inc();
-                        Message::Entry(Item {
-                            labels,
-                            timestamp: entry.timestamp,
-                            line: String::from_utf8_lossy(&entry.content).into_owned(),
-                            ack: Some(ack),
-                        })
-                    }
-                    Err(_) => {
-                        self.metrics
-                            .malformed_lines
-                            .with_label_values(&[target.kind()])
-                            .inc();
-                        Message::Ack(ack)
-                    }
-                };
-                let queue = match self.stores.get_mut(&target) {
-                    Some(q) => q,
-                    None => {
-                        let q = self.start_store(&target, ack_tx.clone());
-                        self.stores.entry(target).or_insert(q)
-                    }
-                };
-                queue.send(message);
+                self.dispatch(record, &ack_tx);
             }
             let now = self.tailer.stats();
             self.metrics.tail(&last, &now);
             last = now;
             self.metrics.open_files.set(self.tailer.open_files() as i64);
             self.metrics.files.set(self.tailer.files() as i64);
+            if last_gauges.elapsed() >= GAUGES_INTERVAL {
+                last_gauges = Instant::now();
+                self.metrics.lag(
+                    &self.fanout.lag(last_gauges),
+                    self.tailer.persisted().map(|t| last_gauges - t),
+                );
+            }
+            if reloaded || last_retire.elapsed() >= RETIRE_CHECK {
+                last_retire = Instant::now();
+                self.retire_idle();
+            }
             if read == 0 {
-                if let Ok(ack) = ack_rx.recv_timeout(IDLE_POLL) {
-                    self.tailer.ack(ack.file, ack.offset);
+                if let Ok(acked) = ack_rx.recv_timeout(IDLE_POLL) {
+                    self.apply(acked);
                 }
             }
         }
@@ -295,7 +404,7 @@ impl TailLoop {
         drop(ack_tx);
         loop {
             match ack_rx.recv_timeout(IDLE_POLL) {
-                Ok(ack) => self.tailer.ack(ack.file, ack.offset),
+                Ok(acked) => self.apply(acked),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             }
@@ -305,43 +414,200 @@ impl TailLoop {
         Ok(())
     }
 
-    fn start_store(&self, target: &Target, acks: std_mpsc::Sender<Ack>) -> StoreQueue {
-        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let endpoint = route::endpoint(target, &self.config.seed, &self.config.shoot);
-        info!(store = %endpoint.url, "new store");
-        self.metrics
-            .stores
-            .with_label_values(&[target.kind()])
-            .inc();
-        let task = StoreTask {
-            kind: target.kind(),
-            store: if matches!(target, Target::Seed) {
-                self.config.seed.clone()
-            } else {
-                self.config.shoot.clone()
-            },
-            endpoint,
-            delivery: self.config.delivery.clone(),
-            rx,
-            acks,
-            shutdown: self.shutdown.clone(),
-            metrics: self.metrics.clone(),
-        };
-        self.shutdown.spawn(task.run());
-        StoreQueue {
-            tx,
-            held: VecDeque::new(),
+    /// Takes a reloaded config, if any: stores started from now on use it. True if one came.
+    fn follow_reloads(&mut self) -> bool {
+        let mut reloaded = false;
+        while let Ok(config) = self.reloads.try_recv() {
+            self.config = config;
+            self.generation += 1;
+            reloaded = true;
         }
+        if reloaded {
+            info!(
+                generation = self.generation,
+                "config reloaded; stores restart as they empty"
+            );
+        }
+        reloaded
+    }
+
+    /// Takes the latest snapshot of the shoots' states, or gives up waiting for the first.
+    fn follow_lifecycle(&mut self) {
+        let Some(rx) = &self.lifecycle else { return };
+        let mut latest = None;
+        loop {
+            match rx.try_recv() {
+                Ok(snapshot) => latest = Some(snapshot),
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                // The watch ended (shutdown): the last states stay in force.
+                Err(std_mpsc::TryRecvError::Disconnected) => {
+                    self.lifecycle = None;
+                    break;
+                }
+            }
+        }
+        if let Some(snapshot) = latest {
+            self.sync_deadline = None;
+            self.router.set_lifecycle(Lifecycle::Known(snapshot));
+        } else if self
+            .sync_deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+        {
+            self.sync_deadline = None;
+            warn!(
+                "Cluster resources not listed in time; every shoot counts as ready until they are"
+            );
+            self.router.set_lifecycle(Lifecycle::EveryShootReady);
+        }
+    }
+
+    /// Hands a record to each of its stores (none, one or two) and tells the fan-out.
+    fn dispatch(&mut self, record: Record, acks: &std_mpsc::Sender<Acked>) {
+        let route = self.router.route(&record.container);
+        let ack = Ack {
+            file: record.file,
+            offset: record.checkpoint(),
+        };
+        if let Some(offset) = self
+            .fanout
+            .sent(ack.file, ack.offset, route.stores, Instant::now())
+        {
+            self.tailer.ack(ack.file, offset);
+        }
+        if route.stores.is_empty() {
+            self.metrics.muted_entries.inc();
+            return;
+        }
+        let message = match record.event {
+            Ok(entry) => Message::Entry(Item {
+                labels: route.labels,
+                timestamp: entry.timestamp,
+                line: String::from_utf8_lossy(&entry.content).into_owned(),
+                ack: Some(ack),
+            }),
+            Err(_) => Message::Ack(ack),
+        };
+        let shoot = route.shoot.filter(|_| route.stores.contains(Stores::SHOOT));
+        let seed = route.stores.contains(Stores::SEED).then_some(Target::Seed);
+        match (shoot, seed) {
+            (Some(shoot), Some(seed)) => {
+                self.send(shoot, message.clone(), acks);
+                self.send(seed, message, acks);
+            }
+            (Some(target), None) | (None, Some(target)) => self.send(target, message, acks),
+            // Only a shoot namespace has a shoot store: the router never routes otherwise.
+            (None, None) => {}
+        }
+    }
+
+    /// Hands a message to `target`'s queue, starting the store on its first line.
+    fn send(&mut self, target: Target, message: Message, acks: &std_mpsc::Sender<Acked>) {
+        let counter = match message {
+            Message::Entry(_) => &self.metrics.entries_routed,
+            Message::Ack(_) => &self.metrics.malformed_lines,
+        };
+        counter.with_label_values(&[target.kind()]).inc();
+        let queue = match self.stores.entry(target) {
+            Entry::Occupied(q) => q.into_mut(),
+            Entry::Vacant(slot) => {
+                let q = start_store(
+                    slot.key(),
+                    self.generation,
+                    &self.config,
+                    &self.shutdown,
+                    &self.metrics,
+                    acks.clone(),
+                );
+                slot.insert(q)
+            }
+        };
+        queue.last_used = Instant::now();
+        queue.send(message);
+    }
+
+    /// Applies a store's acknowledgement through the fan-out.
+    fn apply(&mut self, acked: Acked) {
+        if let Some(offset) = self
+            .fanout
+            .acked(acked.ack.file, acked.ack.offset, acked.from)
+        {
+            self.tailer.ack(acked.ack.file, offset);
+        }
+    }
+
+    /// Closes the queues that hold nothing of shoot stores that got no line for
+    /// [`STORE_IDLE`] (a deleted shoot's store, a shoot that hibernated) and of stores of an
+    /// older config: their tasks send what they have and end. A store's next line starts it
+    /// again.
+    fn retire_idle(&mut self) {
+        let before = self.stores.len();
+        let metrics = &self.metrics;
+        let generation = self.generation;
+        self.stores.retain(|target, q| {
+            let stale = q.generation != generation;
+            let keep = !q.held.is_empty()
+                || (!stale
+                    && (matches!(target, Target::Seed) || q.last_used.elapsed() < STORE_IDLE));
+            if !keep {
+                info!(store = ?target, stale, "store retired (idle, or its config reloaded)");
+                metrics.stores.with_label_values(&[target.kind()]).dec();
+            }
+            keep
+        });
+        if self.stores.len() != before {
+            metrics
+                .retired_stores
+                .inc_by((before - self.stores.len()) as u64);
+        }
+    }
+}
+
+/// Starts the task of `target`'s store; its queue.
+fn start_store(
+    target: &Target,
+    generation: u64,
+    config: &Config,
+    shutdown: &Shutdown,
+    metrics: &Metrics,
+    acks: std_mpsc::Sender<Acked>,
+) -> StoreQueue {
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let endpoint = route::endpoint(target, &config.seed, &config.shoot);
+    info!(store = %endpoint.url, "new store");
+    metrics.stores.with_label_values(&[target.kind()]).inc();
+    let (store, from) = match target {
+        Target::Seed => (config.seed.clone(), Stores::SEED),
+        Target::Shoot(_) => (config.shoot.clone(), Stores::SHOOT),
+    };
+    let task = StoreTask {
+        kind: target.kind(),
+        from,
+        store,
+        endpoint,
+        delivery: config.delivery.clone(),
+        rx,
+        acks,
+        shutdown: shutdown.clone(),
+        metrics: metrics.clone(),
+    };
+    shutdown.spawn(task.run());
+    StoreQueue {
+        tx,
+        held: VecDeque::new(),
+        last_used: Instant::now(),
+        generation,
     }
 }
 
 struct StoreTask {
     kind: &'static str,
+    /// Which of a line's stores this is, for the fan-out.
+    from: Stores,
     store: Store,
     endpoint: route::Endpoint,
     delivery: Delivery,
     rx: mpsc::Receiver<Message>,
-    acks: std_mpsc::Sender<Ack>,
+    acks: std_mpsc::Sender<Acked>,
     shutdown: Shutdown,
     metrics: Metrics,
 }
@@ -433,7 +699,10 @@ impl StoreTask {
     fn ack(&self, acks: &[Ack]) {
         for a in acks {
             // The tailer thread is gone only after every store task ended.
-            let _ = self.acks.send(*a);
+            let _ = self.acks.send(Acked {
+                ack: *a,
+                from: self.from,
+            });
         }
     }
 }
@@ -479,6 +748,8 @@ mod tests {
         let mut q = StoreQueue {
             tx,
             held: VecDeque::new(),
+            last_used: Instant::now(),
+            generation: 0,
         };
         for i in 0..5 {
             q.send(ack(i));

@@ -119,6 +119,11 @@ fn write_lines(logs: &Path, ns: &str, tag: &str, n: usize, base: i64) -> Vec<(i6
 }
 
 fn config(d: &Dirs, seed_port: u16, shoot_port: u16) -> Config {
+    config_with(d, seed_port, shoot_port, "")
+}
+
+/// [`config`] with more YAML appended.
+fn config_with(d: &Dirs, seed_port: u16, shoot_port: u16, extra: &str) -> Config {
     let yaml = format!(
         r#"
 admin: {{address: "127.0.0.1:0"}}
@@ -134,7 +139,7 @@ delivery:
   min_backoff: 50ms
   max_backoff: 200ms
   request_timeout: 2s
-"#,
+{extra}"#,
         logs = d.logs.display(),
         checkpoints = d.checkpoints.display(),
     );
@@ -369,4 +374,264 @@ async fn a_dead_shoot_store_does_not_stall_the_seed_and_resumes_after_a_restart(
     assert_eq!(stored(&got), want);
     stop(agent, &shutdown, Duration::from_secs(5)).await;
     drop((seed_store, shoot_store));
+}
+
+/// The `Cluster` resource as Gardener's extension library defines it (cluster-scoped, the
+/// shoot embedded in `spec.shoot`), with the schema trimmed to what routing reads.
+const CLUSTER_CRD: &str = r#"{
+  "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+  "metadata": {"name": "clusters.extensions.gardener.cloud"},
+  "spec": {
+    "group": "extensions.gardener.cloud", "scope": "Cluster",
+    "names": {"kind": "Cluster", "listKind": "ClusterList", "plural": "clusters", "singular": "cluster"},
+    "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+      "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+        "spec": {"type": "object", "properties": {
+          "cloudProfile": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+          "seed": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+          "shoot": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}}}]
+  }
+}"#;
+
+const CLUSTERS: &str = "/apis/extensions.gardener.cloud/v1alpha1/clusters";
+
+/// A `Cluster` named `ns` whose shoot is in `shoot`'s state; `finalizer` keeps it while it is
+/// being deleted.
+fn cluster(ns: &str, shoot: serde_json::Value, finalizer: bool) -> String {
+    let finalizers: Vec<&str> = if finalizer {
+        vec!["test.gardener.cloud/keep"]
+    } else {
+        vec![]
+    };
+    serde_json::json!({
+        "apiVersion": "extensions.gardener.cloud/v1alpha1", "kind": "Cluster",
+        "metadata": {"name": ns, "finalizers": finalizers},
+        "spec": {"cloudProfile": {}, "seed": {}, "shoot": shoot},
+    })
+    .to_string()
+}
+
+fn reconciled() -> serde_json::Value {
+    serde_json::json!({"status": {"lastOperation": {"type": "Reconcile", "state": "Succeeded"}}})
+}
+
+/// Waits until the agent's `series` reads `want`.
+async fn metric_reaches(agent: &Agent, series: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = metrics(agent);
+        if metric(&text, series) == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{series} never {want}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_lifecycle_state_routes_as_gardener_does() {
+    const NEW: &str = "shoot--core--new";
+    const GONE: &str = "shoot--core--gone";
+    let Some(binary) = common::victoria_logs("each_lifecycle_state_routes") else {
+        return;
+    };
+    let Some(control) =
+        tokio::task::spawn_blocking(|| agentkit::testing::kube::ControlPlane::shared("lifecycle"))
+            .await
+            .expect("start")
+    else {
+        return;
+    };
+    let (status, body) = control
+        .request(
+            "POST",
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            Some(CLUSTER_CRD),
+        )
+        .await
+        .expect("create the CRD");
+    assert!(status == 201 || status == 409, "{status} {body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while control
+        .request("GET", CLUSTERS, None)
+        .await
+        .expect("list")
+        .0
+        != 200
+    {
+        assert!(Instant::now() < deadline, "the Cluster CRD is never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SHOOT_A ready (kept by a finalizer for its deletion later), SHOOT_B hibernated, NEW in
+    // creation; GONE has no Cluster (its shoot was deleted).
+    let hibernated = serde_json::json!({
+        "spec": {"hibernation": {"enabled": true}},
+        "status": {"isHibernated": true, "lastOperation": {"type": "Reconcile", "state": "Succeeded"}},
+    });
+    let creating =
+        serde_json::json!({"status": {"lastOperation": {"type": "Create", "state": "Processing"}}});
+    for (ns, shoot, keep) in [
+        (SHOOT_A, reconciled(), true),
+        (SHOOT_B, hibernated, false),
+        (NEW, creating, false),
+    ] {
+        let (status, body) = control
+            .request("POST", CLUSTERS, Some(&cluster(ns, shoot, keep)))
+            .await
+            .expect("create a Cluster");
+        assert_eq!(status, 201, "{body}");
+    }
+
+    let vlogs = Server::start(&binary, common::free_port(), "agent-lifecycle");
+    let d = dirs("lifecycle");
+    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 987_654_321;
+    let mut want = BTreeSet::new();
+    let lines = |ns: &str, tag: &str, n: usize, k: i64| write_lines(&d.logs, ns, tag, n, base + k);
+    let a = lines(SHOOT_A, "ready", 10, 0);
+    want.extend(expect(SHOOT_A, SHOOT_A, &a));
+    let b = lines(SHOOT_B, "asleep", 7, 1);
+    let n = lines(NEW, "creating", 5, 2);
+    want.extend(expect(NEW, NEW, &n));
+    want.extend(expect(NEW, "seed", &n));
+    let g = lines(GONE, "orphan", 4, 3);
+    want.extend(expect(GONE, "seed", &g));
+    let s = lines(SEED_NS, "seed", 3, 4);
+    want.extend(expect(SEED_NS, "seed", &s));
+
+    let extra = format!(
+        "kubernetes: {{kubeconfig: {}}}\n",
+        control.kubeconfig().display()
+    );
+    let shutdown = Shutdown::new();
+    let agent = start(
+        config_with(&d, vlogs.port, vlogs.port, &extra),
+        shutdown.clone(),
+    )
+    .await
+    .expect("the agent starts");
+    let vlogs = std::sync::Arc::new(vlogs);
+    let read = |n: usize| {
+        let vlogs = vlogs.clone();
+        async move {
+            tokio::task::spawn_blocking(move || vlogs.read_all(n))
+                .await
+                .expect("read")
+        }
+    };
+    let found = read(want.len()).await;
+    assert_eq!(stored(&found), want, "routing by state");
+    metric_reaches(&agent, "log_shipper_entries_muted_total", b.len() as u64).await;
+    metric_reaches(&agent, "log_shipper_clusters{state=\"hibernated\"}", 1).await;
+    metric_reaches(&agent, "log_shipper_clusters{state=\"creation\"}", 1).await;
+
+    // SHOOT_A is being deleted: from now on its lines go to both stores.
+    let (status, body) = control
+        .request("DELETE", &format!("{CLUSTERS}/{SHOOT_A}"), None)
+        .await
+        .expect("delete");
+    assert_eq!(status, 200, "{body}");
+    metric_reaches(&agent, "log_shipper_clusters{state=\"deletion\"}", 1).await;
+    let a2 = write_lines(&d.logs, SHOOT_A, "deleting", 6, base + 1_000_000_000);
+    want.extend(expect(SHOOT_A, SHOOT_A, &a2));
+    want.extend(expect(SHOOT_A, "seed", &a2));
+    let found = read(want.len()).await;
+    assert_eq!(stored(&found), want, "a state change reaches running files");
+    assert_eq!(found.len(), want.len(), "each line once per store");
+    // The hibernated shoot's lines were acknowledged without being sent: nothing is read
+    // again after a restart.
+    stop(agent, &shutdown, Duration::from_secs(5)).await;
+    let shutdown = Shutdown::new();
+    let agent = start(
+        config_with(&d, vlogs.port, vlogs.port, &extra),
+        shutdown.clone(),
+    )
+    .await
+    .expect("the agent restarts");
+    metric_reaches(&agent, "log_shipper_clusters{state=\"deletion\"}", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(&metrics(&agent), "log_shipper_entries_muted_total"),
+        0
+    );
+    assert_eq!(
+        read(want.len()).await.len(),
+        want.len(),
+        "nothing sent twice"
+    );
+    stop(agent, &shutdown, Duration::from_secs(5)).await;
+    // Let the finalizer go so the Cluster does not outlive the test.
+    let (status, body) = control
+        .request(
+            "PUT",
+            &format!("{CLUSTERS}/{SHOOT_A}"),
+            Some(&{
+                let (_, current) = control
+                    .request("GET", &format!("{CLUSTERS}/{SHOOT_A}"), None)
+                    .await
+                    .expect("get");
+                let mut object: serde_json::Value = serde_json::from_str(&current).expect("json");
+                object["metadata"]["finalizers"] = serde_json::json!([]);
+                object.to_string()
+            }),
+        )
+        .await
+        .expect("drop the finalizer");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_new_lines_to_the_new_store_and_refuses_input_changes() {
+    let Some(binary) = common::victoria_logs("a_reload_moves_new_lines") else {
+        return;
+    };
+    let vlogs = Server::start(&binary, common::free_port(), "agent-reload");
+    let d = dirs("reload");
+    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 55_555_555;
+    let before = write_lines(&d.logs, SEED_NS, "before", 12, base);
+    let shutdown = Shutdown::new();
+    let agent = start(config(&d, vlogs.port, vlogs.port), shutdown.clone())
+        .await
+        .expect("the agent starts");
+    let vlogs = std::sync::Arc::new(vlogs);
+    let read = |n: usize| {
+        let vlogs = vlogs.clone();
+        async move {
+            tokio::task::spawn_blocking(move || vlogs.read_all(n))
+                .await
+                .expect("read")
+        }
+    };
+    let mut want = expect(SEED_NS, "seed", &before);
+    assert_eq!(stored(&read(want.len()).await), want);
+
+    let reloaded = config(&d, vlogs.port, vlogs.port);
+    let mut yaml_moved = config(&d, vlogs.port, vlogs.port);
+    yaml_moved.input.path = d.root.join("elsewhere");
+    assert_eq!(
+        agent.reloader().reload(yaml_moved),
+        Err("input changed: it needs a restart".to_owned())
+    );
+    let renamed = Config::from_yaml(&format!(
+        "admin: {{address: \"{admin}\"}}\ninput: {{path: {logs}, checkpoint_dir: {ck}, rescan_interval: 100ms}}\n\
+         stores:\n  seed: {{url: \"http://127.0.0.1:{port}/insert/loki/api/v1/push?extra_fields=store=seed-v2\", protocol: loki}}\n  \
+         shoot: {{url: \"http://127.0.0.1:{port}/insert/loki/api/v1/push?extra_fields=store={{namespace}}\", protocol: loki}}\n\
+         delivery: {{batch_wait: 100ms, min_backoff: 50ms, max_backoff: 200ms, request_timeout: 2s}}\n",
+        admin = reloaded.admin,
+        logs = d.logs.display(),
+        ck = d.checkpoints.display(),
+        port = vlogs.port,
+    ))
+    .expect("valid");
+    agent
+        .reloader()
+        .reload(renamed)
+        .expect("stores and delivery reload");
+    // The old store holds nothing: it ends, and the next lines start the new one.
+    metric_reaches(&agent, "log_shipper_stores_retired_total", 1).await;
+    let after = write_lines(&d.logs, SEED_NS, "after", 9, base + 1_000_000_000);
+    want.extend(expect(SEED_NS, "seed-v2", &after));
+    let found = read(want.len()).await;
+    assert_eq!(stored(&found), want);
+    assert_eq!(found.len(), want.len(), "nothing sent twice");
+    stop(agent, &shutdown, Duration::from_secs(5)).await;
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use agentkit::admin::AdminServer;
 use agentkit::net::Sharing;
-use agentkit::reload::{Fingerprint, Reloader, Trigger};
+use agentkit::reload::{Reloader, Trigger};
 use agentkit::{ConfigError, Endpoints, Health, Shutdown};
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -333,17 +333,11 @@ fn config_loader(
     path: PathBuf,
     initial: Option<Vec<u8>>,
 ) -> impl FnMut(Trigger) -> anyhow::Result<Option<(Config, Vec<DataPath>)>> + Send + 'static {
-    let mut seen = Fingerprint::new(initial);
-    move |trigger| {
-        let bytes = std::fs::read(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        if !seen.update(&bytes) && trigger == Trigger::Poll {
-            return Ok(None);
-        }
-        let config = Config::from_yaml(&String::from_utf8_lossy(&bytes))?;
+    agentkit::reload::file_loader(path, initial, |text| {
+        let config = Config::from_yaml(text)?;
         let paths = data_paths(&config);
-        Ok(Some((config, paths)))
-    }
+        Ok((config, paths))
+    })
 }
 
 /// Each listener's data path, resolved (may block on the first probe of a path).

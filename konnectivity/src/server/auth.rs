@@ -12,7 +12,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use agentkit::sync::lock;
-use anyhow::Context as _;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use thiserror::Error;
@@ -73,20 +72,7 @@ impl std::fmt::Debug for Authenticator {
 
 impl Authenticator {
     pub async fn new(config: AuthConfig) -> anyhow::Result<Authenticator> {
-        let kube_config = match &config.kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path)
-                    .with_context(|| format!("--kubeconfig {}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(
-                    file,
-                    &kube::config::KubeConfigOptions::default(),
-                )
-                .await
-                .with_context(|| format!("--kubeconfig {}", path.display()))?
-            }
-            None => kube::Config::incluster().context("no --kubeconfig and not in a cluster")?,
-        };
-        let client = kube::Client::try_from(kube_config).context("API server client")?;
+        let client = agentkit::kube::client(config.kubeconfig.as_deref(), "--kubeconfig").await?;
         Ok(Authenticator {
             client,
             username: format!(

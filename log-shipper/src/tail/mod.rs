@@ -171,6 +171,8 @@ pub struct Tailer {
     store: Checkpoints,
     next_scan: Option<Instant>,
     next_persist: Option<Instant>,
+    /// When a poll last persisted the checkpoints.
+    persisted: Option<Instant>,
     stats: Stats,
     buf: Vec<u8>,
 }
@@ -198,6 +200,7 @@ impl Tailer {
             store,
             next_scan: None,
             next_persist: None,
+            persisted: None,
             stats: Stats {
                 checkpoints_ignored: loaded.ignored as u64,
                 ..Stats::default()
@@ -234,6 +237,7 @@ impl Tailer {
         if self.next_persist.is_none_or(|t| now >= t) {
             self.next_persist = Some(now + CHECKPOINT_INTERVAL);
             self.persist()?;
+            self.persisted = Some(now);
         }
         result
     }
@@ -263,6 +267,11 @@ impl Tailer {
             }
         }
         Ok(self.store.persist()?)
+    }
+
+    /// When a poll last persisted the checkpoints (written or unchanged), if ever.
+    pub fn persisted(&self) -> Option<Instant> {
+        self.persisted
     }
 
     /// Counters so far.

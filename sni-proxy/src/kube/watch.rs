@@ -6,7 +6,6 @@
 //! the routes stay as they were: a watch error never empties the table.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -153,11 +152,8 @@ impl Source {
     /// Reads the kubeconfig (or the pod's service account) and makes the client; no request
     /// is sent yet.
     pub async fn connect(settings: &config::Kubernetes) -> anyhow::Result<Source> {
-        let config = match &settings.kubeconfig {
-            Some(path) => kubeconfig(path).await?,
-            None => kube::Config::incluster()
-                .context("kubernetes: no kubeconfig given and not in a pod (in-cluster config)")?,
-        };
+        let config =
+            agentkit::kube::config(settings.kubeconfig.as_deref(), "kubernetes.kubeconfig").await?;
         let namespace = settings
             .namespace
             .clone()
@@ -600,14 +596,6 @@ fn report(update: &Update, reported: &mut HashSet<Skip>, metrics: &Metrics) {
         warn!(host = %c.host, winner = %c.winner, loser = %c.loser, "kubernetes: SNI host claimed twice; the older route keeps it");
     }
     metrics.conflicts.set(update.conflicts.len() as i64);
-}
-
-async fn kubeconfig(path: &Path) -> anyhow::Result<kube::Config> {
-    let file = kube::config::Kubeconfig::read_from(path)
-        .with_context(|| format!("kubernetes.kubeconfig {}", path.display()))?;
-    kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
-        .await
-        .with_context(|| format!("kubernetes.kubeconfig {}", path.display()))
 }
 
 fn unix_now() -> i64 {
