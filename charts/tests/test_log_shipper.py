@@ -447,7 +447,8 @@ def test_checksum_of_the_config(case: str) -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/config"])
 
 
-def test_config_change_rolls_the_pods_and_nothing_else_does() -> None:
+def test_checksum_follows_only_the_config() -> None:
+    """A config change changes the pod template (a rollout); other values leave the checksum."""
     def checksum(values: dict[str, Any]) -> str:
         return daemonset(render_objs(values))["spec"]["template"]["metadata"]["annotations"][
             "checksum/config"
