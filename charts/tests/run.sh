@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the Helm chart tests (charts/tests/test_*.py: sni-proxy, node-local-dns, konnectivity) in
-# their own venv.
+# Runs the Helm chart tests (charts/tests/test_*.py: sni-proxy, node-local-dns, konnectivity,
+# log-shipper) in their own venv.
 #
 #   charts/tests/run.sh [PYTEST ARGS...]
 #
@@ -10,6 +10,8 @@
 #             missing binary: the tests fail, unless neither SNI_PROXY_BIN nor CI is set (skip).
 # NODE_LOCAL_DNS_BIN  node-local-dns binary for the -check tests (default:
 #             <target>/debug/node-local-dns when it exists); unset: those tests are skipped.
+# LOG_SHIPPER_BIN  log-shipper binary for the --check tests (default: <target>/debug/log-shipper
+#             when it exists); unset: those tests are skipped.
 #
 # Needs only PyPI: helm-python-sdk ships Helm's Go SDK as a prebuilt shared library inside its
 # wheel, and kubernetes-validate ships the Kubernetes schemas.
@@ -39,6 +41,12 @@ if [ -z "${NODE_LOCAL_DNS_BIN:-}" ]; then
     nld_default="${CARGO_TARGET_DIR:-$repo/target}/debug/node-local-dns"
     if [ -x "$nld_default" ]; then
         export NODE_LOCAL_DNS_BIN="$nld_default"
+    fi
+fi
+if [ -z "${LOG_SHIPPER_BIN:-}" ]; then
+    shipper_default="${CARGO_TARGET_DIR:-$repo/target}/debug/log-shipper"
+    if [ -x "$shipper_default" ]; then
+        export LOG_SHIPPER_BIN="$shipper_default"
     fi
 fi
 export PYTHONDONTWRITEBYTECODE=1
