@@ -194,12 +194,12 @@ delivery:
 
 def peer_config(tmp: Path, logs: Path, ckpt: Path, metrics: int, endpoint: str, persistent: bool) -> Path:
     p = tmp / "otelcol.yaml"
-    queue = "      storage: file_storage\n" if persistent else ""
+    queue = "    sending_queue: {storage: file_storage}\n" if persistent else ""
     p.write_text(f"""extensions:
   file_storage:
     directory: {ckpt}
 receivers:
-  filelog:
+  file_log:
     include: [{logs}/*/*/*.log]
     start_at: beginning
     include_file_path: true
@@ -212,8 +212,6 @@ exporters:
   otlp_http:
     logs_endpoint: {endpoint}
     compression: none
-    sending_queue:
-      enabled: true
 {queue}service:
   extensions: [file_storage]
   telemetry:
@@ -226,7 +224,7 @@ exporters:
               prometheus: {{host: 127.0.0.1, port: {metrics}}}
   pipelines:
     logs:
-      receivers: [filelog]
+      receivers: [file_log]
       processors: [batch]
       exporters: [otlp_http]
 """)
@@ -332,8 +330,9 @@ def store_distinct(port: int) -> tuple[int, int]:
     return int(r.get("u", 0)), int(r.get("c", 0))
 
 
-def wait_store(port: int, want: int, timeout: float) -> tuple[int, int]:
-    """Polls until the store holds `want` distinct sequence numbers or nothing moved for 20 s."""
+def wait_store(port: int, want: int, timeout: float, stall: float = 20) -> tuple[int, int]:
+    """Polls until the store holds `want` distinct sequence numbers or nothing moved for `stall`
+    seconds (the collector's retries back off to 30 s)."""
     deadline = time.monotonic() + timeout
     last, since = (-1, -1), time.monotonic()
     while time.monotonic() < deadline:
@@ -342,7 +341,7 @@ def wait_store(port: int, want: int, timeout: float) -> tuple[int, int]:
             return got
         if got != last:
             last, since = got, time.monotonic()
-        elif time.monotonic() - since > 20:  # the collector's retries back off to 30 s
+        elif time.monotonic() - since > stall:
             return got
         time.sleep(1)
     return last
@@ -424,7 +423,8 @@ def latency(ctx: Ctx, who: str, sink: str) -> dict[str, Any]:
     data = ctx.tmp / f"lat-{who}-{sink}"
     logs = data / "pods"
     logs.mkdir(parents=True)
-    container_dirs(logs, ctx.args.containers)
+    for d in container_dirs(logs, ctx.args.containers):
+        (d / "0.log").touch()  # found before the first line: no rescan interval in the latency
     store = ctx.start_store(sink, data / "store")
     srv, murl, prefix = ctx.start_shipper(who, logs, data / "ckpt", store.port)
     time.sleep(2)  # the shipper has found the (empty) files
@@ -461,7 +461,8 @@ def loss(ctx: Ctx, who: str) -> dict[str, Any]:
     data = ctx.tmp / f"loss-{who}"
     logs = data / "pods"
     logs.mkdir(parents=True)
-    container_dirs(logs, a.containers)
+    for d in container_dirs(logs, a.containers):
+        (d / "0.log").touch()
     store_port = free_port()
     store = ctx.start_store("vlogs", data / "store", store_port)
     srv, _, _ = ctx.start_shipper(who, logs, data / "ckpt", store.port, persistent=True)
@@ -484,7 +485,7 @@ def loss(ctx: Ctx, who: str) -> dict[str, Any]:
     time.sleep(a.outage)
     store = ctx.start_store("vlogs", data / "store", store_port)
     w.join()
-    got, records = wait_store(store_port, w.total, 60)
+    got, records = wait_store(store_port, w.total, 60, 8 if a.smoke else 20)
     ctx.runner.stop(srv)
     ctx.runner.stop(store)
     shutil.rmtree(data, ignore_errors=True)
@@ -581,6 +582,36 @@ def render_md(meta: dict[str, Any], results: dict[str, Any], d: dict[str, Any]) 
     for note in results.get("notes", []):
         L.append(f"- {note}")
     return "\n".join(L) + "\n"
+
+
+def svg(meta: dict[str, Any], results: dict[str, Any]) -> str:
+    """logs.svg: lines per CPU-second and peak RSS per shipper and store (hand-written SVG)."""
+    tp = results.get("throughput", {})
+    rows = [(k, r) for k, r in tp.items()]
+
+    def items(f: str, scale: float = 1.0) -> list[tuple[str, float | None, str, bool]]:
+        out = []
+        for k, r in rows:
+            who, sink = k.split("/")
+            v = r.get(f)
+            out.append((f"{who} → {'null' if sink == 'null' else 'VLogs'}", None if v is None else v * scale,
+                        "failed", who == OURS))
+        return out
+
+    W, H = 1080, 360
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" {common.FONT}>',
+         f'<rect width="{W}" height="{H}" fill="white"/>',
+         common.svg_text(W / 2, 28, "CRI files to a store: lines per CPU-second (higher is better) and peak RSS",
+                         17, "middle", "bold"),
+         common.svg_text(W / 2, 50, f"shipper pinned to 1 core; {meta['files']}; {meta['date']} · commit "
+                         f"{meta['commit']}", 11, "middle", fill="#555")]
+    pw = (W - 40) / 2
+    common.hbar_panel(o, 20, 88, pw - 10, H - 110, "lines per CPU-second of the shipper", "thousand lines / s",
+                      items("lines_per_cpu_s", 1e-3), T_LINES_PER_CORE / 1000, "target 1,000,000 / core", 0)
+    common.hbar_panel(o, 20 + pw, 88, pw - 10, H - 110, "peak RSS (VmHWM)", "MiB", items("vmhwm_kib", 1 / 1024),
+                      None, "", 1)
+    o.append("</svg>")
+    return "\n".join(o)
 
 
 def versions(args: argparse.Namespace) -> dict[str, str]:
@@ -694,6 +725,7 @@ def main() -> int:
     d = derive(results)
     (out / "logs-latest.json").write_text(json.dumps({"meta": meta, "results": results, "derived": d}, indent=2) + "\n")
     (out / "logs-latest.md").write_text(render_md(meta, results, d))
+    (out / "logs.svg").write_text(svg(meta, results))
     log(f"wrote {out}/logs-latest.md")
     print(render_md(meta, results, d))
     failed = [k for k, r in results["throughput"].items() if r.get("error")]

@@ -109,6 +109,14 @@ class Targets(unittest.TestCase):
                                                                  "cpu_us_per_line": 0.5, "vmhwm_kib": 2048}}}, d)
         self.assertIn("| log-shipper | null sink | 2,000,000 |", md)
 
+    def test_svg_is_well_formed_with_a_failed_row(self) -> None:
+        import xml.dom.minidom
+        meta = {"date": "d", "commit": "c", "files": "f <&>"}
+        res = {"throughput": {"log-shipper/null": {"lines_per_cpu_s": 1.5e6, "vmhwm_kib": 20_000},
+                              "otelcol/vlogs": {"error": "x", "vmhwm_kib": 0}}}
+        doc = xml.dom.minidom.parseString(logs.svg(meta, res))
+        self.assertEqual(doc.documentElement.tagName, "svg")
+
 
 if __name__ == "__main__":
     unittest.main()
