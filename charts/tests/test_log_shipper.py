@@ -170,7 +170,8 @@ def test_default_config_is_the_example_reachable_from_the_kubelet() -> None:
     assert example["admin"]["address"] == "127.0.0.1:15093"
     assert config["admin"] == {"address": "0.0.0.0:15093"}
     assert config["stores"] == example["stores"]
-    assert config["kubernetes"] == example["kubernetes"] == {}
+    assert example["kubernetes"] == {}
+    assert config["kubernetes"] == {"sync_timeout": "2m"}, "the default, written out"
     assert {k: config["input"][k] for k in example["input"]} == example["input"]
 
 
@@ -219,7 +220,10 @@ def test_config_follows_the_values(case: str) -> None:
         "outage_policy": d["outagePolicy"],
     }
     if v["lifecycle"]["enabled"]:
-        assert config["kubernetes"] == {}
+        want = {"sync_timeout": v["lifecycle"]["syncTimeout"]}
+        if v["lifecycle"]["routing"]:
+            want["routing"] = v["lifecycle"]["routing"]
+        assert config["kubernetes"] == want
     else:
         assert "kubernetes" not in config
 
@@ -313,6 +317,7 @@ def test_chart_defaults_are_the_binarys_defaults() -> None:
         "MIN_BACKOFF": values["delivery"]["minBackoff"],
         "MAX_BACKOFF": values["delivery"]["maxBackoff"],
         "MAX_OUTAGE": values["delivery"]["maxOutage"],
+        "SYNC_TIMEOUT": values["lifecycle"]["syncTimeout"],
     }
     assert set(pairs) == set(consts), f"config.rs defaults: {sorted(consts)}"
     for name, chart_value in pairs.items():
@@ -519,7 +524,7 @@ def test_rbac_only_with_the_lifecycle(case: str) -> None:
 def test_rbac_create_false_keeps_the_lifecycle() -> None:
     objs = render_objs({"rbac": {"create": False}})
     assert not [o for o in objs if o["kind"].startswith("ClusterRole")]
-    assert config_of(objs)["kubernetes"] == {}
+    assert config_of(objs)["kubernetes"] == {"sync_timeout": "2m"}
     assert pod_spec(objs)["automountServiceAccountToken"] is True
     notes = render({"rbac": {"create": False}})[f"{RELEASE}/templates/NOTES.txt"]
     assert "grant ServiceAccount log-shipper get, list and watch on clusters" in notes

@@ -160,7 +160,11 @@ delivery:
   outage_policy: {{ $d.outagePolicy }}
 {{- if .Values.lifecycle.enabled }}
 # Shoot lifecycle from Cluster resources, through the pod's service account.
-kubernetes: {}
+kubernetes:
+  sync_timeout: {{ .Values.lifecycle.syncTimeout }}
+  {{- with .Values.lifecycle.routing }}
+  routing: {{ toJson . }}
+  {{- end }}
 {{- end }}
 {{- end -}}
 
