@@ -20,6 +20,7 @@ pub mod deliver;
 pub mod loki;
 pub mod metrics;
 pub mod push;
+pub mod query;
 pub mod route;
 pub mod run;
 pub mod tail;
