@@ -85,9 +85,11 @@ pub fn plan(args: &Args, config: Option<&Config>, now: i64) -> Result<Plan, Quer
                 .map(|(project, name)| format!("{}{project}--{name}", route::SHOOT_PREFIX));
             match namespace {
                 Some(ns) if route::is_shoot_namespace(&ns) => Some(ns),
-                _ => return Err(QueryError::Usage(format!(
+                _ => {
+                    return Err(QueryError::Usage(format!(
                     "--shoot `{shoot}` is not project/name (of a namespace shoot--project--name)"
-                ))),
+                )))
+                }
             }
         }
     };
