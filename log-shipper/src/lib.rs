@@ -10,8 +10,8 @@
 //! the delivery policy of one store ([`deliver`]). The IO parts: the tailer that follows the
 //! kubelet's files and rotation ([`tail`]) with its crash-safe per-file checkpoints
 //! ([`checkpoint`]), the HTTP client ([`push`]), and the agent that wires them ([`run`]), with
-//! its [`metrics`] and [`config`]. The `Cluster` lifecycle, OTLP and the query command are to
-//! come.
+//! its [`metrics`] and [`config`]. The operators' `log-shipper query` command is [`query`].
+//! The `Cluster` lifecycle and OTLP are to come.
 
 pub mod checkpoint;
 pub mod config;
