@@ -10,8 +10,8 @@
 //! the delivery policy of one store ([`deliver`]). The IO parts: the tailer that follows the
 //! kubelet's files and rotation ([`tail`]) with its crash-safe per-file checkpoints
 //! ([`checkpoint`]), the HTTP client ([`push`]), and the agent that wires them ([`run`]), with
-//! its [`metrics`] and [`config`]. The `Cluster` lifecycle, OTLP and the query command are to
-//! come.
+//! its [`metrics`] and [`config`]. The operators' `log-shipper query` command is [`query`].
+//! The `Cluster` lifecycle and OTLP are to come.
 
 pub mod checkpoint;
 pub mod config;
@@ -22,6 +22,7 @@ pub mod lifecycle;
 pub mod loki;
 pub mod metrics;
 pub mod push;
+pub mod query;
 pub mod route;
 pub mod run;
 pub mod tail;

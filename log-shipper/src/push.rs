@@ -64,47 +64,32 @@ impl Answer {
     }
 }
 
-type Connection = http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>;
+pub(crate) type Connection = http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>;
 
 /// A byte stream: TCP or TLS over TCP.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-/// A push client of one store URL.
-pub struct Client {
-    uri: Uri,
+/// Where an `http://` or `https://` URL connects to: host, port, the `Host` header and, for
+/// `https`, the TLS connector. Shared by the push client and the query command.
+pub(crate) struct Origin {
     host: String,
     port: u16,
     authority: HeaderValue,
-    tenant: Option<HeaderValue>,
     tls: Option<tokio_rustls::TlsConnector>,
-    timeout: Duration,
-    conn: Option<(http1::SendRequest<Full<Bytes>>, Connection)>,
-    connects: u64,
 }
 
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("uri", &self.uri)
-            .field("tenant", &self.tenant)
-            .field("tls", &self.tls.is_some())
-            .field("timeout", &self.timeout)
-            .field("connected", &self.conn.is_some())
-            .finish()
-    }
-}
+/// An HTTP/1.1 connection of an [`Origin`]: the request sender and the connection future,
+/// which the caller drives (no task of its own).
+pub(crate) type Conn = (http1::SendRequest<Full<Bytes>>, Connection);
 
-impl Client {
-    /// A client of `url` (a rendered store URL), with an optional tenant, the request
-    /// deadline and, for `https`, a TLS config.
-    pub fn new(
+impl Origin {
+    /// The origin of `uri` (parsed from `url`, which errors name); `https` needs `tls`.
+    pub(crate) fn new(
+        uri: &Uri,
         url: &str,
-        tenant: Option<&str>,
-        timeout: Duration,
         tls: Option<Arc<rustls::ClientConfig>>,
-    ) -> Result<Client, ClientError> {
-        let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.into()))?;
+    ) -> Result<Origin, ClientError> {
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,
@@ -126,16 +111,78 @@ impl Client {
             (true, Some(config)) => Some(tokio_rustls::TlsConnector::from(config)),
             (true, None) => return Err(ClientError::NoTls(url.into())),
         };
+        Ok(Origin {
+            host,
+            port,
+            authority,
+            tls,
+        })
+    }
+
+    /// The `Host` header's value.
+    pub(crate) fn authority(&self) -> &HeaderValue {
+        &self.authority
+    }
+
+    /// Opens a connection: TCP, TLS for `https`, the HTTP/1.1 handshake. The error says why
+    /// (`connection refused`, a TLS alert, ...).
+    pub(crate) async fn connect(&self) -> std::io::Result<Conn> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some(connector) => {
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                Box::new(connector.connect(name, tcp).await?)
+            }
+        };
+        http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(std::io::Error::other)
+    }
+}
+
+/// A push client of one store URL.
+pub struct Client {
+    uri: Uri,
+    origin: Origin,
+    tenant: Option<HeaderValue>,
+    timeout: Duration,
+    conn: Option<(http1::SendRequest<Full<Bytes>>, Connection)>,
+    connects: u64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("uri", &self.uri)
+            .field("tenant", &self.tenant)
+            .field("tls", &self.origin.tls.is_some())
+            .field("timeout", &self.timeout)
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client of `url` (a rendered store URL), with an optional tenant, the request
+    /// deadline and, for `https`, a TLS config.
+    pub fn new(
+        url: &str,
+        tenant: Option<&str>,
+        timeout: Duration,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
+        let uri: Uri = url.parse().map_err(|_| ClientError::Url(url.into()))?;
+        let origin = Origin::new(&uri, url, tls)?;
         let tenant = tenant
             .map(|t| HeaderValue::from_str(t).map_err(|_| ClientError::Tenant(t.into())))
             .transpose()?;
         Ok(Client {
             uri,
-            host,
-            port,
-            authority,
+            origin,
             tenant,
-            tls,
             timeout,
             conn: None,
             connects: 0,
@@ -226,24 +273,8 @@ impl Client {
         &mut self,
     ) -> Result<(http1::SendRequest<Full<Bytes>>, Connection), TransportKind> {
         self.connects += 1;
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|_| TransportKind::Connect)?;
-        let _ = tcp.set_nodelay(true);
-        let io: Box<dyn Io> = match &self.tls {
-            None => Box::new(tcp),
-            Some(connector) => {
-                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-                    .map_err(|_| TransportKind::Connect)?;
-                Box::new(
-                    connector
-                        .connect(name, tcp)
-                        .await
-                        .map_err(|_| TransportKind::Connect)?,
-                )
-            }
-        };
-        http1::handshake(TokioIo::new(io))
+        self.origin
+            .connect()
             .await
             .map_err(|_| TransportKind::Connect)
     }
@@ -257,7 +288,7 @@ impl Client {
         let mut builder = http::Request::builder()
             .method(Method::POST)
             .uri(target)
-            .header(HOST, self.authority.clone())
+            .header(HOST, self.origin.authority.clone())
             .header(CONTENT_TYPE, loki::CONTENT_TYPE)
             .header(CONTENT_LENGTH, body.len())
             .header(

@@ -57,6 +57,11 @@ impl Server {
     /// Starts `binary` on `port` with its own storage named after `name`, and waits (20 s at
     /// most) until it listens.
     pub fn start(binary: &Path, port: u16, name: &str) -> Server {
+        Server::start_with(binary, port, name, &[])
+    }
+
+    /// [`Server::start`] with more command-line flags.
+    pub fn start_with(binary: &Path, port: u16, name: &str, flags: &[&str]) -> Server {
         let storage = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("vlogs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&storage);
@@ -65,6 +70,7 @@ impl Server {
                 .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
                 .arg(format!("-storageDataPath={}", storage.display()))
                 .arg("-loggerLevel=ERROR")
+                .args(flags)
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("victoria-logs starts"),
