@@ -1,7 +1,8 @@
 //! Test fixtures shared by the agents' integration tests, the demo and the bench (feature
 //! `test-support`): a generated CA with leaf certificates, TLS servers that answer like a
 //! kube-apiserver's `/version`, a plain echo server, real ClientHello bytes, the gate for
-//! tests that need root, and a real Kubernetes control plane ([`kube`]).
+//! tests that need root, a real Kubernetes control plane ([`kube`]) and a real log store
+//! ([`victoria_logs`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub mod kube;
+pub mod victoria_logs;
 
 /// A throwaway CA that signs leaf certificates for test names.
 pub struct Pki {

@@ -65,6 +65,6 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     agentkit::process::main("log-shipper", |shutdown| async move {
-        Ok(log_shipper::run::run(config, Some(args.config), shutdown).await?)
+        Ok(log_shipper::run::run(config, Some(path), shutdown).await?)
     })
 }

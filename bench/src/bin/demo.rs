@@ -3,8 +3,9 @@
 //! deleted (when the control plane's binaries are built; else a one-line hint); then
 //! node-local-dns in front of a small `cluster.local` zone, with cache
 //! hits, misses and a stale answer served while the zone's server is down; then konnectivity:
-//! `kubectl logs -f` through the tunnel beside a stalled tunnel. Tables of what
-//! happened, and the commands to try by hand. Runs until Ctrl-C (or exits after the tables
+//! `kubectl logs -f` through the tunnel beside a stalled tunnel; then log-shipper: two shoots'
+//! control-plane logs shipped to their own stores (VictoriaLogs), one shoot's read back and
+//! followed with `log-shipper query`. Tables of what happened, and the commands to try by hand. Runs until Ctrl-C (or exits after the tables
 //! with `--once`). Needs no root.
 
 use std::net::SocketAddr;
@@ -197,6 +198,7 @@ Kubernetes part skipped: {e:#}"
     let mut dns = dns::Demo::start(&dir, &shutdown).await?;
     let dns_ok = dns.script().await?;
     let tunnel = tunnel::run(&dir, &pki).await?;
+    let logs = logs::run(&dir).await?;
 
     println!("\nTry it by hand:");
     println!(
@@ -236,6 +238,7 @@ Kubernetes part skipped: {e:#}"
         tunnel.ok,
         "the log stream through the tunnel was slowed by the stalled tunnel"
     );
+    anyhow::ensure!(logs.ok, "not every log line was acknowledged by its store");
     Ok(())
 }
 
@@ -286,6 +289,8 @@ async fn unknown_sni(addr: SocketAddr) -> anyhow::Result<String> {
     })
 }
 
+#[path = "../demo_logs.rs"]
+mod logs;
 #[path = "../demo_tunnel.rs"]
 mod tunnel;
 
