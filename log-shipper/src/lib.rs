@@ -6,12 +6,11 @@
 //!
 //! It is its own crate, like every agent: a DaemonSet with its own config, metrics and
 //! release cycle, sharing only plumbing (`agentkit`). The sans-IO parts: the CRI reader
-//! ([`cri`]), the routing per shoot ([`route`]), the Loki push request encoding ([`loki`]) and
-//! the delivery policy of one store ([`deliver`]). The IO parts: the tailer that follows the
+//! ([`cri`]), the routing per shoot ([`route`]), the request encodings, Loki push ([`loki`]) and
+//! OTLP/HTTP logs ([`otlp`]), and the delivery policy of one store ([`deliver`]). The IO parts: the tailer that follows the
 //! kubelet's files and rotation ([`tail`]) with its crash-safe per-file checkpoints
 //! ([`checkpoint`]), the HTTP client ([`push`]), and the agent that wires them ([`run`]), with
-//! its [`metrics`] and [`config`]. The `Cluster` lifecycle, OTLP and the query command are to
-//! come.
+//! its [`metrics`] and [`config`]. The `Cluster` lifecycle and the query command are to come.
 
 pub mod checkpoint;
 pub mod config;
@@ -19,6 +18,7 @@ pub mod cri;
 pub mod deliver;
 pub mod loki;
 pub mod metrics;
+pub mod otlp;
 pub mod push;
 pub mod route;
 pub mod run;
