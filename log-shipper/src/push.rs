@@ -1,10 +1,13 @@
-//! The HTTP client of the Loki push API: one store, one HTTP/1.1 connection kept alive and
-//! opened again when it is gone, one request at a time (the [`deliver`](crate::deliver)
-//! policy sends batches one by one). It POSTs the raw-Snappy protobuf body with
-//! `Content-Type: application/x-protobuf` and no `Content-Encoding` (Loki, Vali and
-//! VictoriaLogs read the body as raw Snappy from the content type alone; `Content-Encoding:
-//! snappy` would only be tolerated), the tenant in `X-Scope-OrgID` when configured, and
-//! returns the status with the start of the body, or a [`TransportKind`]. The whole exchange
+//! The HTTP client of a store, Loki push API or OTLP/HTTP: one store, one HTTP/1.1 connection
+//! kept alive and opened again when it is gone, one request at a time (the
+//! [`deliver`](crate::deliver) policy sends batches one by one, and encodes them for the
+//! store's protocol). It POSTs the body with `Content-Type: application/x-protobuf` and no
+//! `Content-Encoding` (for Loki the body is raw Snappy: Loki, Vali and VictoriaLogs read it
+//! so from the content type alone, `Content-Encoding: snappy` would only be tolerated; for
+//! OTLP it is plain protobuf), the tenant in `X-Scope-OrgID` when configured (the config
+//! allows one for Loki stores only), and returns the status with the start of the body, or a
+//! [`TransportKind`]. An OTLP store's 2xx answer is read for its `partial_success`
+//! ([`otlp::partial_success`]). The whole exchange
 //! (connect, TLS, request, answer) has one deadline, `delivery.request_timeout`. `https` URLs
 //! need a rustls client config (from `agentkit::tls`, which re-reads a rotated CA).
 //!
@@ -25,8 +28,9 @@ use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
+use crate::config::Protocol;
 use crate::deliver::{TransportKind, MAX_REASON_TEXT};
-use crate::loki;
+use crate::{loki, otlp};
 
 /// The body of an answer kept for its reason (and logs); the rest is not read.
 const MAX_ANSWER_BYTES: usize = MAX_REASON_TEXT;
@@ -50,6 +54,8 @@ pub enum ClientError {
 pub enum Answer {
     /// A status and the start of the body (at most [`MAX_REASON_TEXT`] bytes, lossy UTF-8).
     Status(u16, String),
+    /// An OTLP store's 2xx with a `partial_success` that says something.
+    Partial(u16, otlp::PartialSuccess),
     /// No answer.
     Transport(TransportKind),
 }
@@ -59,6 +65,10 @@ impl Answer {
     pub fn as_response(&self) -> crate::deliver::Response<'_> {
         match self {
             Answer::Status(code, body) => crate::deliver::Response::Status(*code, body),
+            Answer::Partial(_, partial) => crate::deliver::Response::Partial {
+                rejected: partial.rejected,
+                message: &partial.message,
+            },
             Answer::Transport(kind) => crate::deliver::Response::Transport(*kind),
         }
     }
@@ -79,6 +89,7 @@ pub struct Client {
     tenant: Option<HeaderValue>,
     tls: Option<tokio_rustls::TlsConnector>,
     timeout: Duration,
+    protocol: Protocol,
     conn: Option<(http1::SendRequest<Full<Bytes>>, Connection)>,
     connects: u64,
 }
@@ -87,6 +98,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("uri", &self.uri)
+            .field("protocol", &self.protocol)
             .field("tenant", &self.tenant)
             .field("tls", &self.tls.is_some())
             .field("timeout", &self.timeout)
@@ -96,8 +108,8 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client of `url` (a rendered store URL), with an optional tenant, the request
-    /// deadline and, for `https`, a TLS config.
+    /// A client of `url` (a rendered store URL) speaking the Loki push API, with an optional
+    /// tenant, the request deadline and, for `https`, a TLS config.
     pub fn new(
         url: &str,
         tenant: Option<&str>,
@@ -137,9 +149,17 @@ impl Client {
             tenant,
             tls,
             timeout,
+            protocol: Protocol::Loki,
             conn: None,
             connects: 0,
         })
+    }
+
+    /// The same client for a store of `protocol` (bodies as the policy of that protocol
+    /// encodes them; an OTLP answer read for its `partial_success`).
+    pub fn with_protocol(mut self, protocol: Protocol) -> Client {
+        self.protocol = protocol;
+        self
     }
 
     /// POSTs one push body and returns what came back, within the deadline.
@@ -210,6 +230,11 @@ impl Client {
                 if complete && !closed {
                     self.conn = Some((sender, conn));
                 }
+                if self.protocol == Protocol::Otlp && (200..300).contains(&status) {
+                    if let Some(partial) = otlp::partial_success(&text) {
+                        return Answer::Partial(status, partial);
+                    }
+                }
                 Answer::Status(status, String::from_utf8_lossy(&text).into_owned())
             }
             Err(kind) => Answer::Transport(kind),
@@ -258,7 +283,13 @@ impl Client {
             .method(Method::POST)
             .uri(target)
             .header(HOST, self.authority.clone())
-            .header(CONTENT_TYPE, loki::CONTENT_TYPE)
+            .header(
+                CONTENT_TYPE,
+                match self.protocol {
+                    Protocol::Loki => loki::CONTENT_TYPE,
+                    Protocol::Otlp => otlp::CONTENT_TYPE,
+                },
+            )
             .header(CONTENT_LENGTH, body.len())
             .header(
                 USER_AGENT,
@@ -284,12 +315,34 @@ pub async fn send_due(
     let answer = client.push(request.body.clone()).await;
     let outcome = policy.on_response(answer.as_response(), std::time::Instant::now());
     match (&outcome, &answer) {
-        (Outcome::Rejected { reason, done }, Answer::Status(_, text)) => tracing::warn!(
+        (Outcome::Rejected { reason, done, .. }, Answer::Status(_, text)) => tracing::warn!(
             reason = reason.as_str(),
             entries = done.entries,
             store = %client.uri,
             answer = %text,
             "store refused a batch (400), not retried"
+        ),
+        (
+            Outcome::Rejected {
+                reason,
+                rejected,
+                done,
+            },
+            Answer::Partial(_, partial),
+        ) => {
+            tracing::warn!(
+                reason = reason.as_str(),
+                rejected,
+                entries = done.entries,
+                store = %client.uri,
+                answer = %partial.message,
+                "store refused part of a batch (OTLP partial success), not retried"
+            )
+        }
+        (Outcome::Accepted(_), Answer::Partial(_, partial)) => tracing::warn!(
+            store = %client.uri,
+            answer = %partial.message,
+            "store accepted a batch with a warning (OTLP partial success)"
         ),
         (Outcome::Skipped(done), _) => tracing::warn!(
             entries = done.entries,

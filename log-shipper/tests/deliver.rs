@@ -274,7 +274,7 @@ async fn a_400_from_the_store_is_counted_not_retried() {
         }),
     };
     let outcomes = ship(&mut policy, &mut client, vec![item]).await;
-    let [Outcome::Rejected { reason, done }] = &outcomes[..] else {
+    let [Outcome::Rejected { reason, done, .. }] = &outcomes[..] else {
         panic!("{outcomes:?}")
     };
     assert_eq!(
