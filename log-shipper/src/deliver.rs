@@ -1,4 +1,5 @@
-//! The delivery policy toward one Loki-protocol store, sans-IO: entries in, push bodies out,
+//! The delivery policy toward one store (Loki push API or OTLP: [`Policy::with_protocol`]
+//! picks the body's encoding, the rest is the same), sans-IO: entries in, push bodies out,
 //! each push's outcome in, acknowledgements and retry times out. It takes `now` and never
 //! touches a socket or a clock, so every branch is tested with a fake clock; the HTTP client
 //! ([`crate::push`]) and the caller's loop do the IO.
@@ -23,7 +24,8 @@
 //! - **Outcomes.** 2xx: the batch's checkpoints may be acknowledged. 400: not retried (Loki has
 //!   stored the valid part already, a resend would duplicate it); the reason is parsed from
 //!   the body to a bounded label, the entries counted as rejected and the checkpoints
-//!   acknowledged: the lines are refused by the store, not lost silently. 429, 5xx, any other
+//!   acknowledged: the lines are refused by the store, not lost silently. An OTLP 2xx with a
+//!   `partial_success` likewise, counting the records it names as refused. 429, 5xx, any other
 //!   status and transport errors: retried with jittered exponential backoff between
 //!   `delivery.min_backoff` and `delivery.max_backoff`. That includes 401, 403 and 404,
 //!   unlike Promtail (which drops them): they say nothing was stored, and in a seed they are
