@@ -54,6 +54,8 @@ use crate::{loki, otlp};
 const ENTRY_OVERHEAD: usize = 24;
 /// Protobuf bytes counted per stream besides its labels.
 const STREAM_OVERHEAD: usize = 8;
+/// The longest `Retry-After` waited for: a store asking for more is tried again after this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// How much of a response body is looked at for a reason, and logged.
 pub const MAX_REASON_TEXT: usize = 1024;
 
@@ -558,6 +560,19 @@ impl Policy {
 
     /// The outcome of the push [`Policy::poll_transmit`] gave out.
     pub fn on_response(&mut self, response: Response<'_>, now: Instant) -> Outcome {
+        self.on_response_after(response, None, now)
+    }
+
+    /// [`Policy::on_response`] with the answer's `Retry-After`, if it had one: a retry then
+    /// waits at least that long (at most [`MAX_RETRY_AFTER`]), or the backoff if that is
+    /// longer. OTLP/HTTP asks clients to honour it on 429 and 503; it is honoured on any
+    /// retried answer.
+    pub fn on_response_after(
+        &mut self,
+        response: Response<'_>,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> Outcome {
         let Some(sealed) = self.sealed.as_mut().filter(|s| s.in_flight) else {
             // A response without a request is a bug of the caller; nothing to settle.
             debug_assert!(false, "a response without a request in flight");
@@ -623,7 +638,10 @@ impl Policy {
             self.stats.skipped_entries += batch.entries as u64;
             return Outcome::Skipped(batch);
         }
-        let at = now + self.backoff(attempts);
+        let mut at = now + self.backoff(attempts);
+        if let Some(after) = retry_after {
+            at = at.max(now + after.min(MAX_RETRY_AFTER));
+        }
         if let Some(sealed) = self.sealed.as_mut() {
             sealed.retry_at = Some(at);
         }
@@ -903,6 +921,30 @@ mod tests {
         ));
         assert_eq!(p.stats().accepted_entries, 2);
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn retry_after_is_waited_for_within_its_bound() {
+        let t0 = Instant::now();
+        for (after, want) in [
+            (Some(Duration::from_secs(3)), Some(Duration::from_secs(3))),
+            (Some(Duration::from_secs(3600)), Some(MAX_RETRY_AFTER)),
+            // Shorter than the backoff (500 ms at first): the backoff.
+            (Some(Duration::ZERO), None),
+            (None, None),
+        ] {
+            let mut p = sent(OutagePolicy::Wait, t0);
+            let Outcome::Retry { at, .. } =
+                p.on_response_after(Response::Status(429, ""), after, t0)
+            else {
+                panic!("retried")
+            };
+            match want {
+                Some(want) => assert_eq!(at - t0, want),
+                None => assert_eq!(at - t0, Duration::from_millis(500)),
+            }
+            assert_eq!(p.next_wakeup(t0), Some(at));
+        }
     }
 
     /// A policy with one batch sent (one entry), at `t0`.

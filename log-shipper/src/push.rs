@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT};
 use http::{HeaderValue, Method, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
@@ -90,6 +90,7 @@ pub struct Client {
     tls: Option<tokio_rustls::TlsConnector>,
     timeout: Duration,
     protocol: Protocol,
+    retry_after: Option<Duration>,
     conn: Option<(http1::SendRequest<Full<Bytes>>, Connection)>,
     connects: u64,
 }
@@ -150,6 +151,7 @@ impl Client {
             tls,
             timeout,
             protocol: Protocol::Loki,
+            retry_after: None,
             conn: None,
             connects: 0,
         })
@@ -162,8 +164,15 @@ impl Client {
         self
     }
 
+    /// The `Retry-After` of the last push's answer, if it had one in seconds (an HTTP date is
+    /// not read).
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     /// POSTs one push body and returns what came back, within the deadline.
     pub async fn push(&mut self, body: Bytes) -> Answer {
+        self.retry_after = None;
         match tokio::time::timeout(self.timeout, self.exchange(body)).await {
             Ok(answer) => answer,
             Err(_) => {
@@ -198,6 +207,7 @@ impl Client {
                 .await
                 .map_err(|_| TransportKind::Io)?;
             let status = response.status().as_u16();
+            let retry_after = response.headers().get(RETRY_AFTER).and_then(retry_after);
             let mut body = response.into_body();
             let mut text = Vec::new();
             let mut complete = true;
@@ -212,7 +222,7 @@ impl Client {
                     }
                 }
             }
-            Ok::<_, TransportKind>((status, text, complete))
+            Ok::<_, TransportKind>((status, retry_after, text, complete))
         };
         let (result, closed) = {
             let mut exchange = std::pin::pin!(exchange);
@@ -226,7 +236,8 @@ impl Client {
             }
         };
         match result {
-            Ok((status, text, complete)) => {
+            Ok((status, retry_after, text, complete)) => {
+                self.retry_after = retry_after;
                 if complete && !closed {
                     self.conn = Some((sender, conn));
                 }
@@ -302,6 +313,15 @@ impl Client {
     }
 }
 
+/// A `Retry-After` value in seconds (`delay-seconds`; an HTTP date is not read: `None`).
+fn retry_after(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)))
+}
+
 /// One step of a store's sender, the IO half of [`Policy`](crate::deliver::Policy): makes
 /// the push that is due now, if any, and returns its outcome (`None`: nothing was due; wait
 /// until [`Policy::next_wakeup`](crate::deliver::Policy::next_wakeup) or new entries).
@@ -313,7 +333,11 @@ pub async fn send_due(
     use crate::deliver::Outcome;
     let request = policy.poll_transmit(std::time::Instant::now())?;
     let answer = client.push(request.body.clone()).await;
-    let outcome = policy.on_response(answer.as_response(), std::time::Instant::now());
+    let outcome = policy.on_response_after(
+        answer.as_response(),
+        client.retry_after(),
+        std::time::Instant::now(),
+    );
     match (&outcome, &answer) {
         (Outcome::Rejected { reason, done, .. }, Answer::Status(_, text)) => tracing::warn!(
             reason = reason.as_str(),
@@ -358,4 +382,23 @@ pub async fn send_due(
         _ => {}
     }
     Some(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_only() {
+        let parse = |text: &'static str| retry_after(&HeaderValue::from_static(text));
+        assert_eq!(parse("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            parse("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        for text in ["", "-1", "1.5", "Wed, 21 Oct 2026 07:28:00 GMT"] {
+            assert_eq!(parse(text), None, "{text}");
+        }
+    }
 }
