@@ -1,4 +1,5 @@
-//! The delivery policy toward one Loki-protocol store, sans-IO: entries in, push bodies out,
+//! The delivery policy toward one store (Loki push API or OTLP: [`Policy::with_protocol`]
+//! picks the body's encoding, the rest is the same), sans-IO: entries in, push bodies out,
 //! each push's outcome in, acknowledgements and retry times out. It takes `now` and never
 //! touches a socket or a clock, so every branch is tested with a fake clock; the HTTP client
 //! ([`crate::push`]) and the caller's loop do the IO.
@@ -23,7 +24,8 @@
 //! - **Outcomes.** 2xx: the batch's checkpoints may be acknowledged. 400: not retried (Loki has
 //!   stored the valid part already, a resend would duplicate it); the reason is parsed from
 //!   the body to a bounded label, the entries counted as rejected and the checkpoints
-//!   acknowledged: the lines are refused by the store, not lost silently. 429, 5xx, any other
+//!   acknowledged: the lines are refused by the store, not lost silently. An OTLP 2xx with a
+//!   `partial_success` likewise, counting the records it names as refused. 429, 5xx, any other
 //!   status and transport errors: retried with jittered exponential backoff between
 //!   `delivery.min_backoff` and `delivery.max_backoff`. That includes 401, 403 and 404,
 //!   unlike Promtail (which drops them): they say nothing was stored, and in a seed they are
@@ -44,14 +46,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::config::{Delivery, OutagePolicy};
-use crate::loki;
+use crate::config::{Delivery, OutagePolicy, Protocol};
 use crate::tail::FileRef;
+use crate::{loki, otlp};
 
 /// Protobuf bytes counted per entry besides its line (keys, lengths, the timestamp).
 const ENTRY_OVERHEAD: usize = 24;
 /// Protobuf bytes counted per stream besides its labels.
 const STREAM_OVERHEAD: usize = 8;
+/// The longest `Retry-After` waited for: a store asking for more is tried again after this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// How much of a response body is looked at for a reason, and logged.
 pub const MAX_REASON_TEXT: usize = 1024;
 
@@ -82,6 +86,14 @@ pub struct Ack {
 pub enum Response<'a> {
     /// The store answered with this status and (the start of) this body.
     Status(u16, &'a str),
+    /// An OTLP store answered 2xx with a `partial_success`: it refused `rejected` records
+    /// (0: it took all, with a warning) for the reason in `message`.
+    Partial {
+        /// Records refused.
+        rejected: u64,
+        /// Why (`error_message`).
+        message: &'a str,
+    },
     /// No answer: connect, TLS, write or read failed, or the request timed out.
     Transport(TransportKind),
 }
@@ -276,8 +288,9 @@ impl Open {
         self.streams[i].1.push((item.timestamp, item.line));
     }
 
-    /// Sorts each stream by timestamp (stable) and encodes the push body.
-    fn seal(mut self) -> Result<Sealed, loki::EncodeError> {
+    /// Sorts each stream by timestamp (stable) and encodes the push body for `protocol`;
+    /// `observed` (Unix nanoseconds) is OTLP's observed time.
+    fn seal(mut self, protocol: Protocol, observed: i64) -> Result<Sealed, loki::EncodeError> {
         for (_, entries) in &mut self.streams {
             entries.sort_by_key(|(ts, _)| *ts);
         }
@@ -296,13 +309,35 @@ impl Open {
                         .collect()
                 })
                 .collect();
-            let streams: Vec<loki::Stream<'_>> = self
-                .streams
-                .iter()
-                .zip(&entries)
-                .map(|((labels, _), entries)| loki::Stream { labels, entries })
-                .collect();
-            loki::push_body(&streams)?
+            match protocol {
+                Protocol::Loki => {
+                    let streams: Vec<loki::Stream<'_>> = self
+                        .streams
+                        .iter()
+                        .zip(&entries)
+                        .map(|((labels, _), entries)| loki::Stream { labels, entries })
+                        .collect();
+                    loki::push_body(&streams)?
+                }
+                Protocol::Otlp => {
+                    let attributes: Vec<Vec<(String, String)>> = self
+                        .streams
+                        .iter()
+                        .map(|(labels, _)| otlp::resource_attributes(labels))
+                        .collect();
+                    let resources: Vec<otlp::Resource<'_>> = attributes
+                        .iter()
+                        .zip(&entries)
+                        .map(|(attributes, entries)| otlp::Resource {
+                            attributes,
+                            entries,
+                        })
+                        .collect();
+                    let mut body = Vec::new();
+                    otlp::encode(&resources, observed, &mut body);
+                    body
+                }
+            }
         };
         Ok(Sealed {
             body: Bytes::from(body),
@@ -345,7 +380,7 @@ struct Sealed {
     in_flight: bool,
 }
 
-/// A push to make: the body (raw Snappy protobuf) to POST.
+/// A push to make: the body to POST (raw Snappy protobuf for Loki, protobuf for OTLP).
 #[derive(Debug, Clone)]
 pub struct Request {
     /// The body, shared with the policy (kept for a retry).
@@ -372,10 +407,14 @@ pub struct Done {
 pub enum Outcome {
     /// 2xx: stored.
     Accepted(Done),
-    /// 400: refused (maybe only in part), not retried; counted under `reason`.
+    /// 400, or an OTLP partial success: refused (maybe only in part), not retried; counted
+    /// under `reason`.
     Rejected {
         /// The parsed reason.
         reason: RejectReason,
+        /// Entries counted as refused: the whole batch on a 400 (the store does not say which
+        /// ones), the count an OTLP `partial_success` names (at most the batch's).
+        rejected: usize,
         /// The batch.
         done: Done,
     },
@@ -401,7 +440,7 @@ pub struct Stats {
     pub accepted_bytes: u64,
     /// Retries per kind.
     pub retries: HashMap<RetryKind, u64>,
-    /// Entries refused per reason (400).
+    /// Entries refused per reason (400, OTLP partial success).
     pub rejected_entries: HashMap<RejectReason, u64>,
     /// Entries dropped under `outage_policy: skip`.
     pub skipped_entries: u64,
@@ -417,6 +456,10 @@ pub struct Full(pub Item);
 #[derive(Debug)]
 pub struct Policy {
     config: Delivery,
+    protocol: Protocol,
+    /// An instant and the wall clock then (Unix nanoseconds): the observed time of a batch
+    /// sealed at `now` is the second plus the time since the first (none: 0, unset).
+    clock: Option<(Instant, i64)>,
     open: Option<Open>,
     sealed: Option<Sealed>,
     outage_since: Option<Instant>,
@@ -425,17 +468,28 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// A policy with the `delivery:` section's bounds; `seed` feeds the backoff jitter (the
-    /// caller passes something random, tests a constant).
+    /// A policy with the `delivery:` section's bounds, encoding Loki push requests; `seed`
+    /// feeds the backoff jitter (the caller passes something random, tests a constant).
     pub fn new(config: &Delivery, seed: u64) -> Policy {
         Policy {
             config: config.clone(),
+            protocol: Protocol::Loki,
+            clock: None,
             open: None,
             sealed: None,
             outage_since: None,
             rng: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
             stats: Stats::default(),
         }
+    }
+
+    /// The same policy encoding batches for `protocol`. OTLP records carry an observed time:
+    /// `unix_nanos` is the wall clock at `now` (the caller reads both clocks once, tests pass
+    /// constants), and a batch sealed later is observed that much later.
+    pub fn with_protocol(mut self, protocol: Protocol, now: Instant, unix_nanos: i64) -> Policy {
+        self.protocol = protocol;
+        self.clock = Some((now, unix_nanos));
+        self
     }
 
     /// Adds an entry, or gives it back when both the open batch and the sealed one are full:
@@ -448,7 +502,7 @@ impl Policy {
                 self.stats.refused_pushes += 1;
                 return Err(Full(item));
             }
-            self.seal();
+            self.seal(now);
             self.open.get_or_insert_with(|| Open::new(now)).add(item);
         } else {
             open.add(item);
@@ -506,6 +560,19 @@ impl Policy {
 
     /// The outcome of the push [`Policy::poll_transmit`] gave out.
     pub fn on_response(&mut self, response: Response<'_>, now: Instant) -> Outcome {
+        self.on_response_after(response, None, now)
+    }
+
+    /// [`Policy::on_response`] with the answer's `Retry-After`, if it had one: a retry then
+    /// waits at least that long (at most [`MAX_RETRY_AFTER`]), or the backoff if that is
+    /// longer. OTLP/HTTP asks clients to honour it on 429 and 503; it is honoured on any
+    /// retried answer.
+    pub fn on_response_after(
+        &mut self,
+        response: Response<'_>,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> Outcome {
         let Some(sealed) = self.sealed.as_mut().filter(|s| s.in_flight) else {
             // A response without a request is a bug of the caller; nothing to settle.
             debug_assert!(false, "a response without a request in flight");
@@ -530,6 +597,28 @@ impl Policy {
                 *self.stats.rejected_entries.entry(reason).or_default() += batch.entries as u64;
                 return Outcome::Rejected {
                     reason,
+                    rejected: batch.entries,
+                    done: batch,
+                };
+            }
+            Response::Partial { rejected, message } => {
+                self.outage_since = None;
+                let batch = done(self.sealed.take().expect("checked above"));
+                let rejected =
+                    usize::try_from(rejected).map_or(batch.entries, |r| r.min(batch.entries));
+                let accepted = batch.entries - rejected;
+                self.stats.accepted_entries += accepted as u64;
+                // Which records were refused is not said: their bytes are estimated by count.
+                self.stats.accepted_bytes += (batch.bytes as u64).saturating_mul(accepted as u64)
+                    / batch.entries.max(1) as u64;
+                if rejected == 0 {
+                    return Outcome::Accepted(batch);
+                }
+                let reason = RejectReason::parse(message);
+                *self.stats.rejected_entries.entry(reason).or_default() += rejected as u64;
+                return Outcome::Rejected {
+                    reason,
+                    rejected,
                     done: batch,
                 };
             }
@@ -549,7 +638,10 @@ impl Policy {
             self.stats.skipped_entries += batch.entries as u64;
             return Outcome::Skipped(batch);
         }
-        let at = now + self.backoff(attempts);
+        let mut at = now + self.backoff(attempts);
+        if let Some(after) = retry_after {
+            at = at.max(now + after.min(MAX_RETRY_AFTER));
+        }
         if let Some(sealed) = self.sealed.as_mut() {
             sealed.retry_at = Some(at);
         }
@@ -599,16 +691,20 @@ impl Policy {
                 && now.saturating_duration_since(o.started) >= self.config.batch_wait
         });
         if due && self.sealed.is_none() {
-            self.seal();
+            self.seal(now);
         }
     }
 
-    fn seal(&mut self) {
+    fn seal(&mut self, now: Instant) {
         let Some(open) = self.open.take() else {
             return;
         };
         let entries = open.entries;
-        match open.seal() {
+        let observed = self.clock.map_or(0, |(at, wall)| {
+            let since = now.saturating_duration_since(at).as_nanos();
+            wall.saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
+        });
+        match open.seal(self.protocol, observed) {
             Ok(sealed) => self.sealed = Some(sealed),
             Err(error) => {
                 // Only past Snappy's 4 GiB block limit, far above MAX_BATCH_BYTES: unreachable
@@ -716,6 +812,139 @@ mod tests {
             .map(|((labels, _), entries)| loki::Stream { labels, entries })
             .collect();
         loki::push_body(&streams).unwrap()
+    }
+
+    /// An OTLP policy encodes its batches as an `ExportLogsServiceRequest`, streams as
+    /// resources with Kubernetes attribute names, observed at the wall time of the seal.
+    #[test]
+    fn otlp_batches_are_export_requests() {
+        let t0 = Instant::now();
+        let wall = 1_700_000_000_000_000_000;
+        let mut p =
+            Policy::new(&config(OutagePolicy::Wait), 7).with_protocol(Protocol::Otlp, t0, wall);
+        let labels =
+            r#"{container_name="c", namespace_name="shoot--p--n", origin="seed", pod_name="p"}"#;
+        p.push(item(labels, 9, "late", 1, 10), t0).unwrap();
+        p.push(item(labels, 3, "early", 1, 20), t0).unwrap();
+        let sealed_at = t0 + Duration::from_millis(1500);
+        let request = p.poll_transmit(sealed_at).unwrap();
+        let attributes = otlp::resource_attributes(labels);
+        assert_eq!(
+            attributes[1],
+            ("k8s.namespace.name".into(), "shoot--p--n".into())
+        );
+        let entries = [
+            loki::Entry {
+                timestamp: 3,
+                line: "early",
+            },
+            loki::Entry {
+                timestamp: 9,
+                line: "late",
+            },
+        ];
+        let mut want = Vec::new();
+        otlp::encode(
+            &[otlp::Resource {
+                attributes: &attributes,
+                entries: &entries,
+            }],
+            wall + 1_500_000_000,
+            &mut want,
+        );
+        assert_eq!(
+            request.body, want,
+            "sorted, not Snappy, observed at the seal"
+        );
+    }
+
+    /// A partial success acknowledges the batch, counts the refused records by the message's
+    /// reason and the rest as accepted; one without refusals (a warning) is an acceptance.
+    #[test]
+    fn otlp_partial_success_counts_what_was_refused() {
+        let t0 = Instant::now();
+        let mut p = Policy::new(&config(OutagePolicy::Wait), 7);
+        for i in 0..4 {
+            p.push(item("{a=\"1\"}", i, "x", 1, 10 + i as u64), t0)
+                .unwrap();
+        }
+        let now = t0 + Duration::from_secs(2);
+        p.poll_transmit(now).unwrap();
+        let Outcome::Rejected {
+            reason,
+            rejected,
+            done,
+        } = p.on_response(
+            Response::Partial {
+                rejected: 3,
+                message: "timestamp too old",
+            },
+            now,
+        )
+        else {
+            panic!("a partial success with refusals is a rejection")
+        };
+        assert_eq!(
+            (reason, rejected, done.entries),
+            (RejectReason::TooOld, 3, 4)
+        );
+        assert_eq!(done.acks.len(), 1);
+        assert_eq!(p.stats().accepted_entries, 1);
+        assert_eq!(p.stats().rejected_entries[&RejectReason::TooOld], 3);
+        // More refused than sent: the batch, no more.
+        p.push(item("{a=\"1\"}", 9, "y", 1, 30), now).unwrap();
+        let later = now + Duration::from_secs(2);
+        p.poll_transmit(later).unwrap();
+        let Outcome::Rejected { rejected, .. } = p.on_response(
+            Response::Partial {
+                rejected: 1000,
+                message: "",
+            },
+            later,
+        ) else {
+            panic!()
+        };
+        assert_eq!(rejected, 1);
+        assert_eq!(p.stats().rejected_entries[&RejectReason::Other], 1);
+        p.push(item("{a=\"1\"}", 10, "z", 1, 40), later).unwrap();
+        let last = later + Duration::from_secs(2);
+        p.poll_transmit(last).unwrap();
+        assert!(matches!(
+            p.on_response(
+                Response::Partial {
+                    rejected: 0,
+                    message: "a warning"
+                },
+                last
+            ),
+            Outcome::Accepted(Done { entries: 1, .. })
+        ));
+        assert_eq!(p.stats().accepted_entries, 2);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn retry_after_is_waited_for_within_its_bound() {
+        let t0 = Instant::now();
+        for (after, want) in [
+            (Some(Duration::from_secs(3)), Some(Duration::from_secs(3))),
+            (Some(Duration::from_secs(3600)), Some(MAX_RETRY_AFTER)),
+            // Shorter than the backoff (500 ms at first): the backoff.
+            (Some(Duration::ZERO), None),
+            (None, None),
+        ] {
+            let mut p = sent(OutagePolicy::Wait, t0);
+            let Outcome::Retry { at, .. } =
+                p.on_response_after(Response::Status(429, ""), after, t0)
+            else {
+                panic!("retried")
+            };
+            match want {
+                Some(want) => assert_eq!(at - t0, want),
+                None => assert_eq!(at - t0, Duration::from_millis(500)),
+            }
+            assert_eq!(p.next_wakeup(t0), Some(at));
+        }
     }
 
     /// A policy with one batch sent (one entry), at `t0`.
@@ -897,7 +1126,7 @@ mod tests {
             let t0 = Instant::now();
             let mut p = sent(OutagePolicy::Wait, t0);
             let out = p.on_response(Response::Status(400, text), t0);
-            let Outcome::Rejected { reason: got, done } = out else {
+            let Outcome::Rejected { reason: got, done, .. } = out else {
                 panic!("{text}: {out:?}")
             };
             assert_eq!(got, reason, "{text}");

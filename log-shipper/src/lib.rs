@@ -6,12 +6,13 @@
 //!
 //! It is its own crate, like every agent: a DaemonSet with its own config, metrics and
 //! release cycle, sharing only plumbing (`agentkit`). The sans-IO parts: the CRI reader
-//! ([`cri`]), the routing per shoot ([`route`]), the Loki push request encoding ([`loki`]) and
-//! the delivery policy of one store ([`deliver`]). The IO parts: the tailer that follows the
+//! ([`cri`]), the routing per shoot ([`route`]), the request encodings, Loki push ([`loki`]) and
+//! OTLP/HTTP logs ([`otlp`]), and the delivery policy of one store ([`deliver`]). The IO parts: the tailer that follows the
 //! kubelet's files and rotation ([`tail`]) with its crash-safe per-file checkpoints
 //! ([`checkpoint`]), the HTTP client ([`push`]), and the agent that wires them ([`run`]), with
-//! its [`metrics`] and [`config`]. The operators' `log-shipper query` command is [`query`].
-//! The `Cluster` lifecycle and OTLP are to come.
+//! its [`metrics`] and [`config`]: with the shoot lifecycle from `Cluster` resources
+//! ([`lifecycle`]) and the joining of two stores' acknowledgements ([`fanout`]). The operators'
+//! `log-shipper query` command is [`query`].
 
 pub mod checkpoint;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod fanout;
 pub mod lifecycle;
 pub mod loki;
 pub mod metrics;
+pub mod otlp;
 pub mod push;
 pub mod query;
 pub mod route;

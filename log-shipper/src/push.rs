@@ -1,10 +1,13 @@
-//! The HTTP client of the Loki push API: one store, one HTTP/1.1 connection kept alive and
-//! opened again when it is gone, one request at a time (the [`deliver`](crate::deliver)
-//! policy sends batches one by one). It POSTs the raw-Snappy protobuf body with
-//! `Content-Type: application/x-protobuf` and no `Content-Encoding` (Loki, Vali and
-//! VictoriaLogs read the body as raw Snappy from the content type alone; `Content-Encoding:
-//! snappy` would only be tolerated), the tenant in `X-Scope-OrgID` when configured, and
-//! returns the status with the start of the body, or a [`TransportKind`]. The whole exchange
+//! The HTTP client of a store, Loki push API or OTLP/HTTP: one store, one HTTP/1.1 connection
+//! kept alive and opened again when it is gone, one request at a time (the
+//! [`deliver`](crate::deliver) policy sends batches one by one, and encodes them for the
+//! store's protocol). It POSTs the body with `Content-Type: application/x-protobuf` and no
+//! `Content-Encoding` (for Loki the body is raw Snappy: Loki, Vali and VictoriaLogs read it
+//! so from the content type alone, `Content-Encoding: snappy` would only be tolerated; for
+//! OTLP it is plain protobuf), the tenant in `X-Scope-OrgID` when configured (the config
+//! allows one for Loki stores only), and returns the status with the start of the body, or a
+//! [`TransportKind`]. An OTLP store's 2xx answer is read for its `partial_success`
+//! ([`otlp::partial_success`]). The whole exchange
 //! (connect, TLS, request, answer) has one deadline, `delivery.request_timeout`. `https` URLs
 //! need a rustls client config (from `agentkit::tls`, which re-reads a rotated CA).
 //!
@@ -17,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER, USER_AGENT};
 use http::{HeaderValue, Method, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
@@ -25,8 +28,9 @@ use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::net::TcpStream;
 
+use crate::config::Protocol;
 use crate::deliver::{TransportKind, MAX_REASON_TEXT};
-use crate::loki;
+use crate::{loki, otlp};
 
 /// The body of an answer kept for its reason (and logs); the rest is not read.
 const MAX_ANSWER_BYTES: usize = MAX_REASON_TEXT;
@@ -50,6 +54,8 @@ pub enum ClientError {
 pub enum Answer {
     /// A status and the start of the body (at most [`MAX_REASON_TEXT`] bytes, lossy UTF-8).
     Status(u16, String),
+    /// An OTLP store's 2xx with a `partial_success` that says something.
+    Partial(u16, otlp::PartialSuccess),
     /// No answer.
     Transport(TransportKind),
 }
@@ -59,6 +65,10 @@ impl Answer {
     pub fn as_response(&self) -> crate::deliver::Response<'_> {
         match self {
             Answer::Status(code, body) => crate::deliver::Response::Status(*code, body),
+            Answer::Partial(_, partial) => crate::deliver::Response::Partial {
+                rejected: partial.rejected,
+                message: &partial.message,
+            },
             Answer::Transport(kind) => crate::deliver::Response::Transport(*kind),
         }
     }
@@ -149,6 +159,8 @@ pub struct Client {
     origin: Origin,
     tenant: Option<HeaderValue>,
     timeout: Duration,
+    protocol: Protocol,
+    retry_after: Option<Duration>,
     conn: Option<(http1::SendRequest<Full<Bytes>>, Connection)>,
     connects: u64,
 }
@@ -157,6 +169,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("uri", &self.uri)
+            .field("protocol", &self.protocol)
             .field("tenant", &self.tenant)
             .field("tls", &self.origin.tls.is_some())
             .field("timeout", &self.timeout)
@@ -166,8 +179,8 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client of `url` (a rendered store URL), with an optional tenant, the request
-    /// deadline and, for `https`, a TLS config.
+    /// A client of `url` (a rendered store URL) speaking the Loki push API, with an optional
+    /// tenant, the request deadline and, for `https`, a TLS config.
     pub fn new(
         url: &str,
         tenant: Option<&str>,
@@ -184,13 +197,29 @@ impl Client {
             origin,
             tenant,
             timeout,
+            protocol: Protocol::Loki,
+            retry_after: None,
             conn: None,
             connects: 0,
         })
     }
 
+    /// The same client for a store of `protocol` (bodies as the policy of that protocol
+    /// encodes them; an OTLP answer read for its `partial_success`).
+    pub fn with_protocol(mut self, protocol: Protocol) -> Client {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The `Retry-After` of the last push's answer, if it had one in seconds (an HTTP date is
+    /// not read).
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
     /// POSTs one push body and returns what came back, within the deadline.
     pub async fn push(&mut self, body: Bytes) -> Answer {
+        self.retry_after = None;
         match tokio::time::timeout(self.timeout, self.exchange(body)).await {
             Ok(answer) => answer,
             Err(_) => {
@@ -225,6 +254,7 @@ impl Client {
                 .await
                 .map_err(|_| TransportKind::Io)?;
             let status = response.status().as_u16();
+            let retry_after = response.headers().get(RETRY_AFTER).and_then(retry_after);
             let mut body = response.into_body();
             let mut text = Vec::new();
             let mut complete = true;
@@ -239,7 +269,7 @@ impl Client {
                     }
                 }
             }
-            Ok::<_, TransportKind>((status, text, complete))
+            Ok::<_, TransportKind>((status, retry_after, text, complete))
         };
         let (result, closed) = {
             let mut exchange = std::pin::pin!(exchange);
@@ -253,9 +283,15 @@ impl Client {
             }
         };
         match result {
-            Ok((status, text, complete)) => {
+            Ok((status, retry_after, text, complete)) => {
+                self.retry_after = retry_after;
                 if complete && !closed {
                     self.conn = Some((sender, conn));
+                }
+                if self.protocol == Protocol::Otlp && (200..300).contains(&status) {
+                    if let Some(partial) = otlp::partial_success(&text) {
+                        return Answer::Partial(status, partial);
+                    }
                 }
                 Answer::Status(status, String::from_utf8_lossy(&text).into_owned())
             }
@@ -289,7 +325,13 @@ impl Client {
             .method(Method::POST)
             .uri(target)
             .header(HOST, self.origin.authority.clone())
-            .header(CONTENT_TYPE, loki::CONTENT_TYPE)
+            .header(
+                CONTENT_TYPE,
+                match self.protocol {
+                    Protocol::Loki => loki::CONTENT_TYPE,
+                    Protocol::Otlp => otlp::CONTENT_TYPE,
+                },
+            )
             .header(CONTENT_LENGTH, body.len())
             .header(
                 USER_AGENT,
@@ -300,6 +342,15 @@ impl Client {
         }
         builder.body(Full::new(body))
     }
+}
+
+/// A `Retry-After` value in seconds (`delay-seconds`; an HTTP date is not read: `None`).
+fn retry_after(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)))
 }
 
 /// One step of a store's sender, the IO half of [`Policy`](crate::deliver::Policy): makes
@@ -313,14 +364,40 @@ pub async fn send_due(
     use crate::deliver::Outcome;
     let request = policy.poll_transmit(std::time::Instant::now())?;
     let answer = client.push(request.body.clone()).await;
-    let outcome = policy.on_response(answer.as_response(), std::time::Instant::now());
+    let outcome = policy.on_response_after(
+        answer.as_response(),
+        client.retry_after(),
+        std::time::Instant::now(),
+    );
     match (&outcome, &answer) {
-        (Outcome::Rejected { reason, done }, Answer::Status(_, text)) => tracing::warn!(
+        (Outcome::Rejected { reason, done, .. }, Answer::Status(_, text)) => tracing::warn!(
             reason = reason.as_str(),
             entries = done.entries,
             store = %client.uri,
             answer = %text,
             "store refused a batch (400), not retried"
+        ),
+        (
+            Outcome::Rejected {
+                reason,
+                rejected,
+                done,
+            },
+            Answer::Partial(_, partial),
+        ) => {
+            tracing::warn!(
+                reason = reason.as_str(),
+                rejected,
+                entries = done.entries,
+                store = %client.uri,
+                answer = %partial.message,
+                "store refused part of a batch (OTLP partial success), not retried"
+            )
+        }
+        (Outcome::Accepted(_), Answer::Partial(_, partial)) => tracing::warn!(
+            store = %client.uri,
+            answer = %partial.message,
+            "store accepted a batch with a warning (OTLP partial success)"
         ),
         (Outcome::Skipped(done), _) => tracing::warn!(
             entries = done.entries,
@@ -336,4 +413,23 @@ pub async fn send_due(
         _ => {}
     }
     Some(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_only() {
+        let parse = |text: &'static str| retry_after(&HeaderValue::from_static(text));
+        assert_eq!(parse("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            parse("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        for text in ["", "-1", "1.5", "Wed, 21 Oct 2026 07:28:00 GMT"] {
+            assert_eq!(parse(text), None, "{text}");
+        }
+    }
 }

@@ -36,7 +36,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, Delivery, Protocol, Store};
+use crate::config::{Config, Delivery, Store};
 use crate::deliver::{Ack, Full, Item, Outcome, Policy};
 use crate::fanout::Fanout;
 use crate::lifecycle::watch::{self, Snapshot};
@@ -615,18 +615,13 @@ struct StoreTask {
 impl StoreTask {
     async fn run(mut self) {
         let url = self.endpoint.url.clone();
-        if self.store.protocol != Protocol::Loki {
-            error!(store = %url, protocol = self.store.protocol.as_str(), "protocol not implemented yet; this store's lines wait");
-            self.shutdown.stopping().await;
-            return;
-        }
         let mut client = match Client::new(
             &url,
             self.endpoint.tenant.as_deref(),
             self.delivery.request_timeout,
             None,
         ) {
-            Ok(c) => c,
+            Ok(c) => c.with_protocol(self.store.protocol),
             Err(error) => {
                 // Nothing is read for this store: its queue fills and its files wait.
                 error!(%error, store = %url, "cannot make a client for this store; its lines wait");
@@ -637,7 +632,14 @@ impl StoreTask {
         let seed = url.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
-        let mut policy = Policy::new(&self.delivery, seed);
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let mut policy = Policy::new(&self.delivery, seed).with_protocol(
+            self.store.protocol,
+            Instant::now(),
+            wall,
+        );
         let mut last = policy.stats().clone();
         let mut pending: Option<Item> = None;
         let mut closed = false;

@@ -119,11 +119,16 @@ fn write_lines(logs: &Path, ns: &str, tag: &str, n: usize, base: i64) -> Vec<(i6
 }
 
 fn config(d: &Dirs, seed_port: u16, shoot_port: u16) -> Config {
-    config_with(d, seed_port, shoot_port, "")
+    config_with(d, seed_port, shoot_port, "loki", "")
 }
 
-/// [`config`] with more YAML appended.
-fn config_with(d: &Dirs, seed_port: u16, shoot_port: u16, extra: &str) -> Config {
+/// The config with the shoot store of `protocol` (`loki` or `otlp`, VictoriaLogs' endpoint of
+/// each; the seed's is Loki) and `extra` YAML appended.
+fn config_with(d: &Dirs, seed_port: u16, shoot_port: u16, protocol: &str, extra: &str) -> Config {
+    let shoot_path = match protocol {
+        "otlp" => "insert/opentelemetry/v1/logs",
+        _ => "insert/loki/api/v1/push",
+    };
     let yaml = format!(
         r#"
 admin: {{address: "127.0.0.1:0"}}
@@ -133,7 +138,7 @@ input:
   rescan_interval: 100ms
 stores:
   seed:  {{url: "http://127.0.0.1:{seed_port}/insert/loki/api/v1/push?extra_fields=store=seed", protocol: loki}}
-  shoot: {{url: "http://127.0.0.1:{shoot_port}/insert/loki/api/v1/push?extra_fields=store={{namespace}}", protocol: loki}}
+  shoot: {{url: "http://127.0.0.1:{shoot_port}/{shoot_path}?extra_fields=store={{namespace}}", protocol: {protocol}}}
 delivery:
   batch_wait: 100ms
   min_backoff: 50ms
@@ -159,6 +164,27 @@ fn stored(found: &[serde_json::Value]) -> BTreeSet<Stored> {
                 f("namespace_name"),
                 f("pod_name"),
                 f("container_name"),
+                f("origin"),
+                parse_timestamp(f("_time").as_bytes()).expect("an RFC 3339 _time"),
+                f("_msg"),
+            )
+        })
+        .collect()
+}
+
+/// Stored records of an OTLP store as [`Stored`]: the Kubernetes resource attributes in the
+/// place of Gardener's labels, none of which is there.
+fn stored_otlp(found: &[serde_json::Value]) -> BTreeSet<Stored> {
+    found
+        .iter()
+        .map(|v| {
+            let f = |name: &str| v[name].as_str().unwrap_or_default().to_owned();
+            assert!(v.get("namespace_name").is_none(), "{v}");
+            (
+                f("store"),
+                f("k8s.namespace.name"),
+                f("k8s.pod.name"),
+                f("k8s.container.name"),
                 f("origin"),
                 parse_timestamp(f("_time").as_bytes()).expect("an RFC 3339 _time"),
                 f("_msg"),
@@ -504,7 +530,7 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
     );
     let shutdown = Shutdown::new();
     let agent = start(
-        config_with(&d, vlogs.port, vlogs.port, &extra),
+        config_with(&d, vlogs.port, vlogs.port, "loki", &extra),
         shutdown.clone(),
     )
     .await
@@ -542,7 +568,7 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
     stop(agent, &shutdown, Duration::from_secs(5)).await;
     let shutdown = Shutdown::new();
     let agent = start(
-        config_with(&d, vlogs.port, vlogs.port, &extra),
+        config_with(&d, vlogs.port, vlogs.port, "loki", &extra),
         shutdown.clone(),
     )
     .await
@@ -634,4 +660,65 @@ async fn a_reload_moves_new_lines_to_the_new_store_and_refuses_input_changes() {
     assert_eq!(stored(&found), want);
     assert_eq!(found.len(), want.len(), "nothing sent twice");
     stop(agent, &shutdown, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shoot_stores_of_protocol_otlp_get_their_lines_with_kubernetes_attributes() {
+    let Some(binary) = common::victoria_logs("shoot_stores_of_protocol_otlp") else {
+        return;
+    };
+    let seed_store = Server::start(&binary, common::free_port(), "agent-otlp-seed");
+    let shoot_store = Server::start(&binary, common::free_port(), "agent-otlp-shoot");
+    let d = dirs("otlp");
+    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 987_654_321;
+    let mut want_shoot = BTreeSet::new();
+    let mut want_seed = BTreeSet::new();
+    for (k, ns) in [SHOOT_A, SHOOT_B, SEED_NS].into_iter().enumerate() {
+        let lines = write_lines(&d.logs, ns, "otlp", 30, base + k as i64);
+        if ns == SEED_NS {
+            want_seed.extend(expect(ns, "seed", &lines));
+        } else {
+            want_shoot.extend(expect(ns, ns, &lines));
+        }
+    }
+    let shutdown = Shutdown::new();
+    let agent = start(
+        config_with(&d, seed_store.port, shoot_store.port, "otlp", ""),
+        shutdown.clone(),
+    )
+    .await
+    .expect("the agent starts");
+    let (shoot_store, found) = tokio::task::spawn_blocking({
+        let n = want_shoot.len();
+        move || {
+            let got = shoot_store.read_all(n);
+            (shoot_store, got)
+        }
+    })
+    .await
+    .expect("read");
+    assert_eq!(found.len(), want_shoot.len(), "each line once");
+    assert_eq!(stored_otlp(&found), want_shoot);
+    let (seed_store, found) = tokio::task::spawn_blocking({
+        let n = want_seed.len();
+        move || {
+            let got = seed_store.read_all(n);
+            (seed_store, got)
+        }
+    })
+    .await
+    .expect("read");
+    assert_eq!(stored(&found), want_seed, "the seed's store is still Loki");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics(&agent);
+        let shoot = metric(&text, "log_shipper_entries_accepted_total{store=\"shoot\"}");
+        if shoot == 60 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "acknowledged: {shoot}\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop(agent, &shutdown, Duration::from_secs(5)).await;
+    drop((seed_store, shoot_store));
 }

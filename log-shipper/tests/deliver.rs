@@ -8,9 +8,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::Server;
@@ -274,7 +271,7 @@ async fn a_400_from_the_store_is_counted_not_retried() {
         }),
     };
     let outcomes = ship(&mut policy, &mut client, vec![item]).await;
-    let [Outcome::Rejected { reason, done }] = &outcomes[..] else {
+    let [Outcome::Rejected { reason, done, .. }] = &outcomes[..] else {
         panic!("{outcomes:?}")
     };
     assert_eq!(
@@ -303,63 +300,9 @@ async fn a_400_from_the_store_is_counted_not_retried() {
     assert_eq!(RejectReason::parse(text), RejectReason::Other);
 }
 
-/// A scripted HTTP/1.1 server: answers each request with the next status of `script`, then
-/// closes the connection without saying so in the answer (as an idle timeout would), and
-/// sends each request's head and body.
-fn scripted(script: Vec<(u16, &'static str)>) -> (u16, mpsc::Receiver<(String, Vec<u8>)>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for (status, body) in script {
-            let Ok((stream, _)) = listener.accept() else {
-                return;
-            };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
-            let mut reader = BufReader::new(stream);
-            let mut head = String::new();
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                head.push_str(&line);
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length: ")
-                        .map(|v| v.trim().parse().expect("length"))
-                })
-                .unwrap_or(0);
-            let mut request_body = vec![0; len];
-            reader.read_exact(&mut request_body).expect("body");
-            if status == 0 {
-                // Never answer: the client's deadline must end it.
-                std::thread::sleep(Duration::from_secs(3));
-                return;
-            }
-            let mut stream = reader.into_inner();
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} Whatever\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = tx.send((head, request_body));
-        }
-    });
-    (port, rx)
-}
-
 #[tokio::test]
 async fn the_request_head_and_429_and_503_retried_with_the_same_body() {
-    let (port, requests) = scripted(vec![
+    let (port, requests) = common::scripted(vec![
         (429, "Ingestion rate limit exceeded for user x"),
         (503, "circuit breaker open"),
         (204, ""),
@@ -411,7 +354,7 @@ async fn the_request_head_and_429_and_503_retried_with_the_same_body() {
 
 #[tokio::test]
 async fn a_store_that_does_not_answer_times_out() {
-    let (port, _requests) = scripted(vec![(0, "")]);
+    let (port, _requests) = common::scripted(vec![(0, "")]);
     let url = format!("http://127.0.0.1:{port}/loki/api/v1/push");
     let mut client = Client::new(&url, None, Duration::from_millis(300), None).expect("client");
     let mut policy = Policy::new(&delivery(4096), 5);

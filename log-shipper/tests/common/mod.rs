@@ -1,12 +1,14 @@
 //! What the VictoriaLogs tests share: the binary `scripts/vlogs-bin` built, a server on a
 //! port that is killed (and its storage removed) when the test ends, one HTTP/1.0 exchange,
-//! and a LogsQL read of everything stored.
+//! and a LogsQL read of everything stored; and a scripted HTTP server for the answers
+//! VictoriaLogs cannot be made to give.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The directory `scripts/vlogs-bin --built` prints, if the binary is built; `None` after
@@ -129,4 +131,58 @@ pub fn http(port: u16, method: &str, target: &str, headers: &str, body: &[u8]) -
         .parse()
         .expect("status code");
     (status, answer[split + 4..].to_vec())
+}
+
+/// A scripted HTTP/1.1 server: answers each request with the next status of `script`, then
+/// closes the connection without saying so in the answer (as an idle timeout would), and
+/// sends each request's head and body.
+pub fn scripted(script: Vec<(u16, &'static str)>) -> (u16, mpsc::Receiver<(String, Vec<u8>)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for (status, body) in script {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut reader = BufReader::new(stream);
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push_str(&line);
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().expect("length"))
+                })
+                .unwrap_or(0);
+            let mut request_body = vec![0; len];
+            reader.read_exact(&mut request_body).expect("body");
+            if status == 0 {
+                // Never answer: the client's deadline must end it.
+                std::thread::sleep(Duration::from_secs(3));
+                return;
+            }
+            let mut stream = reader.into_inner();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} Whatever\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tx.send((head, request_body));
+        }
+    });
+    (port, rx)
 }
