@@ -32,7 +32,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -98,6 +98,7 @@ fn dirs(name: &str) -> Dirs {
 struct Shipper {
     child: Child,
     admin: u16,
+    log: PathBuf,
 }
 
 impl Drop for Shipper {
@@ -108,21 +109,23 @@ impl Drop for Shipper {
 }
 
 impl Shipper {
-    /// Writes the config (`stores` and `delivery` YAML, a fresh admin port) and starts the
-    /// binary; its log goes to `agent.log` in the tree.
-    fn start(d: &Dirs, stores_and_delivery: &str) -> Shipper {
+    /// Writes the config (a fresh admin port, `input` with the tree's paths, then `rest`: more
+    /// `input` fields indented, `stores`, `delivery`) and starts the binary; its log goes to
+    /// `agent.log` in the tree.
+    fn start(d: &Dirs, rest: &str) -> Shipper {
         let admin = common::free_port();
         let config = format!(
-            "admin: {{address: \"127.0.0.1:{admin}\"}}\ninput:\n  path: {}\n  checkpoint_dir: {}\n  rescan_interval: 100ms\n{stores_and_delivery}",
+            "admin: {{address: \"127.0.0.1:{admin}\"}}\ninput:\n  path: {}\n  checkpoint_dir: {}\n  rescan_interval: 100ms\n{rest}",
             d.logs.display(),
             d.checkpoints.display(),
         );
         let path = d.root.join("config.yaml");
         fs::write(&path, config).expect("write the config");
+        let log_path = d.root.join("agent.log");
         let log = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(d.root.join("agent.log"))
+            .open(&log_path)
             .expect("the agent's log");
         let child = Command::new(env!("CARGO_BIN_EXE_log-shipper"))
             .arg("--config")
@@ -132,7 +135,23 @@ impl Shipper {
             .stderr(log)
             .spawn()
             .expect("log-shipper starts");
-        Shipper { child, admin }
+        Shipper {
+            child,
+            admin,
+            log: log_path,
+        }
+    }
+
+    /// "running", or how it exited and the end of its log: for failure messages.
+    fn state(&mut self) -> String {
+        match self.child.try_wait() {
+            Ok(None) => "running".into(),
+            other => {
+                let log = fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                format!("exited ({other:?}): {}", tail.join("\n"))
+            }
+        }
     }
 
     /// `kill -9`.
@@ -142,7 +161,7 @@ impl Shipper {
     }
 
     /// SIGTERM, and its exit (within `limit`).
-    fn terminate(mut self, limit: Duration) -> ExitStatus {
+    fn terminate(&mut self, limit: Duration) -> ExitStatus {
         let term = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -475,7 +494,7 @@ fn kill_9_while_rotating_then_an_outage_loses_nothing() {
 
     // The store goes away for longer than many batch_waits, and comes back on its port and
     // storage.
-    let shipper = Shipper::start(&d, &config);
+    let mut shipper = Shipper::start(&d, &config);
     std::thread::sleep(Duration::from_millis(500));
     vlogs.stop();
     std::thread::sleep(Duration::from_secs(3));
@@ -579,4 +598,338 @@ fn kill_9_while_rotating_then_an_outage_loses_nothing() {
         began.elapsed()
     );
     drop(vlogs);
+}
+
+/// HAProxy, where it is installed (CI installs it): the HTTP gateway in front of stores, as
+/// a Loki gateway is in a seed, killed when the test ends.
+struct Haproxy {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Haproxy {
+    /// Starts HAProxy with `frontend_and_backends` (the `frontend` binds `{port}`) under
+    /// `d`, and waits until it listens; `None` after a loud SKIP where it is not installed
+    /// (outside CI).
+    fn start(test: &str, d: &Dirs, frontend_and_backends: &str) -> Option<Haproxy> {
+        let Some(binary) = ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
+            .iter()
+            .map(|dir| Path::new(dir).join("haproxy"))
+            .find(|p| p.exists())
+        else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "haproxy must be installed in CI"
+            );
+            eprintln!("*** SKIP {test}: haproxy not installed ***");
+            return None;
+        };
+        let port = common::free_port();
+        let config = d.root.join("haproxy.cfg");
+        fs::write(
+            &config,
+            format!(
+                "global\n  maxconn 100\ndefaults\n  mode http\n  retries 0\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n{}",
+                frontend_and_backends.replace("{port}", &port.to_string())
+            ),
+        )
+        .expect("write haproxy.cfg");
+        let child = Command::new(binary)
+            .args(["-db", "-f"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy starts");
+        let haproxy = Haproxy { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "haproxy did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(haproxy)
+    }
+}
+
+/// Appends entries `seqs` of `pod` to its `0.log`; returns their stored form.
+fn append(logs: &Path, pod: &Pod, base: i64, seqs: std::ops::Range<u64>) -> Vec<Stored> {
+    let dir = pod.dir(logs);
+    fs::create_dir_all(&dir).expect("container dir");
+    let mut text = String::new();
+    for seq in seqs.clone() {
+        cri(base, pod, seq, &mut text);
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("0.log"))
+        .expect("log file")
+        .write_all(text.as_bytes())
+        .expect("write");
+    seqs.map(|seq| expected(pod, base, seq)).collect()
+}
+
+/// Asserts that `server` holds exactly `want` (waiting up to 20 s for as many records), each
+/// once; on a difference says how many are missing or extra, and shows a few.
+fn assert_holds_exactly(server: &Server, want: &BTreeSet<Stored>, shipper: &mut Shipper) {
+    let found = server.read_all(want.len());
+    let got: BTreeSet<Stored> = found.iter().map(stored).collect();
+    let missing: Vec<&Stored> = want.difference(&got).collect();
+    let extra: Vec<&Stored> = got.difference(want).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} of {} records missing, e.g. {:?}; {} not written, e.g. {:?}; agent {}",
+        missing.len(),
+        want.len(),
+        &missing[..missing.len().min(2)],
+        extra.len(),
+        &extra[..extra.len().min(2)],
+        shipper.state()
+    );
+    assert_eq!(got.len(), found.len(), "each line once");
+}
+
+const DEAD: Pod = Pod {
+    ns: "shoot--b--dead",
+    pod: "etcd-main-0",
+    container: "etcd",
+};
+
+#[test]
+fn a_dead_shoot_store_does_not_stall_the_seed_or_another_shoot() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "a_dead_shoot_store_does_not_stall_the_seed_or_another_shoot";
+    let Some(binary) = common::victoria_logs(test) else {
+        return;
+    };
+    let d = dirs("dead");
+    // One VictoriaLogs holds the seed's and the live shoot's stores; the dead shoot's store
+    // is a port where nothing listens yet. Shoot stores are reached through a gateway that
+    // routes on the path's first segment, the namespace (the template cannot name another
+    // port per namespace); for the dead one it answers 503.
+    let vlogs = Server::start(&binary, common::free_port(), "loss-dead-live");
+    let dead_port = common::free_port();
+    let Some(gateway) = Haproxy::start(
+        test,
+        &d,
+        &format!(
+            "frontend shoots\n  bind 127.0.0.1:{{port}}\n  use_backend live if {{ path_beg /shoot--a--one/ }}\n  default_backend dead\n\
+             backend live\n  http-request replace-path ^/[^/]*(/.*)$ \\1\n  server live 127.0.0.1:{}\n\
+             backend dead\n  http-request replace-path ^/[^/]*(/.*)$ \\1\n  server dead 127.0.0.1:{dead_port}\n",
+            vlogs.port
+        ),
+    ) else {
+        return;
+    };
+    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 7;
+    let mut want = BTreeSet::new();
+    let mut dead = Vec::new();
+    for pod in [PODS[0], PODS[1]] {
+        want.extend(append(&d.logs, &pod, base, 0..300));
+    }
+    dead.extend(append(&d.logs, &DEAD, base, 0..300));
+    let mut shipper = Shipper::start(
+        &d,
+        &format!(
+            "{}delivery: {{batch_wait: 100ms, min_backoff: 50ms, max_backoff: 400ms}}\n",
+            stores(vlogs.port, gateway.port, "/{namespace}")
+        ),
+    );
+    // Lines written while the dead store is retried arrive too.
+    std::thread::sleep(Duration::from_millis(500));
+    for pod in [PODS[0], PODS[1]] {
+        want.extend(append(&d.logs, &pod, base, 300..400));
+    }
+    dead.extend(append(&d.logs, &DEAD, base, 300..400));
+    assert_holds_exactly(&vlogs, &want, &mut shipper);
+    let text = shipper.metrics();
+    assert!(
+        metric(
+            &text,
+            "log_shipper_retries_total{kind=\"server_error\",store=\"shoot\"}"
+        ) > 0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "log_shipper_entries_accepted_total{store=\"seed\"}"),
+        400
+    );
+    assert_eq!(
+        metric(&text, "log_shipper_entries_accepted_total{store=\"shoot\"}"),
+        400,
+        "the live shoot's, none of the dead one's"
+    );
+    assert_eq!(metric(&text, "log_shipper_stores{store=\"shoot\"}"), 2);
+
+    // The dead store comes up: its lines arrive, once, from where they waited.
+    let revived = Server::start(&binary, dead_port, "loss-dead-revived");
+    let dead: BTreeSet<Stored> = dead.into_iter().collect();
+    assert_holds_exactly(&revived, &dead, &mut shipper);
+    let status = shipper.terminate(Duration::from_secs(25));
+    assert!(status.success(), "{status:?}");
+    assert_holds_exactly(&vlogs, &want, &mut shipper);
+}
+
+#[test]
+fn a_store_answering_429_gets_everything_after_backing_off() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "a_store_answering_429_gets_everything_after_backing_off";
+    let Some(binary) = common::victoria_logs(test) else {
+        return;
+    };
+    let d = dirs("429");
+    let vlogs = Server::start(&binary, common::free_port(), "loss-429");
+    // VictoriaLogs does not rate-limit pushes; a gateway in front of it does, as Loki's
+    // gateway or an ingress would: more than three requests in a second are answered 429.
+    let Some(gateway) = Haproxy::start(
+        test,
+        &d,
+        &format!(
+            "frontend limited\n  bind 127.0.0.1:{{port}}\n  stick-table type integer size 1 expire 10s store http_req_rate(1s)\n  http-request track-sc0 int(1)\n  http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt 3 }}\n  default_backend store\n\
+             backend store\n  server vlogs 127.0.0.1:{}\n",
+            vlogs.port
+        ),
+    ) else {
+        return;
+    };
+    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 11;
+    let want: BTreeSet<Stored> = append(&d.logs, &PODS[1], base, 0..600)
+        .into_iter()
+        .collect();
+    let began = Instant::now();
+    let mut shipper = Shipper::start(
+        &d,
+        &format!(
+            "  max_entry_bytes: 4096\n{}delivery: {{batch_bytes: 8192, batch_wait: 50ms, min_backoff: 100ms, max_backoff: 1s}}\n",
+            stores(gateway.port, gateway.port, "")
+        ),
+    );
+    assert_holds_exactly(&vlogs, &want, &mut shipper);
+    let took = began.elapsed();
+    // Everything was acknowledged, so the retries are all counted by now.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = shipper.metrics();
+        if metric(&text, "log_shipper_entries_accepted_total{store=\"seed\"}") == 600 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let limited = metric(
+        &text,
+        "log_shipper_retries_total{kind=\"rate_limited\",store=\"seed\"}",
+    );
+    let requests = metric(&text, "log_shipper_requests_total{store=\"seed\"}");
+    assert!(limited > 0, "{text}");
+    // Backing off: each retry waits min_backoff (100 ms) at least, so retries are bounded by
+    // the time taken; a retry without a pause would make thousands. Besides them one request
+    // per batch (600 entries of ~150 bytes, 8 KiB batches: about a dozen).
+    assert!(
+        requests <= took.as_millis() as u64 / 100 + 30,
+        "{requests} requests in {took:?}"
+    );
+    eprintln!("{requests} requests, {limited} answered 429, in {took:?}");
+    let status = shipper.terminate(Duration::from_secs(25));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_line_longer_than_max_entry_bytes_is_split_and_counted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(binary) = common::victoria_logs("a_line_longer_than_max_entry_bytes") else {
+        return;
+    };
+    const MAX: usize = 1024;
+    let vlogs = Server::start(&binary, common::free_port(), "loss-long");
+    let d = dirs("long");
+    let pod = PODS[1];
+    let dir = pod.dir(&d.logs);
+    fs::create_dir_all(&dir).expect("container dir");
+    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 13;
+    let text = |n: usize, tag: &str| -> String {
+        let mut s = String::new();
+        let mut i = 0;
+        while s.len() < n {
+            let _ = write!(s, "{tag}{i:05}|");
+            i += 1;
+        }
+        s.truncate(n);
+        s
+    };
+    let mut want = BTreeSet::new();
+    let mut record = |ts: i64, msg: &str| {
+        want.insert((
+            "seed".to_owned(),
+            pod.ns.to_owned(),
+            pod.pod.to_owned(),
+            pod.container.to_owned(),
+            "seed".to_owned(),
+            ts,
+            msg.to_owned(),
+        ))
+    };
+    let mut cri_text = String::new();
+    // A short line, one line of 5000 bytes (one F line), three partial lines and their F
+    // line (6300 bytes joined), a short line.
+    let (ts0, ts1) = (base, base + 1_000);
+    let _ = writeln!(cri_text, "{} stdout F short before", rfc3339(ts0));
+    record(ts0, "short before");
+    let one = text(5000, "one");
+    let _ = writeln!(cri_text, "{} stdout F {one}", rfc3339(ts1));
+    for piece in one.as_bytes().chunks(MAX) {
+        record(ts1, std::str::from_utf8(piece).expect("ASCII"));
+    }
+    let parts = [
+        (base + 2_000, "P", text(2000, "pa")),
+        (base + 2_001, "P", text(2000, "pb")),
+        (base + 2_002, "P", text(2000, "pc")),
+        (base + 2_003, "F", text(300, "pd")),
+    ];
+    let mut joined = String::new();
+    let mut line_of_byte = Vec::new();
+    for (ts, tag, content) in &parts {
+        let _ = writeln!(cri_text, "{} stderr {tag} {content}", rfc3339(*ts));
+        joined.push_str(content);
+        line_of_byte.extend(std::iter::repeat_n(*ts, content.len()));
+    }
+    // A piece has the timestamp of the line its first byte comes from.
+    for (k, piece) in joined.as_bytes().chunks(MAX).enumerate() {
+        record(
+            line_of_byte[k * MAX],
+            std::str::from_utf8(piece).expect("ASCII"),
+        );
+    }
+    let _ = writeln!(cri_text, "{} stdout F short after", rfc3339(base + 3_000));
+    record(base + 3_000, "short after");
+    fs::write(dir.join("0.log"), cri_text).expect("write");
+
+    let mut shipper = Shipper::start(
+        &d,
+        &format!(
+            "  max_entry_bytes: {MAX}\n{}delivery: {{batch_wait: 100ms}}\n",
+            stores(vlogs.port, vlogs.port, "")
+        ),
+    );
+    assert_holds_exactly(&vlogs, &want, &mut shipper);
+    let text = shipper.metrics();
+    // 5000 bytes: four pieces split, the fifth ends the entry; 6300 bytes: six and one.
+    assert_eq!(
+        metric(&text, "log_shipper_entries_split_total"),
+        4 + 6,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "log_shipper_entries_routed_total{store=\"seed\"}"),
+        want.len() as u64
+    );
+    let status = shipper.terminate(Duration::from_secs(25));
+    assert!(status.success(), "{status:?}");
 }
