@@ -159,9 +159,10 @@ impl Server {
             .collect()
     }
 
-    /// How many records are stored now.
-    pub fn count(&self) -> u64 {
-        let found = self.query("* | stats count() as n");
+    /// A LogsQL stats function over every record now, such as `count()` or
+    /// `count_uniq(_msg)`.
+    pub fn stat(&self, function: &str) -> u64 {
+        let found = self.query(&format!("* | stats {function} as n"));
         found
             .first()
             .and_then(|v| v["n"].as_str()?.parse().ok())
