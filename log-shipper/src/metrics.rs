@@ -16,7 +16,7 @@ use crate::tail;
 type TailCounter = (&'static str, &'static str, fn(&tail::Stats) -> u64);
 
 /// The tailer's counters, exported one to one.
-const TAIL_COUNTERS: [TailCounter; 13] = [
+const TAIL_COUNTERS: [TailCounter; 14] = [
     (
         "log_shipper_read_bytes_total",
         "Bytes read from log files.",
@@ -64,6 +64,11 @@ const TAIL_COUNTERS: [TailCounter; 13] = [
         "log_shipper_evictions_total",
         "Idle files closed to give their descriptor to a waiting one.",
         |s| s.evictions,
+    ),
+    (
+        "log_shipper_entries_split_total",
+        "Entries cut at input.max_entry_bytes; the rest follows as the next entry.",
+        |s| s.split,
     ),
     ("log_shipper_read_errors_total", "Failed reads.", |s| {
         s.read_errors

@@ -11,10 +11,10 @@ use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use agentkit::Shutdown;
-use common::Server;
+use common::{now_nanos, rfc3339, Server};
 use log_shipper::cri::parse_timestamp;
 use log_shipper::run::{start, Agent};
 use log_shipper::Config;
@@ -22,37 +22,6 @@ use log_shipper::Config;
 const SHOOT_A: &str = "shoot--core--one";
 const SHOOT_B: &str = "shoot--dev--two";
 const SEED_NS: &str = "garden";
-
-/// RFC 3339 with nanoseconds, UTC, of Unix nanoseconds.
-fn rfc3339(nanos: i64) -> String {
-    let secs = nanos.div_euclid(1_000_000_000);
-    let frac = nanos.rem_euclid(1_000_000_000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:09}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_nanos() as i64
-}
 
 struct Dirs {
     root: PathBuf,

@@ -1,6 +1,7 @@
 //! Delivery end to end: the [`Policy`] and the push [`Client`] against a real VictoriaLogs
 //! (its Loki endpoint): two streams read back exactly; a store that is down at first, retried
-//! with backoff, gets everything once it is up; a 400 it answers is counted, not retried. And
+//! with backoff, gets everything once it is up; a 400 it answers is counted, not retried,
+//! and when it stored part of the batch (partial acceptance) that part is not sent again. And
 //! against a scripted HTTP server on loopback, what VictoriaLogs cannot be made to answer:
 //! the request's head (path, content type, no content encoding, tenant), 429 and 503 retried
 //! with the same body, a timeout.
@@ -8,9 +9,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{now_nanos, Server};
 use log_shipper::checkpoint::FileKey;
 use log_shipper::config::{Delivery, OutagePolicy};
 use log_shipper::cri::parse_timestamp;
@@ -75,13 +76,6 @@ async fn ship(policy: &mut Policy, client: &mut Client, items: Vec<Item>) -> Vec
         outcomes.extend(step(policy, client).await);
     }
     outcomes
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_nanos() as i64
 }
 
 /// A stored line: (time, namespace, container, line).
@@ -298,6 +292,68 @@ async fn a_400_from_the_store_is_counted_not_retried() {
     };
     assert!(text.contains("snappy"), "{text}");
     assert_eq!(RejectReason::parse(text), RejectReason::Other);
+}
+
+#[tokio::test]
+async fn a_400_with_partial_acceptance_is_not_resent() {
+    let Some(binary) = common::victoria_logs("a_400_with_partial_acceptance_is_not_resent") else {
+        return;
+    };
+    let server = Server::start(&binary, common::free_port(), "deliver-400-partial");
+    let url = format!("http://127.0.0.1:{}/insert/loki/api/v1/push", server.port);
+    let mut client = Client::new(&url, None, Duration::from_secs(5), None).expect("client");
+    let mut policy = Policy::new(&delivery(4096), 6);
+    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 17;
+    let item = |labels: &str, i: usize, offset: u64| Item {
+        labels: labels.into(),
+        timestamp: base + i as i64,
+        line: format!("line {i}"),
+        ack: Some(Ack {
+            file: file(7),
+            offset,
+        }),
+    };
+    let stored_ns = |ns: &str| loki::format_labels(&[("namespace", ns)]).expect("labels");
+    let (good, after) = (stored_ns("shoot--p--good"), stored_ns("shoot--p--after"));
+    // One batch of three streams in this order: VictoriaLogs decodes and stores stream by
+    // stream, so the first is stored, the second's labels are refused with a 400, and the
+    // third is not read (Loki would store it: either way a partial acceptance).
+    let mut items: Vec<Item> = (0..5).map(|i| item(&good, i, i as u64 + 1)).collect();
+    items.push(item("{ab\"", 5, 6));
+    items.extend((6..10).map(|i| item(&after, i, i as u64 + 1)));
+    let outcomes = ship(&mut policy, &mut client, items).await;
+    let [Outcome::Rejected { done, .. }] = &outcomes[..] else {
+        panic!("one batch, rejected: {outcomes:?}")
+    };
+    assert_eq!(done.acks.last().map(|a| a.offset), Some(10), "acknowledged");
+    assert_eq!(policy.stats().requests, 1, "not retried");
+    // The policy moves on: the next batch is accepted.
+    let outcomes = ship(
+        &mut policy,
+        &mut client,
+        (10..15).map(|i| item(&good, i, i as u64 + 1)).collect(),
+    )
+    .await;
+    assert!(
+        matches!(&outcomes[..], [Outcome::Accepted(_)]),
+        "{outcomes:?}"
+    );
+    let want: Vec<Record> = (0..5)
+        .chain(10..15)
+        .map(|i| {
+            (
+                base + i as i64,
+                "shoot--p--good".to_owned(),
+                String::new(),
+                format!("line {i}"),
+            )
+        })
+        .collect();
+    let got = records(&server.read_all(want.len()));
+    assert_eq!(
+        got, want,
+        "what the store accepted of the refused batch, once, and the next batch"
+    );
 }
 
 #[tokio::test]

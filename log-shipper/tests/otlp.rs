@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::Server;
+use common::{now_nanos, Server};
 use log_shipper::checkpoint::FileKey;
 use log_shipper::config::{Delivery, OutagePolicy, Protocol};
 use log_shipper::cri::parse_timestamp;
@@ -31,13 +31,6 @@ fn delivery(batch_bytes: usize) -> Delivery {
         max_outage: Duration::from_secs(3600),
         outage_policy: OutagePolicy::Wait,
     }
-}
-
-fn now_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_nanos() as i64
 }
 
 /// An OTLP policy and client of `url`.

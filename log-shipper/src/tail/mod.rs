@@ -105,6 +105,8 @@ pub struct Stats {
     pub vanished_unread: u64,
     /// Idle files closed to give their descriptor to a waiting one.
     pub evictions: u64,
+    /// Entries cut at `input.max_entry_bytes` (the rest follows as the next entry).
+    pub split: u64,
     /// Failed reads (the file is closed and opened again later).
     pub read_errors: u64,
     /// Acknowledgements of an unknown file or a past epoch, ignored.
@@ -486,7 +488,7 @@ impl Tailer {
                 }
                 r.flushed = true;
                 r.reader.flush_partials();
-                drain(&mut r.reader, *key, r.epoch, &t.location.container, out);
+                self.stats.split += drain(&mut r.reader, *key, r.epoch, &t.location.container, out);
             }
         }
     }
@@ -516,7 +518,7 @@ impl Tailer {
                         r.last_data = now;
                         r.flushed = false;
                         r.reader.push(&self.buf[..n]);
-                        drain(&mut r.reader, key, r.epoch, &container, out);
+                        self.stats.split += drain(&mut r.reader, key, r.epoch, &container, out);
                     }
                     if n < want {
                         r.at_eof = true;
@@ -580,7 +582,7 @@ impl Tailer {
         let deleted = metadata.nlink() == 0;
         if deleted || self.tracker.at_end(&key) {
             r.reader.finish();
-            drain(&mut r.reader, key, r.epoch, &container, out);
+            self.stats.split += drain(&mut r.reader, key, r.epoch, &container, out);
             self.reading.remove(&key);
             if deleted {
                 self.stats.deleted_drained += 1;
@@ -593,21 +595,27 @@ impl Tailer {
     }
 }
 
-/// Hands out what the reader has.
+/// Hands out what the reader has; returns how many of its entries were split
+/// ([`cri::End::Split`]).
 fn drain(
     reader: &mut cri::Reader,
     key: FileKey,
     epoch: u64,
     container: &Arc<Container>,
     out: &mut Vec<Record>,
-) {
+) -> u64 {
+    let mut split = 0;
     for event in reader.by_ref() {
+        if matches!(&event, Ok(e) if e.end == cri::End::Split) {
+            split += 1;
+        }
         out.push(Record {
             file: FileRef { key, epoch },
             container: container.clone(),
             event,
         });
     }
+    split
 }
 
 /// Adds the log files of one container directory to `seen`.

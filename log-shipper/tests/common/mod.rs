@@ -1,6 +1,7 @@
 //! What the VictoriaLogs tests share: the binary `scripts/vlogs-bin` built, a server on a
-//! port that is killed (and its storage removed) when the test ends, one HTTP/1.0 exchange,
-//! and a LogsQL read of everything stored; and a scripted HTTP server for the answers
+//! port that is killed (and its storage removed) when the test ends, and that can be stopped
+//! and started again on the same port and storage (an outage); one HTTP/1.0 exchange; LogsQL
+//! reads of what is stored; CRI timestamps; and a scripted HTTP server for the answers
 //! VictoriaLogs cannot be made to give.
 #![allow(dead_code)]
 
@@ -9,7 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The directory `scripts/vlogs-bin --built` prints, if the binary is built; `None` after
 /// a loud SKIP, or a panic under `REQUIRE_PRIVILEGED=1` (CI, where `scripts/test` builds it).
@@ -41,7 +42,9 @@ pub fn free_port() -> u16 {
 
 /// The server, killed and its storage removed when the test ends however it ends.
 pub struct Server {
-    child: Child,
+    child: Option<Child>,
+    binary: PathBuf,
+    args: Vec<String>,
     storage: PathBuf,
     /// Its port on 127.0.0.1.
     pub port: u16,
@@ -49,8 +52,10 @@ pub struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.storage);
     }
 }
@@ -62,29 +67,108 @@ impl Server {
         Server::start_with(binary, port, name, &[])
     }
 
-    /// [`Server::start`] with more command-line flags.
-    pub fn start_with(binary: &Path, port: u16, name: &str, flags: &[&str]) -> Server {
+    /// [`start`](Server::start) with more command-line flags.
+    pub fn start_with(binary: &Path, port: u16, name: &str, args: &[&str]) -> Server {
         let storage = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("vlogs-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&storage);
-        let server = Server {
-            child: Command::new(binary)
-                .arg(format!("-httpListenAddr=127.0.0.1:{port}"))
-                .arg(format!("-storageDataPath={}", storage.display()))
-                .arg("-loggerLevel=ERROR")
-                .args(flags)
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("victoria-logs starts"),
+        let mut server = Server {
+            child: None,
+            binary: binary.to_path_buf(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
             storage,
             port,
         };
+        server.start_again();
+        server
+    }
+
+    /// Stops the server as an operator would (SIGTERM: it flushes what it stored and exits);
+    /// its port is closed until [`start_again`](Server::start_again).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let term = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(term.success(), "SIGTERM to victoria-logs");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "victoria-logs did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the (stopped) server on its port and storage, and waits (20 s at most) until it
+    /// listens.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "victoria-logs runs already");
+        self.child = Some(
+            Command::new(&self.binary)
+                .arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+                .arg(format!("-storageDataPath={}", self.storage.display()))
+                .arg("-loggerLevel=ERROR")
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("victoria-logs starts"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "victoria-logs did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
-        server
+    }
+
+    /// The records a LogsQL query finds now (after a flush), one JSON object each.
+    /// `query` is URL-encoded here (spaces and `|`).
+    pub fn query(&self, query: &str) -> Vec<serde_json::Value> {
+        let prefix = self
+            .args
+            .iter()
+            .find_map(|a| a.strip_prefix("-http.pathPrefix="))
+            .unwrap_or("");
+        http(
+            self.port,
+            "GET",
+            &format!("{prefix}/internal/force_flush"),
+            "",
+            b"",
+        );
+        let encoded: String = query
+            .chars()
+            .map(|c| match c {
+                ' ' => "%20".to_owned(),
+                '|' => "%7C".to_owned(),
+                '"' => "%22".to_owned(),
+                c => c.to_string(),
+            })
+            .collect();
+        let (status, answer) = http(
+            self.port,
+            "GET",
+            &format!("{prefix}/select/logsql/query?query={encoded}"),
+            "",
+            b"",
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        answer
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("a JSON line"))
+            .collect()
+    }
+
+    /// A LogsQL stats function over every record now, such as `count()` or
+    /// `count_uniq(_msg)`.
+    pub fn stat(&self, function: &str) -> u64 {
+        let found = self.query(&format!("* | stats {function} as n"));
+        found
+            .first()
+            .and_then(|v| v["n"].as_str()?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Every stored record, one JSON object each, once at least `want` are there (20 s at
@@ -92,14 +176,7 @@ impl Server {
     pub fn read_all(&self, want: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            http(self.port, "GET", "/internal/force_flush", "", b"");
-            let (status, answer) = http(self.port, "GET", "/select/logsql/query?query=*", "", b"");
-            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
-            let found: Vec<serde_json::Value> = answer
-                .split(|&b| b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(|l| serde_json::from_slice(l).expect("a JSON line"))
-                .collect();
+            let found = self.query("*");
             if found.len() >= want || Instant::now() > deadline {
                 return found;
             }
@@ -185,4 +262,17 @@ pub fn scripted(script: Vec<(u16, &'static str)>) -> (u16, mpsc::Receiver<(Strin
         }
     });
     (port, rx)
+}
+
+/// Unix nanoseconds now.
+pub fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos() as i64
+}
+
+/// RFC 3339 with nanoseconds, UTC, of Unix nanoseconds: a CRI line's timestamp.
+pub fn rfc3339(nanos: i64) -> String {
+    log_shipper::query::time::format_rfc3339(nanos)
 }
