@@ -14,9 +14,22 @@ use agentkit::Shutdown;
 use anyhow::Context as _;
 use clap::Parser as _;
 
-/// What the part showed, for the demo's exit code.
+/// What the part showed, for the demo's exit code, and what runs on for the commands to try.
 pub struct Outcome {
     pub ok: bool,
+    running: Option<(VictoriaLogs, Shutdown, log_shipper::run::Agent)>,
+}
+
+impl Outcome {
+    /// Stops the agent and the store.
+    pub async fn finish(self) -> anyhow::Result<()> {
+        if let Some((store, shutdown, agent)) = self.running {
+            shutdown.stop_accepting();
+            agent.wait(Duration::from_secs(5)).await?;
+            drop(store);
+        }
+        Ok(())
+    }
 }
 
 /// The pods: namespace, pod, container, and lines they log.
@@ -101,7 +114,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<Outcome> {
         }
         None => {
             println!("  log-shipper part skipped: VictoriaLogs is not built and there is no `go` to build it (scripts/vlogs-bin)");
-            return Ok(Outcome { ok: true });
+            return Ok(Outcome {
+                ok: true,
+                running: None,
+            });
         }
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -197,11 +213,9 @@ pub async fn run(dir: &Path) -> anyhow::Result<Outcome> {
         store.url()
     );
     println!("    log-shipper query --config {config_arg} '{{namespace_name=\"garden\"}}' -o json");
-    shutdown.stop_accepting();
-    agent.wait(Duration::from_secs(5)).await?;
-    drop(store);
     Ok(Outcome {
         ok: shipped == total && followed == total + 3,
+        running: Some((store, shutdown, agent)),
     })
 }
 

@@ -13,7 +13,8 @@
 //!
 //! [`parse_line`] parses one line. [`Reader`] takes the file's bytes as they are read, in chunks
 //! cut anywhere, and yields one [`Entry`] per log entry (partial lines joined, entries longer
-//! than the configured maximum split, counted) or one [`Malformed`] per line that is not CRI
+//! than the configured maximum split, counted; a cut that would fall inside a UTF-8 character
+//! moves back to its start, so each piece stays valid text) or one [`Malformed`] per line that is not CRI
 //! (counted; the lines after it are read normally). Each result carries a
 //! [checkpoint](Entry::checkpoint): the offset a tailer may persist once it and every earlier
 //! result are acknowledged, never past a byte whose entry has not been emitted yet. Nothing here
@@ -534,7 +535,12 @@ impl Reader {
                 pending.content.extend_from_slice(content);
                 return;
             }
-            let (head, tail) = content.split_at(max - pending.content.len());
+            let cut = char_boundary(
+                content,
+                max - pending.content.len(),
+                !pending.content.is_empty(),
+            );
+            let (head, tail) = content.split_at(cut);
             pending.content.extend_from_slice(head);
             content = tail;
             let piece = std::mem::take(&mut pending.content);
@@ -611,6 +617,35 @@ impl Iterator for Reader {
             }
         }
     }
+}
+
+/// Where to cut `content` so that the piece before it ends at most `at` bytes in: `at`, or up
+/// to three bytes earlier when `at` falls inside a UTF-8 character that starts in `content`, so
+/// that both pieces stay valid text (a store would otherwise get U+FFFD twice for one
+/// character). The piece never becomes empty unless `pending` already holds bytes.
+fn char_boundary(content: &[u8], at: usize, pending: bool) -> usize {
+    let is_continuation = |b: u8| b & 0b1100_0000 == 0b1000_0000;
+    if !content.get(at).is_some_and(|&b| is_continuation(b)) {
+        return at;
+    }
+    for back in 1..=3.min(at) {
+        let lead = content[at - back];
+        if is_continuation(lead) {
+            continue;
+        }
+        // A lead byte: its character is `len` bytes long; `back` of them are before the cut.
+        let len = match lead {
+            0b1100_0000..=0b1101_1111 => 2,
+            0b1110_0000..=0b1110_1111 => 3,
+            0b1111_0000..=0b1111_0111 => 4,
+            _ => return at,
+        };
+        if len > back && (at - back > 0 || pending) {
+            return at - back;
+        }
+        return at;
+    }
+    at
 }
 
 #[cfg(test)]
@@ -925,6 +960,43 @@ not a CRI line\n\
     }
 
     #[test]
+    fn a_split_never_cuts_a_character() {
+        // "é" is 2 bytes, "€" 3, "😀" 4: every cut position falls inside one of them somewhere.
+        let text = "aé€😀bé€😀cé€😀dé€😀eé€😀";
+        for max in 4..text.len() {
+            for partial_first in [false, true] {
+                let mut input = String::new();
+                let (first, rest) = text.split_at(if partial_first { 1 } else { 0 });
+                if partial_first {
+                    input.push_str(&format!("2026-12-06T10:00:00Z stdout P {first}\n"));
+                }
+                input.push_str(&format!("2026-12-06T10:00:00Z stdout F {rest}\n"));
+                let (events, _) = run_cut(input.as_bytes(), &[], max);
+                let pieces: Vec<&Entry> = events.iter().flatten().collect();
+                let mut joined = Vec::new();
+                for p in &pieces {
+                    assert!(p.content.len() <= max, "max {max}");
+                    assert!(
+                        std::str::from_utf8(&p.content).is_ok(),
+                        "max {max}: a piece is not UTF-8: {:?}",
+                        p.content
+                    );
+                    joined.extend_from_slice(&p.content);
+                }
+                assert_eq!(joined, text.as_bytes(), "max {max}");
+            }
+        }
+        // Bytes that are not UTF-8 are cut where the maximum says.
+        assert_eq!(char_boundary(&[0x80, 0x80, 0x80, 0x80], 2, false), 2);
+        assert_eq!(
+            char_boundary("é".as_bytes(), 1, false),
+            1,
+            "the piece would be empty"
+        );
+        assert_eq!(char_boundary("é".as_bytes(), 1, true), 0);
+    }
+
+    #[test]
     fn long_lines_are_split_and_streamed_in_bounded_memory() {
         let max = 1000;
         let content: String = (0..100_000)
@@ -1227,7 +1299,8 @@ not a CRI line\n\
                     let mut content = first.content.clone();
                     let mut last = first;
                     while last.end == End::Split {
-                        prop_assert_eq!(last.content.len(), max);
+                        // At most three bytes short: a cut moved to a character boundary.
+                        prop_assert!(last.content.len() <= max && last.content.len() + 3 >= max);
                         last = got.next().unwrap();
                         content.extend_from_slice(&last.content);
                     }

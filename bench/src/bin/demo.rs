@@ -226,6 +226,8 @@ Kubernetes part skipped: {e:#}"
     }
     running.await?;
     dns.finish().await?;
+    let logs_ok = logs.ok;
+    logs.finish().await?;
     std::fs::remove_dir_all(&dir).ok();
     drop((s1, s2a, s2b));
     anyhow::ensure!(all_ok, "some demo traffic failed");
@@ -238,7 +240,7 @@ Kubernetes part skipped: {e:#}"
         tunnel.ok,
         "the log stream through the tunnel was slowed by the stalled tunnel"
     );
-    anyhow::ensure!(logs.ok, "not every log line was acknowledged by its store");
+    anyhow::ensure!(logs_ok, "not every log line was acknowledged by its store");
     Ok(())
 }
 

@@ -119,14 +119,60 @@ pub fn parse_vlogs_line(line: &[u8]) -> Result<Option<Entry>, ResponseError> {
     let time = row.get("_time").map(text).ok_or(ResponseError::NoTime)?;
     let time = parse_instant(&time)
         .map_err(|_| ResponseError::Shape(format!("`_time` {time} is not RFC 3339")))?;
-    let line = row.get("_msg").map(text).unwrap_or_default();
-    let labels = row
-        .iter()
-        .filter(|(k, _)| !k.starts_with('_'))
-        .map(|(k, v)| (k.clone(), text(v)))
-        .collect();
-    Ok(Some(Entry { time, labels, line }))
+    let fields = row.iter().filter(|(k, _)| !k.starts_with('_'));
+    match row.get("_msg").map(text) {
+        Some(line) if !line.starts_with(VLOGS_NO_MSG) => Ok(Some(Entry {
+            time,
+            labels: fields.map(|(k, v)| (k.clone(), text(v))).collect(),
+            line,
+        })),
+        // VictoriaLogs took a JSON line apart into fields (its default for Loki pushes): the
+        // stream's fields are the labels, the others are the line, as a JSON object again.
+        _ => {
+            let stream = row.get("_stream").map(text).unwrap_or_default();
+            let stream = stream_keys(&stream);
+            let (labels, message): (Vec<_>, Vec<_>) =
+                fields.partition(|(k, _)| stream.contains(&k.as_str()));
+            let message: serde_json::Map<String, serde_json::Value> = message
+                .into_iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Ok(Some(Entry {
+                time,
+                labels: labels
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), text(v)))
+                    .collect(),
+                line: if message.is_empty() {
+                    String::new()
+                } else {
+                    serde_json::Value::Object(message).to_string()
+                },
+            }))
+        }
+    }
 }
+
+/// The field names of a VictoriaLogs `_stream`, `{a="x",b="y"}` (values quoted and escaped).
+fn stream_keys(stream: &str) -> Vec<&str> {
+    let inner = stream.trim().trim_start_matches('{').trim_end_matches('}');
+    let mut keys = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, c) in inner.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '=' if !quoted => keys.push(inner[start..i].trim()),
+            ',' if !quoted => start = i + 1,
+            _ => {}
+        }
+    }
+    keys
+}
+
+/// The start of the `_msg` VictoriaLogs shows for a record stored without one.
+pub const VLOGS_NO_MSG: &str = "missing _msg field";
 
 /// Oldest first; equal times keep their order.
 pub fn sort_oldest_first(entries: &mut [Entry]) {
@@ -334,6 +380,16 @@ mod tests {
             Err(ResponseError::Store(
                 "cannot execute query: out of memory".into()
             ))
+        );
+        // A JSON line VictoriaLogs took apart: the stream's fields are the labels, the rest
+        // the line again.
+        let parsed = parse_vlogs_line(br#"{"_msg":"missing _msg field; see https://docs.victoriametrics.com/victorialogs/keyconcepts/#message-field","_stream":"{container_name=\"etcd\",namespace_name=\"shoot--p--a\"}","_time":"2026-12-06T10:00:00Z","container_name":"etcd","level":"info","msg":"ready","namespace_name":"shoot--p--a","store":"x"}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.line, r#"{"level":"info","msg":"ready","store":"x"}"#);
+        assert_eq!(
+            parsed.labels.keys().collect::<Vec<_>>(),
+            ["container_name", "namespace_name"]
         );
         let bare = parse_vlogs_line(br#"{"_time":"2026-12-06T10:00:00Z"}"#)
             .unwrap()
