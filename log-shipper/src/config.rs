@@ -122,6 +122,8 @@ struct RawStore {
     protocol: Protocol,
     #[serde(default)]
     tenant: Option<String>,
+    #[serde(default)]
+    ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +259,9 @@ pub struct Store {
     pub protocol: Protocol,
     /// The `X-Scope-OrgID` tenant (Loki only), a template as the URL.
     pub tenant: Option<Template>,
+    /// The CA bundle (PEM) an `https` store's certificate is checked against; re-read when it
+    /// changes.
+    pub ca: Option<PathBuf>,
 }
 
 /// A string that may hold `{namespace}`.
@@ -480,10 +485,33 @@ fn store(field: &str, raw: RawStore, per_namespace: bool) -> Result<Store, Confi
             format!("must hold {NAMESPACE_PLACEHOLDER} (or the tenant must): each shoot namespace has its own store"),
         ));
     }
+    let https = uri.scheme_str() == Some("https");
+    match &raw.ca {
+        None if https => {
+            return Err(ConfigError::invalid(
+                format!("{field}.ca"),
+                "an https store needs the CA bundle (PEM) its certificate is checked against",
+            ))
+        }
+        Some(_) if !https => {
+            return Err(ConfigError::invalid(
+                format!("{field}.ca"),
+                "is for https stores only",
+            ))
+        }
+        Some(path) if !path.is_absolute() => {
+            return Err(ConfigError::invalid(
+                format!("{field}.ca"),
+                "must be an absolute path",
+            ))
+        }
+        _ => {}
+    }
     Ok(Store {
         url,
         protocol: raw.protocol,
         tenant,
+        ca: raw.ca,
     })
 }
 
@@ -578,8 +606,8 @@ mod tests {
             "admin: {address: '[::1]:9'}\n\
              input: {path: /logs, checkpoint_dir: /ck, max_entry_bytes: 16384, partial_timeout: 30s, \
              rescan_interval: 250ms, max_open_files: 10}\n\
-             stores:\n  seed: {url: 'https://seed/push', protocol: loki, tenant: garden}\n  \
-             shoot: {url: 'https://shared/push', protocol: loki, tenant: '{namespace}'}\n\
+             stores:\n  seed: {url: 'https://seed/push', protocol: loki, tenant: garden, ca: /etc/ca.pem}\n  \
+             shoot: {url: 'https://shared/push', protocol: loki, tenant: '{namespace}', ca: /etc/ca.pem}\n\
              delivery: {batch_bytes: 65536, batch_wait: 2s, request_timeout: 5s, min_backoff: 1s, \
              max_backoff: 1m, max_outage: 24h, outage_policy: skip}\n\
              kubernetes: {kubeconfig: /etc/kubeconfig, sync_timeout: 10s, \
@@ -590,6 +618,7 @@ mod tests {
         assert_eq!(c.input.rescan_interval, Duration::from_millis(250));
         assert_eq!(c.shoot.tenant.unwrap().render("shoot--a--b"), "shoot--a--b");
         assert_eq!(c.seed.tenant.unwrap().as_str(), "garden");
+        assert_eq!(c.seed.ca, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(c.delivery.outage_policy, OutagePolicy::Skip);
         assert_eq!(c.delivery.max_outage, Duration::from_secs(86_400));
         let k = c.kubernetes.unwrap();
@@ -652,6 +681,18 @@ mod tests {
                 "input.rescan_interval",
             ),
             (format!("{BASE}{STORES}delivery: {{batch_bytes: 1000}}\n"), "delivery.batch_bytes"),
+            (
+                format!("{BASE}stores:\n  seed: {{url: 'https://seed/push', protocol: loki}}\n  shoot: {{url: 'http://{{namespace}}/p', protocol: loki}}\n"),
+                "stores.seed.ca",
+            ),
+            (
+                format!("{BASE}stores:\n{seed}  shoot: {{url: 'http://{{namespace}}/p', protocol: loki, ca: /ca.pem}}\n"),
+                "stores.shoot.ca",
+            ),
+            (
+                format!("{BASE}stores:\n  seed: {{url: 'https://seed/push', protocol: loki, ca: ca.pem}}\n  shoot: {{url: 'http://{{namespace}}/p', protocol: loki}}\n"),
+                "stores.seed.ca",
+            ),
             (
                 format!("{BASE}{STORES}delivery: {{min_backoff: 10s, max_backoff: 1s}}\n"),
                 "delivery.max_backoff",

@@ -615,11 +615,21 @@ struct StoreTask {
 impl StoreTask {
     async fn run(mut self) {
         let url = self.endpoint.url.clone();
+        let tls = match self.store.ca.as_deref().map(agentkit::tls::client_config) {
+            None => None,
+            Some(Ok(tls)) => Some(tls),
+            Some(Err(error)) => {
+                // As below: nothing is read for this store until a restart or reload.
+                error!(%error, store = %url, "cannot read this store's CA bundle; its lines wait");
+                self.shutdown.stopping().await;
+                return;
+            }
+        };
         let mut client = match Client::new(
             &url,
             self.endpoint.tenant.as_deref(),
             self.delivery.request_timeout,
-            None,
+            tls,
         ) {
             Ok(c) => c.with_protocol(self.store.protocol),
             Err(error) => {
