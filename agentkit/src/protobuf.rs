@@ -1,6 +1,7 @@
 //! Protocol Buffers' wire format (protobuf.dev, "Encoding"): the pieces the hand-written
-//! encoders share (konnectivity's `Packet`, log-shipper's push requests): varints, field keys
-//! and the varint sizes needed to write a nested message's length before the message.
+//! encoders share (konnectivity's `Packet`, log-shipper's push requests): varints, field keys,
+//! length-delimited fields and strings, and the varint sizes needed to write a nested
+//! message's length before the message.
 
 use bytes::BufMut;
 
@@ -22,6 +23,21 @@ pub fn put_varint(out: &mut impl BufMut, mut value: u64) {
         value >>= 7;
     }
     out.put_u8(value as u8);
+}
+
+/// The key and length of a length-delimited field (a string, bytes or a nested message)
+/// whose `len` bytes the caller writes next.
+pub fn put_len_key(out: &mut impl BufMut, number: u32, len: usize) {
+    put_key(out, number, LEN);
+    put_varint(out, len as u64);
+}
+
+/// A string field; nothing for the empty string (proto3's default is not written).
+pub fn put_string(out: &mut impl BufMut, number: u32, value: &str) {
+    if !value.is_empty() {
+        put_len_key(out, number, value.len());
+        out.put_slice(value.as_bytes());
+    }
 }
 
 /// The bytes [`put_varint`] writes for `value`.

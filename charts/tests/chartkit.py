@@ -6,6 +6,7 @@ errors).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,31 @@ def leaf_value_paths(chart_dir: Path, free_form_maps: set[str]) -> list[str]:
 
     walk("", yaml.safe_load((chart_dir / "values.yaml").read_text()))
     return paths
+
+
+def values_missing_from_readme(chart_dir: Path, free_form_maps: set[str]) -> list[str]:
+    """Leaf value paths (see leaf_value_paths) that README.md does not name in backquotes."""
+    readme = (chart_dir / "README.md").read_text()
+    return [p for p in leaf_value_paths(chart_dir, free_form_maps) if f"`{p}`" not in readme]
+
+
+def values_unknown_to_schema(chart_dir: Path) -> list[str]:
+    """Keys of values.yaml that values.schema.json does not declare where it declares the
+    keys of their map: values the chart's own schema would refuse."""
+    schema = json.loads((chart_dir / "values.schema.json").read_text())
+    unknown: list[str] = []
+
+    def walk(path: str, node: Any, sch: dict[str, Any]) -> None:
+        if not isinstance(node, dict) or "properties" not in sch:
+            return
+        for key, value in node.items():
+            if key not in sch["properties"]:
+                unknown.append(f"{path}{key}")
+            else:
+                walk(f"{path}{key}.", value, sch["properties"][key])
+
+    walk("", yaml.safe_load((chart_dir / "values.yaml").read_text()), schema)
+    return unknown
 
 
 def undocumented_values(chart_dir: Path) -> list[str]:

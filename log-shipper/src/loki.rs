@@ -14,7 +14,7 @@
 //! metadata) are left out. A stream's `labels` is a selector string, `{name="value", ...}`;
 //! [`format_labels`] writes it. Nothing here does IO.
 
-use agentkit::protobuf::{put_key, put_varint, varint_len, LEN, VARINT};
+use agentkit::protobuf::{put_key, put_len_key, put_string, put_varint, varint_len, VARINT};
 use thiserror::Error;
 
 /// The request's `Content-Type`.
@@ -145,18 +145,6 @@ fn int_len(value: u64) -> usize {
         0
     } else {
         1 + varint_len(value)
-    }
-}
-
-fn put_len_key(out: &mut Vec<u8>, number: u32, len: usize) {
-    put_key(out, number, LEN);
-    put_varint(out, len as u64);
-}
-
-fn put_string(out: &mut Vec<u8>, number: u32, value: &str) {
-    if !value.is_empty() {
-        put_len_key(out, number, value.len());
-        out.extend_from_slice(value.as_bytes());
     }
 }
 
@@ -314,6 +302,7 @@ pub fn sanitize_label_name(text: &str) -> String {
 #[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
     use super::*;
+    use agentkit::protobuf::LEN;
     use proptest::prelude::*;
 
     fn hex(s: &str) -> Vec<u8> {

@@ -25,7 +25,7 @@
 //! a string `body`. Severity, attributes and trace context are not set: the shipper does not
 //! read the lines' content.
 
-use agentkit::protobuf::{put_key, put_varint, varint_len, I64, LEN, VARINT};
+use agentkit::protobuf::{put_key, put_len_key, put_string, varint_len, I64, LEN, VARINT};
 
 use crate::loki;
 
@@ -305,18 +305,6 @@ fn fixed64_len(number: u32, value: u64) -> usize {
     }
 }
 
-fn put_len_key(out: &mut Vec<u8>, number: u32, len: usize) {
-    put_key(out, number, LEN);
-    put_varint(out, len as u64);
-}
-
-fn put_string(out: &mut Vec<u8>, number: u32, value: &str) {
-    if !value.is_empty() {
-        put_len_key(out, number, value.len());
-        out.extend_from_slice(value.as_bytes());
-    }
-}
-
 fn put_fixed64(out: &mut Vec<u8>, number: u32, value: u64) {
     if value != 0 {
         put_key(out, number, I64);
@@ -329,6 +317,7 @@ fn put_fixed64(out: &mut Vec<u8>, number: u32, value: u64) {
 mod tests {
     use super::*;
     use crate::loki::Entry;
+    use agentkit::protobuf::put_varint;
     use proptest::prelude::*;
 
     fn hex(s: &str) -> Vec<u8> {

@@ -10,7 +10,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentkit::Shutdown;
@@ -22,31 +23,6 @@ use log_shipper::Config;
 const SHOOT_A: &str = "shoot--core--one";
 const SHOOT_B: &str = "shoot--dev--two";
 const SEED_NS: &str = "garden";
-
-struct Dirs {
-    root: PathBuf,
-    logs: PathBuf,
-    checkpoints: PathBuf,
-}
-
-impl Drop for Dirs {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
-    }
-}
-
-fn dirs(name: &str) -> Dirs {
-    let root =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("agent-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&root);
-    let d = Dirs {
-        logs: root.join("pods"),
-        checkpoints: root.join("checkpoints"),
-        root,
-    };
-    fs::create_dir_all(&d.logs).expect("log root");
-    d
-}
 
 /// The pod and container of each namespace.
 fn pod(ns: &str) -> (&'static str, &'static str) {
@@ -87,13 +63,19 @@ fn write_lines(logs: &Path, ns: &str, tag: &str, n: usize, base: i64) -> Vec<(i6
     want
 }
 
-fn config(d: &Dirs, seed_port: u16, shoot_port: u16) -> Config {
+fn config(d: &common::Dirs, seed_port: u16, shoot_port: u16) -> Config {
     config_with(d, seed_port, shoot_port, "loki", "")
 }
 
 /// The config with the shoot store of `protocol` (`loki` or `otlp`, VictoriaLogs' endpoint of
 /// each; the seed's is Loki) and `extra` YAML appended.
-fn config_with(d: &Dirs, seed_port: u16, shoot_port: u16, protocol: &str, extra: &str) -> Config {
+fn config_with(
+    d: &common::Dirs,
+    seed_port: u16,
+    shoot_port: u16,
+    protocol: &str,
+    extra: &str,
+) -> Config {
     let shoot_path = match protocol {
         "otlp" => "insert/opentelemetry/v1/logs",
         _ => "insert/loki/api/v1/push",
@@ -207,8 +189,8 @@ async fn every_line_reaches_its_own_store_with_labels_and_timestamps() {
     let Some(binary) = common::victoria_logs("every_line_reaches_its_own_store") else {
         return;
     };
-    let vlogs = Server::start(&binary, common::free_port(), "agent-routing");
-    let d = dirs("routing");
+    let vlogs = Arc::new(Server::start(&binary, common::free_port(), "agent-routing"));
+    let d = common::dirs("agent", "routing");
     let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 123_456_789;
     let mut want = BTreeSet::new();
     for (k, ns) in [SHOOT_A, SHOOT_B, SEED_NS].into_iter().enumerate() {
@@ -228,16 +210,7 @@ async fn every_line_reaches_its_own_store_with_labels_and_timestamps() {
         let lines = write_lines(&d.logs, ns, "after", 25, base + 1_000_000_000 + k as i64);
         want.extend(expect(ns, store, &lines));
     }
-    let found = tokio::task::spawn_blocking({
-        let n = want.len();
-        move || {
-            let got = vlogs.read_all(n);
-            (vlogs, got)
-        }
-    })
-    .await
-    .expect("read");
-    let (vlogs, found) = found;
+    let found = read_all(&vlogs, want.len()).await;
     assert_eq!(found.len(), want.len(), "each line once");
     assert_eq!(stored(&found), want);
 
@@ -276,9 +249,9 @@ async fn a_dead_shoot_store_does_not_stall_the_seed_and_resumes_after_a_restart(
     let Some(binary) = common::victoria_logs("a_dead_shoot_store_does_not_stall_the_seed") else {
         return;
     };
-    let seed_store = Server::start(&binary, common::free_port(), "agent-seed");
+    let seed_store = Arc::new(Server::start(&binary, common::free_port(), "agent-seed"));
     let dead_port = common::free_port(); // nothing listens there yet
-    let d = dirs("dead-shoot");
+    let d = common::dirs("agent", "dead-shoot");
     let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 7;
     let shoot_lines = write_lines(&d.logs, SHOOT_A, "early", 30, base);
     let seed_early = write_lines(&d.logs, SEED_NS, "early", 30, base + 1);
@@ -292,15 +265,7 @@ async fn a_dead_shoot_store_does_not_stall_the_seed_and_resumes_after_a_restart(
     let seed_late = write_lines(&d.logs, SEED_NS, "late", 20, base + 2_000_000_000);
     let mut want = expect(SEED_NS, "seed", &seed_early);
     want.extend(expect(SEED_NS, "seed", &seed_late));
-    let (seed_store, found) = tokio::task::spawn_blocking({
-        let n = want.len();
-        move || {
-            let got = seed_store.read_all(n);
-            (seed_store, got)
-        }
-    })
-    .await
-    .expect("read");
+    let found = read_all(&seed_store, want.len()).await;
     assert_eq!(
         stored(&found),
         want,
@@ -329,21 +294,13 @@ async fn a_dead_shoot_store_does_not_stall_the_seed_and_resumes_after_a_restart(
 
     // The shoot store comes up; a restarted agent sends the shoot's lines from the persisted
     // checkpoint, and not the seed's again.
-    let shoot_store = Server::start(&binary, dead_port, "agent-shoot");
+    let shoot_store = Arc::new(Server::start(&binary, dead_port, "agent-shoot"));
     let shutdown = Shutdown::new();
     let agent = start(config(&d, seed_store.port, dead_port), shutdown.clone())
         .await
         .expect("the agent starts again");
     let want_shoot = expect(SHOOT_A, SHOOT_A, &shoot_lines);
-    let (shoot_store, found) = tokio::task::spawn_blocking({
-        let n = want_shoot.len();
-        move || {
-            let got = shoot_store.read_all(n);
-            (shoot_store, got)
-        }
-    })
-    .await
-    .expect("read");
+    let found = read_all(&shoot_store, want_shoot.len()).await;
     assert_eq!(stored(&found), want_shoot);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let text = metrics(&agent);
@@ -356,15 +313,7 @@ async fn a_dead_shoot_store_does_not_stall_the_seed_and_resumes_after_a_restart(
         metric(&text, "log_shipper_files_resumed_total") >= 1,
         "{text}"
     );
-    let (seed_store, got) = tokio::task::spawn_blocking({
-        let n = want.len();
-        move || {
-            let got = seed_store.read_all(n);
-            (seed_store, got)
-        }
-    })
-    .await
-    .expect("read");
+    let got = read_all(&seed_store, want.len()).await;
     assert_eq!(got.len(), want.len(), "the seed's lines once");
     assert_eq!(stored(&got), want);
     stop(agent, &shutdown, Duration::from_secs(5)).await;
@@ -408,6 +357,14 @@ fn cluster(ns: &str, shoot: serde_json::Value, finalizer: bool) -> String {
 
 fn reconciled() -> serde_json::Value {
     serde_json::json!({"status": {"lastOperation": {"type": "Reconcile", "state": "Succeeded"}}})
+}
+
+/// [`Server::read_all`] off the runtime's workers.
+async fn read_all(store: &Arc<Server>, want: usize) -> Vec<serde_json::Value> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.read_all(want))
+        .await
+        .expect("read")
 }
 
 /// Waits until the agent's `series` reads `want`.
@@ -477,8 +434,12 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
         assert_eq!(status, 201, "{body}");
     }
 
-    let vlogs = Server::start(&binary, common::free_port(), "agent-lifecycle");
-    let d = dirs("lifecycle");
+    let vlogs = Arc::new(Server::start(
+        &binary,
+        common::free_port(),
+        "agent-lifecycle",
+    ));
+    let d = common::dirs("agent", "lifecycle");
     let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 987_654_321;
     let mut want = BTreeSet::new();
     let lines = |ns: &str, tag: &str, n: usize, k: i64| write_lines(&d.logs, ns, tag, n, base + k);
@@ -504,15 +465,7 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
     )
     .await
     .expect("the agent starts");
-    let vlogs = std::sync::Arc::new(vlogs);
-    let read = |n: usize| {
-        let vlogs = vlogs.clone();
-        async move {
-            tokio::task::spawn_blocking(move || vlogs.read_all(n))
-                .await
-                .expect("read")
-        }
-    };
+    let read = |n: usize| read_all(&vlogs, n);
     let found = read(want.len()).await;
     assert_eq!(stored(&found), want, "routing by state");
     metric_reaches(&agent, "log_shipper_entries_muted_total", b.len() as u64).await;
@@ -579,23 +532,15 @@ async fn a_reload_moves_new_lines_to_the_new_store_and_refuses_input_changes() {
     let Some(binary) = common::victoria_logs("a_reload_moves_new_lines") else {
         return;
     };
-    let vlogs = Server::start(&binary, common::free_port(), "agent-reload");
-    let d = dirs("reload");
+    let vlogs = Arc::new(Server::start(&binary, common::free_port(), "agent-reload"));
+    let d = common::dirs("agent", "reload");
     let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 55_555_555;
     let before = write_lines(&d.logs, SEED_NS, "before", 12, base);
     let shutdown = Shutdown::new();
     let agent = start(config(&d, vlogs.port, vlogs.port), shutdown.clone())
         .await
         .expect("the agent starts");
-    let vlogs = std::sync::Arc::new(vlogs);
-    let read = |n: usize| {
-        let vlogs = vlogs.clone();
-        async move {
-            tokio::task::spawn_blocking(move || vlogs.read_all(n))
-                .await
-                .expect("read")
-        }
-    };
+    let read = |n: usize| read_all(&vlogs, n);
     let mut want = expect(SEED_NS, "seed", &before);
     assert_eq!(stored(&read(want.len()).await), want);
 
@@ -636,9 +581,17 @@ async fn shoot_stores_of_protocol_otlp_get_their_lines_with_kubernetes_attribute
     let Some(binary) = common::victoria_logs("shoot_stores_of_protocol_otlp") else {
         return;
     };
-    let seed_store = Server::start(&binary, common::free_port(), "agent-otlp-seed");
-    let shoot_store = Server::start(&binary, common::free_port(), "agent-otlp-shoot");
-    let d = dirs("otlp");
+    let seed_store = Arc::new(Server::start(
+        &binary,
+        common::free_port(),
+        "agent-otlp-seed",
+    ));
+    let shoot_store = Arc::new(Server::start(
+        &binary,
+        common::free_port(),
+        "agent-otlp-shoot",
+    ));
+    let d = common::dirs("agent", "otlp");
     let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 987_654_321;
     let mut want_shoot = BTreeSet::new();
     let mut want_seed = BTreeSet::new();
@@ -657,26 +610,10 @@ async fn shoot_stores_of_protocol_otlp_get_their_lines_with_kubernetes_attribute
     )
     .await
     .expect("the agent starts");
-    let (shoot_store, found) = tokio::task::spawn_blocking({
-        let n = want_shoot.len();
-        move || {
-            let got = shoot_store.read_all(n);
-            (shoot_store, got)
-        }
-    })
-    .await
-    .expect("read");
+    let found = read_all(&shoot_store, want_shoot.len()).await;
     assert_eq!(found.len(), want_shoot.len(), "each line once");
     assert_eq!(stored_otlp(&found), want_shoot);
-    let (seed_store, found) = tokio::task::spawn_blocking({
-        let n = want_seed.len();
-        move || {
-            let got = seed_store.read_all(n);
-            (seed_store, got)
-        }
-    })
-    .await
-    .expect("read");
+    let found = read_all(&seed_store, want_seed.len()).await;
     assert_eq!(stored(&found), want_seed, "the seed's store is still Loki");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -63,37 +63,6 @@ const KILLS: usize = 5;
 /// The tests of this file start processes and write at a rate: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// The temporary tree: pod logs, checkpoints, the agent's config and its logs. Removed when
-/// the test passes; kept (and named) when it fails, to look at.
-struct Dirs {
-    root: PathBuf,
-    logs: PathBuf,
-    checkpoints: PathBuf,
-}
-
-impl Drop for Dirs {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("kept for inspection: {}", self.root.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.root);
-        }
-    }
-}
-
-fn dirs(name: &str) -> Dirs {
-    let root =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("loss-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&root);
-    let d = Dirs {
-        logs: root.join("pods"),
-        checkpoints: root.join("checkpoints"),
-        root,
-    };
-    fs::create_dir_all(&d.logs).expect("log root");
-    d
-}
-
 /// The real binary, killed (SIGKILL) if the test ends while it runs.
 struct Shipper {
     child: Child,
@@ -112,7 +81,7 @@ impl Shipper {
     /// Writes the config (a fresh admin port, `input` with the tree's paths, then `rest`: more
     /// `input` fields indented, `stores`, `delivery`) and starts the binary; its log goes to
     /// `agent.log` in the tree.
-    fn start(d: &Dirs, rest: &str) -> Shipper {
+    fn start(d: &common::Dirs, rest: &str) -> Shipper {
         let admin = common::free_port();
         let config = format!(
             "admin: {{address: \"127.0.0.1:{admin}\"}}\ninput:\n  path: {}\n  checkpoint_dir: {}\n  rescan_interval: 100ms\n{rest}",
@@ -444,7 +413,7 @@ fn kill_9_while_rotating_then_an_outage_loses_nothing() {
     };
     let began = Instant::now();
     let mut vlogs = Server::start(&binary, common::free_port(), "loss-kill");
-    let d = dirs("kill");
+    let d = common::dirs("loss", "kill");
     let config = format!(
         "{}delivery:\n  batch_bytes: 262144\n  batch_wait: 200ms\n  min_backoff: 50ms\n  max_backoff: 400ms\n  request_timeout: 10s\n",
         stores(vlogs.port, vlogs.port, "")
@@ -622,7 +591,7 @@ impl Haproxy {
     /// Starts HAProxy with `frontend_and_backends` (the `frontend` binds `{port}`) under
     /// `d`, and waits until it listens; `None` after a loud SKIP where it is not installed
     /// (outside CI).
-    fn start(test: &str, d: &Dirs, frontend_and_backends: &str) -> Option<Haproxy> {
+    fn start(test: &str, d: &common::Dirs, frontend_and_backends: &str) -> Option<Haproxy> {
         let Some(binary) = ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"]
             .iter()
             .map(|dir| Path::new(dir).join("haproxy"))
@@ -713,7 +682,7 @@ fn a_dead_shoot_store_does_not_stall_the_seed_or_another_shoot() {
     let Some(binary) = common::victoria_logs(test) else {
         return;
     };
-    let d = dirs("dead");
+    let d = common::dirs("loss", "dead");
     // One VictoriaLogs holds the seed's and the live shoot's stores; the dead shoot's store
     // is a port where nothing listens yet. Shoot stores are reached through a gateway that
     // routes on the path's first segment, the namespace (the template cannot name another
@@ -788,7 +757,7 @@ fn a_store_answering_429_gets_everything_after_backing_off() {
     let Some(binary) = common::victoria_logs(test) else {
         return;
     };
-    let d = dirs("429");
+    let d = common::dirs("loss", "429");
     let vlogs = Server::start(&binary, common::free_port(), "loss-429");
     // VictoriaLogs does not rate-limit pushes; a gateway in front of it does, as Loki's
     // gateway or an ingress would: more than three requests in a second are answered 429.
@@ -853,7 +822,7 @@ fn a_line_longer_than_max_entry_bytes_is_split_and_counted() {
     };
     const MAX: usize = 1024;
     let vlogs = Server::start(&binary, common::free_port(), "loss-long");
-    let d = dirs("long");
+    let d = common::dirs("loss", "long");
     let pod = PODS[1];
     let dir = pod.dir(&d.logs);
     fs::create_dir_all(&dir).expect("container dir");

@@ -5,6 +5,7 @@
 //! VictoriaLogs cannot be made to give.
 #![allow(dead_code)]
 
+use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -275,4 +276,39 @@ pub fn now_nanos() -> i64 {
 /// RFC 3339 with nanoseconds, UTC, of Unix nanoseconds: a CRI line's timestamp.
 pub fn rfc3339(nanos: i64) -> String {
     log_shipper::query::time::format_rfc3339(nanos)
+}
+
+/// The temporary tree: pod logs, checkpoints, the agent's config and its logs. Removed when
+/// the test passes; kept (and named) when it fails, to look at.
+pub struct Dirs {
+    /// The tree.
+    pub root: PathBuf,
+    /// The pod log root (`input.path`).
+    pub logs: PathBuf,
+    /// The checkpoint directory.
+    pub checkpoints: PathBuf,
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept for inspection: {}", self.root.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// A fresh tree for test `name` of test binary `binary`.
+pub fn dirs(binary: &str, name: &str) -> Dirs {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{binary}-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    let d = Dirs {
+        logs: root.join("pods"),
+        checkpoints: root.join("checkpoints"),
+        root,
+    };
+    fs::create_dir_all(&d.logs).expect("log root");
+    d
 }
