@@ -89,6 +89,49 @@ def leaf_value_paths(chart_dir: Path, free_form_maps: set[str]) -> list[str]:
     return paths
 
 
+def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    """The one object of `kind` (and `name`) among `objs`."""
+    found = [
+        o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
+    return found[0]
+
+
+class Chart:
+    """One chart as its tests use it: rendered like `helm template` in a release and namespace,
+    each values case rendered once per session (tests only read the objects)."""
+
+    def __init__(self, chart_dir: Path, release: str, namespace: str, cases: dict[str, Path | None]):
+        self.chart_dir = chart_dir
+        self.release = release
+        self.namespace = namespace
+        self.cases = cases
+        self._rendered: dict[str, tuple[dict[str, Any], ...]] = {}
+
+    def render(self, values: dict[str, Any] | None, namespace: str | None = None) -> dict[str, str]:
+        """Template path -> rendered text."""
+        return render(self.chart_dir, values, self.release, namespace or self.namespace)
+
+    def objects_of(self, case: str) -> list[dict[str, Any]]:
+        """The objects of a values case."""
+        if case not in self._rendered:
+            self._rendered[case] = tuple(manifests_of(self.render(load_values(self.cases[case]))))
+        return list(self._rendered[case])
+
+    def values_of(self, case: str) -> dict[str, Any]:
+        return load_values(self.cases[case]) or {}
+
+    def render_objs(self, values: dict[str, Any]) -> list[dict[str, Any]]:
+        return manifests_of(self.render(values))
+
+    def render_error(self, values: dict[str, Any] | None) -> str:
+        """The error of a render that must fail."""
+        with pytest.raises(helm.HelmError) as caught:
+            self.render(values)
+        return str(caught.value)
+
+
 def values_missing_from_readme(chart_dir: Path, free_form_maps: set[str]) -> list[str]:
     """Leaf value paths (see leaf_value_paths) that README.md does not name in backquotes."""
     readme = (chart_dir / "README.md").read_text()

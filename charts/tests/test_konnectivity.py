@@ -42,6 +42,13 @@ CASES = {
     "sidecar": TESTS / "values-konnectivity-sidecar.yaml",
     "gardener": TESTS / "values-konnectivity-gardener.yaml",
 }
+KIT = chartkit.Chart(CHART, RELEASE, NAMESPACE, CASES)
+render = KIT.render
+objects_of = KIT.objects_of
+values_of = KIT.values_of
+render_objs = KIT.render_objs
+render_error = KIT.render_error
+one = chartkit.one
 BAD_MODE = TESTS / "values-konnectivity-bad-mode.yaml"
 SIDECAR_CASES = ("sidecar",)
 
@@ -81,35 +88,6 @@ CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
 
 
 # -- rendering ----------------------------------------------------------------------------------
-
-
-def render(values: dict[str, Any] | None, namespace: str = NAMESPACE) -> dict[str, str]:
-    """Template path -> rendered text, like `helm template`."""
-    return chartkit.render(CHART, values, RELEASE, namespace)
-
-
-@functools.lru_cache(maxsize=None)
-def rendered_case(case: str) -> tuple[dict[str, Any], ...]:
-    return tuple(chartkit.manifests_of(render(chartkit.load_values(CASES[case]))))
-
-
-def objects_of(case: str) -> list[dict[str, Any]]:
-    """The objects of a case, rendered once per session (tests only read them)."""
-    return list(rendered_case(case))
-
-
-def values_of(case: str) -> dict[str, Any]:
-    return chartkit.load_values(CASES[case]) or {}
-
-
-def render_objs(values: dict[str, Any]) -> list[dict[str, Any]]:
-    return chartkit.manifests_of(render(values))
-
-
-def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
-    return found[0]
 
 
 def kube_apiserver_patch(objs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -682,12 +660,6 @@ def test_agents_only_and_server_only() -> None:
 
 
 # -- bad values fail the render, naming the field --------------------------------------------------
-
-
-def render_error(values: dict[str, Any] | None) -> str:
-    with pytest.raises(helm.HelmError) as caught:
-        render(values)
-    return str(caught.value)
 
 
 def test_bad_values_file_is_refused() -> None:

@@ -15,7 +15,6 @@ Run: charts/tests/run.sh (makes the venv and installs requirements.txt).
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import subprocess
@@ -46,6 +45,13 @@ CASES = {
     "gardener": TESTS / "values-node-local-dns-gardener.yaml",
     "no-surge": TESTS / "values-node-local-dns-no-surge.yaml",
 }
+KIT = chartkit.Chart(CHART, RELEASE, NAMESPACE, CASES)
+render = KIT.render
+objects_of = KIT.objects_of
+values_of = KIT.values_of
+render_objs = KIT.render_objs
+render_error = KIT.render_error
+one = chartkit.one
 BAD_PLUGIN = TESTS / "values-node-local-dns-bad-plugin.yaml"
 
 # Every flag of k8s-dns-node-cache (kubernetes/dns cmd/node-cache/main.go, plus the CoreDNS flags
@@ -90,33 +96,6 @@ UPSTREAM_SERVICE_HOST = "10.96.0.11"
 # -- rendering ----------------------------------------------------------------------------------
 
 
-def render(values: dict[str, Any] | None, namespace: str = NAMESPACE) -> dict[str, str]:
-    """Template path -> rendered text, like `helm template`."""
-    return chartkit.render(CHART, values, RELEASE, namespace)
-
-
-@functools.lru_cache(maxsize=None)
-def rendered_case(case: str) -> tuple[dict[str, Any], ...]:
-    return tuple(chartkit.manifests_of(render(chartkit.load_values(CASES[case]))))
-
-
-def objects_of(case: str) -> list[dict[str, Any]]:
-    """The objects of a case, rendered once per session (tests only read them)."""
-    return list(rendered_case(case))
-
-
-def values_of(case: str) -> dict[str, Any]:
-    return chartkit.load_values(CASES[case]) or {}
-
-
-def one(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [
-        o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
-    ]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, got {len(found)}"
-    return found[0]
-
-
 def daemonset(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return one(objs, "DaemonSet")
 
@@ -133,10 +112,6 @@ def container(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def corefile_text(objs: list[dict[str, Any]]) -> str:
     return one(objs, "ConfigMap")["data"]["Corefile"]
-
-
-def render_objs(values: dict[str, Any]) -> list[dict[str, Any]]:
-    return chartkit.manifests_of(render(values))
 
 
 # -- a small Corefile reader (enough for the chart's output) -------------------------------------
@@ -664,12 +639,6 @@ def test_options_off() -> None:
 
 
 # -- bad values fail the render, naming the field --------------------------------------------------
-
-
-def render_error(values: dict[str, Any]) -> str:
-    with pytest.raises(helm.HelmError) as caught:
-        render(values)
-    return str(caught.value)
 
 
 @pytest.mark.parametrize(
