@@ -194,7 +194,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Agent, RunError
             let client = agentkit::kube::client(k.kubeconfig.as_deref(), "kubernetes.kubeconfig")
                 .await
                 .map_err(RunError::Kubernetes)?;
-            let (tx, rx) = std_mpsc::channel();
+            let (tx, rx) = tokio::sync::watch::channel(None);
             shutdown.spawn(watch::run(client, tx, shutdown.clone(), metrics.clone()));
             (
                 Some(rx),
@@ -308,8 +308,8 @@ struct TailLoop {
     reloads: std_mpsc::Receiver<Arc<Config>>,
     /// The config's generation: stores of an older one end once they hold nothing.
     generation: u64,
-    /// Snapshots of the shoots' states, when the lifecycle is followed.
-    lifecycle: Option<std_mpsc::Receiver<Snapshot>>,
+    /// The latest snapshot of the shoots' states, when the lifecycle is followed.
+    lifecycle: Option<tokio::sync::watch::Receiver<Option<Snapshot>>>,
     /// When shoot namespaces stop waiting for the first snapshot.
     sync_deadline: Option<Instant>,
     fanout: Fanout,
@@ -433,19 +433,14 @@ impl TailLoop {
 
     /// Takes the latest snapshot of the shoots' states, or gives up waiting for the first.
     fn follow_lifecycle(&mut self) {
-        let Some(rx) = &self.lifecycle else { return };
-        let mut latest = None;
-        loop {
-            match rx.try_recv() {
-                Ok(snapshot) => latest = Some(snapshot),
-                Err(std_mpsc::TryRecvError::Empty) => break,
-                // The watch ended (shutdown): the last states stay in force.
-                Err(std_mpsc::TryRecvError::Disconnected) => {
-                    self.lifecycle = None;
-                    break;
-                }
-            }
-        }
+        let Some(rx) = &mut self.lifecycle else {
+            return;
+        };
+        // An error: the watch ended (shutdown), and the last states stay in force.
+        let latest = match rx.has_changed() {
+            Ok(true) => rx.borrow_and_update().clone(),
+            Ok(false) | Err(_) => None,
+        };
         if let Some(snapshot) = latest {
             self.sync_deadline = None;
             self.router.set_lifecycle(Lifecycle::Known(snapshot));

@@ -8,7 +8,6 @@
 //! moment, never a line.
 
 use std::collections::HashMap;
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
 use agentkit::Shutdown;
@@ -39,12 +38,12 @@ pub fn resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(GROUP, VERSION, KIND), PLURAL)
 }
 
-/// Watches the `Cluster` objects until `shutdown` stops, sending a snapshot to `updates`
-/// after the initial list and after each change of a state. Ends early if the receiver is
-/// gone.
+/// Watches the `Cluster` objects until `shutdown` stops, publishing a snapshot in `updates`
+/// after the initial list and after each change of a state (the receiver sees the latest
+/// only: nothing queues up). Ends early if the receiver is gone.
 pub async fn run(
     client: kube::Client,
-    updates: std_mpsc::Sender<Snapshot>,
+    updates: tokio::sync::watch::Sender<Option<Snapshot>>,
     shutdown: Shutdown,
     metrics: Metrics,
 ) {
@@ -104,7 +103,7 @@ pub async fn run(
         };
         if changed && synced {
             metrics.clusters(&states);
-            if updates.send(Arc::new(states.clone())).is_err() {
+            if updates.send(Some(Arc::new(states.clone()))).is_err() {
                 return;
             }
         }
