@@ -217,7 +217,7 @@ pub enum OutagePolicy {
 }
 
 /// A validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// The admin server address (`/metrics`, `/healthz`, `/readyz`).
     pub admin: SocketAddr,

@@ -2,9 +2,10 @@
 //!
 //! A file's checkpoint may only pass a line once every store the line went to accepted it,
 //! and every earlier line of the file too. With one store per line that is the store's own
-//! order (it acknowledges a file's lines in order). A shoot in creation or deletion sends its
-//! lines to its store and to the seed's, a hibernated one to none, and a state change moves a
-//! file from one set to another mid-stream: so the tailer thread sends every line's
+//! order: a store acknowledges a file's lines in order, having one task at a time (the agent
+//! starts a store's new task only once its retired one ended). A shoot in creation or
+//! deletion sends its lines to its store and to the seed's, a hibernated one to none, and a
+//! state change moves a file from one set to another mid-stream: so the tailer thread sends every line's
 //! acknowledgement through [`Fanout`], which keeps, per file, the runs of lines still waiting
 //! and their stores, and lets an offset through once nothing before it waits.
 //!

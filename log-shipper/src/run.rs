@@ -13,8 +13,12 @@
 //!   acknowledgements the store tasks send back and persists checkpoints by the tailer's own
 //!   rule (every second, and at the end).
 //! - **A store task** per target (the seed, and each shoot namespace as its first line
-//!   appears, ended after [`STORE_IDLE`] without one) owns its [`Policy`] and [`Client`]: a
-//!   dead or slow store delays only its own lines.
+//!   appears) owns its [`Policy`] and [`Client`]: a dead or slow store delays only its own
+//!   lines. A store's queue is closed after [`STORE_IDLE`] without a line, or after a reload
+//!   changed the config, unless lines wait in front of it; its task then sends what it holds
+//!   and ends. One task per store at a time: a new queue's task starts once the retired one
+//!   ended (the fan-out relies on a store acknowledging a file's lines in order), so a store
+//!   that cannot deliver keeps its successor waiting, and its files with it.
 //! - **Shutdown**: on SIGTERM readiness goes false and the tailer stops reading; each store
 //!   task sends what it holds (batches as they come due) and ends once idle, or when the
 //!   grace ([`SHUTDOWN_GRACE`]) is over; the tailer applies the last acknowledgements and
@@ -24,6 +28,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -139,8 +144,9 @@ pub struct ReloadHandle {
 
 impl ReloadHandle {
     /// Applies a reloaded config: the stores and delivery settings (stores started from now
-    /// on use them; running ones finish what they hold, then end). A change of `admin`,
-    /// `input` or `kubernetes` needs a restart and is refused, naming the section.
+    /// on use them; running ones deliver what they hold with the old settings, then end; an
+    /// equal config changes nothing). A change of `admin`, `input` or `kubernetes` needs a
+    /// restart and is refused, naming the section.
     pub fn reload(&self, config: Config) -> Result<(), String> {
         for (section, same) in [
             ("admin", config.admin == self.running.admin),
@@ -218,6 +224,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Agent, RunError
         sync_deadline,
         fanout: Fanout::new(),
         stores: HashMap::new(),
+        draining: HashMap::new(),
         config,
         shutdown: shutdown.clone(),
         metrics,
@@ -268,6 +275,11 @@ struct StoreQueue {
     last_used: Instant,
     /// The config generation it was started with.
     generation: u64,
+    /// Set by its task when it ends.
+    ended: Arc<AtomicBool>,
+    /// Its task, until the retired task of the same store ended: two tasks of one store at
+    /// once would acknowledge a file's lines out of order, which the fan-out relies on.
+    unstarted: Option<StoreTask>,
 }
 
 impl StoreQueue {
@@ -280,7 +292,8 @@ impl StoreQueue {
                     self.held.push_front(m);
                     return false;
                 }
-                // The task is gone (shutdown): what it did not take is read again later.
+                // The task is gone (it panicked): what it did not take is read again after a
+                // restart; until then the files' checkpoints wait for it.
                 Err(mpsc::error::TrySendError::Closed(_)) => {
                     self.held.clear();
                     return true;
@@ -314,6 +327,8 @@ struct TailLoop {
     sync_deadline: Option<Instant>,
     fanout: Fanout,
     stores: HashMap<Target, StoreQueue>,
+    /// Tasks of retired stores still sending what they hold, by store.
+    draining: HashMap<Target, Arc<AtomicBool>>,
     config: Arc<Config>,
     shutdown: Shutdown,
     metrics: Metrics,
@@ -329,6 +344,7 @@ impl TailLoop {
         while !self.shutdown.is_stopping() {
             self.follow_lifecycle();
             let reloaded = self.follow_reloads();
+            self.start_unstarted();
             while let Ok(acked) = ack_rx.try_recv() {
                 self.apply(acked);
             }
@@ -414,10 +430,33 @@ impl TailLoop {
         Ok(())
     }
 
-    /// Takes a reloaded config, if any: stores started from now on use it. True if one came.
+    /// Starts the tasks whose store's retired task has ended.
+    fn start_unstarted(&mut self) {
+        for (target, q) in &mut self.stores {
+            if q.unstarted.is_none() {
+                continue;
+            }
+            if self
+                .draining
+                .get(target)
+                .is_none_or(|ended| ended.load(Ordering::Acquire))
+            {
+                self.draining.remove(target);
+                q.start(&self.shutdown);
+            }
+        }
+        self.draining
+            .retain(|_, ended| !ended.load(Ordering::Acquire));
+    }
+
+    /// Takes a reloaded config, if any (one equal to the running one changes nothing): stores
+    /// started from now on use it. True if one came.
     fn follow_reloads(&mut self) -> bool {
         let mut reloaded = false;
         while let Ok(config) = self.reloads.try_recv() {
+            if *config == *self.config {
+                continue;
+            }
             self.config = config;
             self.generation += 1;
             reloaded = true;
@@ -505,14 +544,18 @@ impl TailLoop {
         let queue = match self.stores.entry(target) {
             Entry::Occupied(q) => q.into_mut(),
             Entry::Vacant(slot) => {
-                let q = start_store(
+                let mut q = new_store(
                     slot.key(),
                     self.generation,
                     &self.config,
-                    &self.shutdown,
                     &self.metrics,
                     acks.clone(),
                 );
+                let retired = self.draining.get(slot.key());
+                if retired.is_none_or(|ended| ended.load(Ordering::Acquire)) {
+                    self.draining.remove(slot.key());
+                    q.start(&self.shutdown);
+                }
                 slot.insert(q)
             }
         };
@@ -530,22 +573,26 @@ impl TailLoop {
         }
     }
 
-    /// Closes the queues that hold nothing of shoot stores that got no line for
-    /// [`STORE_IDLE`] (a deleted shoot's store, a shoot that hibernated) and of stores of an
-    /// older config: their tasks send what they have and end. A store's next line starts it
-    /// again.
+    /// Closes the queues of shoot stores that got no line for [`STORE_IDLE`] (a deleted
+    /// shoot's store, a shoot that hibernated) and of stores of an older config, unless lines
+    /// wait in front of them (`held`): their tasks send what the queue and their batches hold
+    /// and end. A store's next line opens a new queue, whose task starts once the old one
+    /// ended ([`TailLoop::start_unstarted`]; meanwhile the queue fills, then its files wait).
     fn retire_idle(&mut self) {
         let before = self.stores.len();
         let metrics = &self.metrics;
         let generation = self.generation;
+        let draining = &mut self.draining;
         self.stores.retain(|target, q| {
             let stale = q.generation != generation;
             let keep = !q.held.is_empty()
+                || q.unstarted.is_some()
                 || (!stale
                     && (matches!(target, Target::Seed) || q.last_used.elapsed() < STORE_IDLE));
             if !keep {
                 info!(store = ?target, stale, "store retired (idle, or its config reloaded)");
                 metrics.stores.with_label_values(&[target.kind()]).dec();
+                draining.insert(target.clone(), q.ended.clone());
             }
             keep
         });
@@ -557,12 +604,11 @@ impl TailLoop {
     }
 }
 
-/// Starts the task of `target`'s store; its queue.
-fn start_store(
+/// The queue of `target`'s store and its task, not started yet ([`StoreQueue::start`]).
+fn new_store(
     target: &Target,
     generation: u64,
     config: &Config,
-    shutdown: &Shutdown,
     metrics: &Metrics,
     acks: std_mpsc::Sender<Acked>,
 ) -> StoreQueue {
@@ -574,6 +620,7 @@ fn start_store(
         Target::Seed => (config.seed.clone(), Stores::SEED),
         Target::Shoot(_) => (config.shoot.clone(), Stores::SHOOT),
     };
+    let ended = Arc::new(AtomicBool::new(false));
     let task = StoreTask {
         kind: target.kind(),
         from,
@@ -582,15 +629,34 @@ fn start_store(
         delivery: config.delivery.clone(),
         rx,
         acks,
-        shutdown: shutdown.clone(),
         metrics: metrics.clone(),
+        ended: ended.clone(),
     };
-    shutdown.spawn(task.run());
     StoreQueue {
         tx,
         held: VecDeque::new(),
         last_used: Instant::now(),
         generation,
+        ended,
+        unstarted: Some(task),
+    }
+}
+
+impl StoreQueue {
+    /// Starts its task, if not started yet.
+    fn start(&mut self, shutdown: &Shutdown) {
+        if let Some(task) = self.unstarted.take() {
+            shutdown.spawn(task.run(shutdown.clone()));
+        }
+    }
+}
+
+/// Sets its flag when dropped: a task's end, however it ends.
+struct EndFlag(Arc<AtomicBool>);
+
+impl Drop for EndFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -603,35 +669,56 @@ struct StoreTask {
     delivery: Delivery,
     rx: mpsc::Receiver<Message>,
     acks: std_mpsc::Sender<Acked>,
-    shutdown: Shutdown,
     metrics: Metrics,
+    ended: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for StoreTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTask")
+            .field("url", &self.endpoint.url)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StoreTask {
-    async fn run(mut self) {
-        let url = self.endpoint.url.clone();
+    /// The store's client; `Err` logged.
+    fn client(&self) -> Result<Client, ()> {
+        let url = &self.endpoint.url;
         let tls = match self.store.ca.as_deref().map(agentkit::tls::client_config) {
             None => None,
             Some(Ok(tls)) => Some(tls),
             Some(Err(error)) => {
-                // As below: nothing is read for this store until a restart or reload.
                 error!(%error, store = %url, "cannot read this store's CA bundle; its lines wait");
-                self.shutdown.stopping().await;
-                return;
+                return Err(());
             }
         };
-        let mut client = match Client::new(
-            &url,
+        match Client::new(
+            url,
             self.endpoint.tenant.as_deref(),
             self.delivery.request_timeout,
             tls,
         ) {
-            Ok(c) => c.with_protocol(self.store.protocol),
+            Ok(c) => Ok(c.with_protocol(self.store.protocol)),
             Err(error) => {
-                // Nothing is read for this store: its queue fills and its files wait.
                 error!(%error, store = %url, "cannot make a client for this store; its lines wait");
-                self.shutdown.stopping().await;
-                return;
+                Err(())
+            }
+        }
+    }
+
+    async fn run(mut self, shutdown: Shutdown) {
+        let _ended = EndFlag(self.ended.clone());
+        let url = self.endpoint.url.clone();
+        // Nothing is taken from the queue meanwhile: it fills and the store's files wait. A
+        // CA bundle that appears later (a Secret mounted late) is found on a later try.
+        let mut client = loop {
+            if let Ok(client) = self.client() {
+                break client;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.delivery.max_backoff) => {}
+                () = shutdown.stopping() => return,
             }
         };
         let seed = url.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
@@ -670,7 +757,7 @@ impl StoreTask {
             }
             let sent = tokio::select! {
                 outcome = send_due(&mut policy, &mut client) => outcome,
-                () = self.shutdown.forced() => return,
+                () = shutdown.forced() => return,
             };
             if let Some(outcome) = sent {
                 match outcome {
@@ -698,7 +785,7 @@ impl StoreTask {
                     None => closed = true,
                 },
                 () = sleep => {}
-                () = self.shutdown.forced() => return,
+                () = shutdown.forced() => return,
             }
         }
     }
@@ -757,6 +844,8 @@ mod tests {
             held: VecDeque::new(),
             last_used: Instant::now(),
             generation: 0,
+            ended: Arc::new(AtomicBool::new(false)),
+            unstarted: None,
         };
         for i in 0..5 {
             q.send(ack(i));

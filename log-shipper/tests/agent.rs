@@ -199,6 +199,7 @@ async fn every_line_reaches_its_own_store_with_labels_and_timestamps() {
         want.extend(expect(ns, store, &lines));
     }
     let shutdown = Shutdown::new();
+    let _stop = StopOnDrop(shutdown.clone());
     let agent = start(config(&d, vlogs.port, vlogs.port), shutdown.clone())
         .await
         .expect("the agent starts");
@@ -257,6 +258,7 @@ async fn a_dead_shoot_store_does_not_stall_the_seed_and_resumes_after_a_restart(
     let seed_early = write_lines(&d.logs, SEED_NS, "early", 30, base + 1);
 
     let shutdown = Shutdown::new();
+    let _stop = StopOnDrop(shutdown.clone());
     let agent = start(config(&d, seed_store.port, dead_port), shutdown.clone())
         .await
         .expect("the agent starts");
@@ -296,6 +298,7 @@ async fn a_dead_shoot_store_does_not_stall_the_seed_and_resumes_after_a_restart(
     // checkpoint, and not the seed's again.
     let shoot_store = Arc::new(Server::start(&binary, dead_port, "agent-shoot"));
     let shutdown = Shutdown::new();
+    let _stop = StopOnDrop(shutdown.clone());
     let agent = start(config(&d, seed_store.port, dead_port), shutdown.clone())
         .await
         .expect("the agent starts again");
@@ -357,6 +360,36 @@ fn cluster(ns: &str, shoot: serde_json::Value, finalizer: bool) -> String {
 
 fn reconciled() -> serde_json::Value {
     serde_json::json!({"status": {"lastOperation": {"type": "Reconcile", "state": "Succeeded"}}})
+}
+
+/// The test config with the seed store on `seed_port` named `name` (its `store` field).
+fn renamed_seed(
+    d: &common::Dirs,
+    admin: std::net::SocketAddr,
+    seed_port: u16,
+    shoot_port: u16,
+    name: &str,
+) -> Config {
+    Config::from_yaml(&format!(
+        "admin: {{address: \"{admin}\"}}\ninput: {{path: {logs}, checkpoint_dir: {ck}, rescan_interval: 100ms}}\n\
+         stores:\n  seed: {{url: \"http://127.0.0.1:{seed_port}/insert/loki/api/v1/push?extra_fields=store={name}\", protocol: loki}}\n  \
+         shoot: {{url: \"http://127.0.0.1:{shoot_port}/insert/loki/api/v1/push?extra_fields=store={{namespace}}\", protocol: loki}}\n\
+         delivery: {{batch_wait: 100ms, min_backoff: 50ms, max_backoff: 200ms, request_timeout: 2s}}\n",
+        logs = d.logs.display(),
+        ck = d.checkpoints.display(),
+    ))
+    .expect("valid")
+}
+
+/// Forces the agent's shutdown when a test ends, also by a failed assertion: the tailer runs
+/// on the blocking pool until told to stop, and the runtime waits for it when it is dropped,
+/// so a failing test would otherwise hang instead of failing.
+struct StopOnDrop(Shutdown);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.force_close();
+    }
 }
 
 /// [`Server::read_all`] off the runtime's workers.
@@ -459,6 +492,7 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
         control.kubeconfig().display()
     );
     let shutdown = Shutdown::new();
+    let _stop = StopOnDrop(shutdown.clone());
     let agent = start(
         config_with(&d, vlogs.port, vlogs.port, "loki", &extra),
         shutdown.clone(),
@@ -489,6 +523,7 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
     // again after a restart.
     stop(agent, &shutdown, Duration::from_secs(5)).await;
     let shutdown = Shutdown::new();
+    let _stop = StopOnDrop(shutdown.clone());
     let agent = start(
         config_with(&d, vlogs.port, vlogs.port, "loki", &extra),
         shutdown.clone(),
@@ -537,6 +572,7 @@ async fn a_reload_moves_new_lines_to_the_new_store_and_refuses_input_changes() {
     let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 55_555_555;
     let before = write_lines(&d.logs, SEED_NS, "before", 12, base);
     let shutdown = Shutdown::new();
+    let _stop = StopOnDrop(shutdown.clone());
     let agent = start(config(&d, vlogs.port, vlogs.port), shutdown.clone())
         .await
         .expect("the agent starts");
@@ -551,17 +587,7 @@ async fn a_reload_moves_new_lines_to_the_new_store_and_refuses_input_changes() {
         agent.reloader().reload(yaml_moved),
         Err("input changed: it needs a restart".to_owned())
     );
-    let renamed = Config::from_yaml(&format!(
-        "admin: {{address: \"{admin}\"}}\ninput: {{path: {logs}, checkpoint_dir: {ck}, rescan_interval: 100ms}}\n\
-         stores:\n  seed: {{url: \"http://127.0.0.1:{port}/insert/loki/api/v1/push?extra_fields=store=seed-v2\", protocol: loki}}\n  \
-         shoot: {{url: \"http://127.0.0.1:{port}/insert/loki/api/v1/push?extra_fields=store={{namespace}}\", protocol: loki}}\n\
-         delivery: {{batch_wait: 100ms, min_backoff: 50ms, max_backoff: 200ms, request_timeout: 2s}}\n",
-        admin = reloaded.admin,
-        logs = d.logs.display(),
-        ck = d.checkpoints.display(),
-        port = vlogs.port,
-    ))
-    .expect("valid");
+    let renamed = renamed_seed(&d, reloaded.admin, vlogs.port, vlogs.port, "seed-v2");
     agent
         .reloader()
         .reload(renamed)
@@ -574,6 +600,64 @@ async fn a_reload_moves_new_lines_to_the_new_store_and_refuses_input_changes() {
     assert_eq!(stored(&found), want);
     assert_eq!(found.len(), want.len(), "nothing sent twice");
     stop(agent, &shutdown, Duration::from_secs(5)).await;
+}
+
+/// A reload while the old store cannot deliver: the new store's task waits until the old one
+/// delivered what it held, so that one store never has two tasks acknowledging a file's lines
+/// out of order (a checkpoint would pass lines only the old task holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_store_starts_after_the_old_one_delivered_what_it_held() {
+    let Some(binary) = common::victoria_logs("a_reloaded_store_starts_after") else {
+        return;
+    };
+    let new_store = Arc::new(Server::start(
+        &binary,
+        common::free_port(),
+        "agent-reload-new",
+    ));
+    let old_port = common::free_port();
+    let d = common::dirs("agent", "reload-order");
+    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 77_777_777;
+    let held = write_lines(&d.logs, SEED_NS, "held", 8, base);
+    let shutdown = Shutdown::new();
+    let _stop = StopOnDrop(shutdown.clone());
+    let agent = start(config(&d, old_port, new_store.port), shutdown.clone())
+        .await
+        .expect("the agent starts");
+    // The old store is down: its task holds the lines and retries.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let admin = config(&d, old_port, new_store.port).admin;
+    agent
+        .reloader()
+        .reload(renamed_seed(
+            &d,
+            admin,
+            new_store.port,
+            new_store.port,
+            "seed-v2",
+        ))
+        .expect("reload");
+    metric_reaches(&agent, "log_shipper_stores_retired_total", 1).await;
+    let later = write_lines(&d.logs, SEED_NS, "later", 6, base + 1_000_000_000);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        read_all(&new_store, 0).await.len(),
+        0,
+        "the new task waits for the old one"
+    );
+    // The old store comes up: it gets what its task held, then the new one the rest.
+    let old_store = Arc::new(Server::start(&binary, old_port, "agent-reload-old"));
+    let want_old = expect(SEED_NS, "seed", &held);
+    assert_eq!(
+        stored(&read_all(&old_store, want_old.len()).await),
+        want_old
+    );
+    let want_new = expect(SEED_NS, "seed-v2", &later);
+    let found = read_all(&new_store, want_new.len()).await;
+    assert_eq!(stored(&found), want_new);
+    assert_eq!(found.len(), want_new.len(), "each line once");
+    stop(agent, &shutdown, Duration::from_secs(5)).await;
+    drop((old_store, new_store));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -604,6 +688,7 @@ async fn shoot_stores_of_protocol_otlp_get_their_lines_with_kubernetes_attribute
         }
     }
     let shutdown = Shutdown::new();
+    let _stop = StopOnDrop(shutdown.clone());
     let agent = start(
         config_with(&d, seed_store.port, shoot_store.port, "otlp", ""),
         shutdown.clone(),

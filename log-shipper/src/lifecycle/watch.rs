@@ -4,8 +4,9 @@
 //! The first snapshot is sent once the initial list is complete; until then the agent does
 //! not read shoot namespaces' files (it would not know where their lines go). A watch that
 //! fails (the API server restarts, the resource is not installed) is retried with backoff and
-//! the last snapshot stays in force meanwhile: a missed change costs routing accuracy for a
-//! moment, never a line.
+//! the last snapshot stays in force meanwhile: lines go where the last known state says, so a
+//! shoot that woke up while the watch was down has its lines acknowledged unsent (muted, as
+//! hibernated) until the watch is back, as with Gardener's plugin, whose informer is as stale.
 
 use std::collections::HashMap;
 use std::sync::Arc;
