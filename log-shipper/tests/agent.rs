@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentkit::Shutdown;
-use common::{now_nanos, rfc3339, Server};
+use common::{rfc3339, Server};
 use log_shipper::cri::parse_timestamp;
 use log_shipper::run::{start, Agent};
 use log_shipper::Config;
@@ -191,7 +191,7 @@ async fn every_line_reaches_its_own_store_with_labels_and_timestamps() {
     };
     let vlogs = Arc::new(Server::start(&binary, common::free_port(), "agent-routing"));
     let d = common::dirs("agent", "routing");
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 123_456_789;
+    let base = common::a_minute_ago(123_456_789);
     let mut want = BTreeSet::new();
     for (k, ns) in [SHOOT_A, SHOOT_B, SEED_NS].into_iter().enumerate() {
         let store = if ns == SEED_NS { "seed" } else { ns };
@@ -253,7 +253,7 @@ async fn a_dead_shoot_store_does_not_stall_the_seed_and_resumes_after_a_restart(
     let seed_store = Arc::new(Server::start(&binary, common::free_port(), "agent-seed"));
     let dead_port = common::free_port(); // nothing listens there yet
     let d = common::dirs("agent", "dead-shoot");
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 7;
+    let base = common::a_minute_ago(7);
     let shoot_lines = write_lines(&d.logs, SHOOT_A, "early", 30, base);
     let seed_early = write_lines(&d.logs, SEED_NS, "early", 30, base + 1);
 
@@ -473,7 +473,7 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
         "agent-lifecycle",
     ));
     let d = common::dirs("agent", "lifecycle");
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 987_654_321;
+    let base = common::a_minute_ago(987_654_321);
     let mut want = BTreeSet::new();
     let lines = |ns: &str, tag: &str, n: usize, k: i64| write_lines(&d.logs, ns, tag, n, base + k);
     let a = lines(SHOOT_A, "ready", 10, 0);
@@ -569,7 +569,7 @@ async fn a_reload_moves_new_lines_to_the_new_store_and_refuses_input_changes() {
     };
     let vlogs = Arc::new(Server::start(&binary, common::free_port(), "agent-reload"));
     let d = common::dirs("agent", "reload");
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 55_555_555;
+    let base = common::a_minute_ago(55_555_555);
     let before = write_lines(&d.logs, SEED_NS, "before", 12, base);
     let shutdown = Shutdown::new();
     let _stop = StopOnDrop(shutdown.clone());
@@ -617,7 +617,7 @@ async fn a_reloaded_store_starts_after_the_old_one_delivered_what_it_held() {
     ));
     let old_port = common::free_port();
     let d = common::dirs("agent", "reload-order");
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 77_777_777;
+    let base = common::a_minute_ago(77_777_777);
     let held = write_lines(&d.logs, SEED_NS, "held", 8, base);
     let shutdown = Shutdown::new();
     let _stop = StopOnDrop(shutdown.clone());
@@ -676,7 +676,7 @@ async fn shoot_stores_of_protocol_otlp_get_their_lines_with_kubernetes_attribute
         "agent-otlp-shoot",
     ));
     let d = common::dirs("agent", "otlp");
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 987_654_321;
+    let base = common::a_minute_ago(987_654_321);
     let mut want_shoot = BTreeSet::new();
     let mut want_seed = BTreeSet::new();
     for (k, ns) in [SHOOT_A, SHOOT_B, SEED_NS].into_iter().enumerate() {

@@ -84,7 +84,7 @@ type Record = (i64, String, String, String);
 /// Two streams of `n` lines each, timestamps of a minute ago with nanoseconds; in each stream
 /// every pair of neighbours is swapped, so a batch holds entries out of timestamp order.
 fn two_streams(n: usize, tag: &str) -> (Vec<Item>, Vec<Record>) {
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 123_456_789;
+    let base = common::a_minute_ago(123_456_789);
     let mut items = Vec::new();
     let mut want = Vec::new();
     for (s, (ns, container)) in [("shoot--p--a", "kube-apiserver"), ("shoot--p--b", "etcd")]
@@ -303,7 +303,7 @@ async fn a_400_with_partial_acceptance_is_not_resent() {
     let url = format!("http://127.0.0.1:{}/insert/loki/api/v1/push", server.port);
     let mut client = Client::new(&url, None, Duration::from_secs(5), None).expect("client");
     let mut policy = Policy::new(&delivery(4096), 6);
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 17;
+    let base = common::a_minute_ago(17);
     let item = |labels: &str, i: usize, offset: u64| Item {
         labels: labels.into(),
         timestamp: base + i as i64,

@@ -701,7 +701,7 @@ fn a_dead_shoot_store_does_not_stall_the_seed_or_another_shoot() {
     ) else {
         return;
     };
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 7;
+    let base = common::a_minute_ago(7);
     let mut want = BTreeSet::new();
     let mut dead = Vec::new();
     for pod in [PODS[0], PODS[1]] {
@@ -772,7 +772,7 @@ fn a_store_answering_429_gets_everything_after_backing_off() {
     ) else {
         return;
     };
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 11;
+    let base = common::a_minute_ago(11);
     let want: BTreeSet<Stored> = append(&d.logs, &PODS[1], base, 0..600)
         .into_iter()
         .collect();
@@ -826,7 +826,7 @@ fn a_line_longer_than_max_entry_bytes_is_split_and_counted() {
     let pod = PODS[1];
     let dir = pod.dir(&d.logs);
     fs::create_dir_all(&dir).expect("container dir");
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 13;
+    let base = common::a_minute_ago(13);
     let text = |n: usize, tag: &str| -> String {
         let mut s = String::new();
         let mut i = 0;

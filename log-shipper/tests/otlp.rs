@@ -90,7 +90,7 @@ type Record = (i64, String, String, String, String, String);
 /// labels as the router makes them, timestamps of a minute ago with nanoseconds; in each
 /// stream every pair of neighbours swapped, so a batch holds entries out of timestamp order.
 fn two_namespaces(n: usize, tag: &str) -> (Vec<Item>, Vec<Record>) {
-    let base = now_nanos() - 60_000_000_000 - now_nanos() % 1_000_000_000 + 123_456_789;
+    let base = common::a_minute_ago(123_456_789);
     let mut streams = Vec::new();
     let mut want = Vec::new();
     for (s, (ns, pod, container)) in [

@@ -273,6 +273,13 @@ pub fn now_nanos() -> i64 {
         .as_nanos() as i64
 }
 
+/// A timestamp a minute ago, on a whole second plus `nanos`: old enough for the store, new
+/// enough for its retention, and telling each test's lines apart by their nanoseconds.
+pub fn a_minute_ago(nanos: i64) -> i64 {
+    let now = now_nanos();
+    now - 60_000_000_000 - now % 1_000_000_000 + nanos
+}
+
 /// RFC 3339 with nanoseconds, UTC, of Unix nanoseconds: a CRI line's timestamp.
 pub fn rfc3339(nanos: i64) -> String {
     log_shipper::query::time::format_rfc3339(nanos)
