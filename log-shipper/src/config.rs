@@ -93,6 +93,8 @@ struct RawInput {
     rescan_interval: Duration,
     #[serde(default = "default_max_open_files")]
     max_open_files: usize,
+    #[serde(default)]
+    node_name: Option<String>,
 }
 
 fn default_max_entry_bytes() -> usize {
@@ -248,6 +250,9 @@ pub struct Input {
     pub rescan_interval: Duration,
     /// Cap on open log files.
     pub max_open_files: usize,
+    /// The `nodename` label of every stream; without it, the `NODE_NAME` environment
+    /// variable's (the chart sets it from the pod's `spec.nodeName`), else no such label.
+    pub node_name: Option<String>,
 }
 
 /// A log store.
@@ -350,6 +355,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "must be positive",
         ));
     }
+    if input.node_name.as_deref() == Some("") {
+        return Err(ConfigError::invalid(
+            "input.node_name",
+            "must not be empty (leave it out for none)",
+        ));
+    }
     let delivery = raw.delivery;
     if delivery.batch_bytes < input.max_entry_bytes || delivery.batch_bytes > MAX_BATCH_BYTES {
         return Err(ConfigError::invalid(
@@ -389,6 +400,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             partial_timeout: input.partial_timeout,
             rescan_interval: input.rescan_interval,
             max_open_files: input.max_open_files,
+            node_name: input.node_name,
         },
         seed,
         shoot,
@@ -605,7 +617,7 @@ mod tests {
         let c = Config::from_yaml(
             "admin: {address: '[::1]:9'}\n\
              input: {path: /logs, checkpoint_dir: /ck, max_entry_bytes: 16384, partial_timeout: 30s, \
-             rescan_interval: 250ms, max_open_files: 10}\n\
+             rescan_interval: 250ms, max_open_files: 10, node_name: node-a}\n\
              stores:\n  seed: {url: 'https://seed/push', protocol: loki, tenant: garden, ca: /etc/ca.pem}\n  \
              shoot: {url: 'https://shared/push', protocol: loki, tenant: '{namespace}', ca: /etc/ca.pem}\n\
              delivery: {batch_bytes: 65536, batch_wait: 2s, request_timeout: 5s, min_backoff: 1s, \
@@ -616,6 +628,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.input.max_entry_bytes, 16384);
         assert_eq!(c.input.rescan_interval, Duration::from_millis(250));
+        assert_eq!(c.input.node_name.as_deref(), Some("node-a"));
         assert_eq!(c.shoot.tenant.unwrap().render("shoot--a--b"), "shoot--a--b");
         assert_eq!(c.seed.tenant.unwrap().as_str(), "garden");
         assert_eq!(c.seed.ca, Some(PathBuf::from("/etc/ca.pem")));
@@ -679,6 +692,10 @@ mod tests {
             (
                 format!("admin: {{address: 127.0.0.1:1}}\ninput: {{path: /p, checkpoint_dir: /x, rescan_interval: 0}}\n{STORES}"),
                 "input.rescan_interval",
+            ),
+            (
+                format!("admin: {{address: 127.0.0.1:1}}\ninput: {{path: /p, checkpoint_dir: /x, node_name: ''}}\n{STORES}"),
+                "input.node_name",
             ),
             (format!("{BASE}{STORES}delivery: {{batch_bytes: 1000}}\n"), "delivery.batch_bytes"),
             (

@@ -61,12 +61,13 @@ pub struct Resource<'a> {
 }
 
 /// The OpenTelemetry name of a Gardener label: the Kubernetes resource semantic conventions
-/// for the three the path gives, any other (`origin`) unchanged.
+/// for the three the path gives and the node's name, any other (`origin`) unchanged.
 pub fn attribute_name(label: &str) -> &str {
     match label {
         "namespace_name" => "k8s.namespace.name",
         "pod_name" => "k8s.pod.name",
         "container_name" => "k8s.container.name",
+        "nodename" => "k8s.node.name",
         other => other,
     }
 }

@@ -11,8 +11,8 @@
 //! own store only. Separate from the agent's loop so that the rule is tested on its own.
 //!
 //! Labels are the ones Gardener's dashboards and queries use (its `LabelMapPath` and static
-//! labels): `namespace_name`, `pod_name`, `container_name` from the file's path, and
-//! `origin="seed"`. The CRI stream (stdout, stderr) is not a label, as in Gardener (its
+//! labels): `namespace_name`, `pod_name`, `container_name` from the file's path,
+//! `origin="seed"`, and `nodename` when the node's name is known. The CRI stream (stdout, stderr) is not a label, as in Gardener (its
 //! `RemoveKeys` drops `stream`). Streams are thus one per container of a pod on this node:
 //! bounded by what the kubelet runs, never by the content of a line.
 
@@ -103,17 +103,21 @@ pub fn endpoint(target: &Target, seed: &Store, shoot: &Store) -> Endpoint {
     }
 }
 
-/// The stream labels of a container's lines, in Loki's selector syntax.
-pub fn labels(container: &Container) -> String {
-    loki::format_labels(&[
+/// The stream labels of a container's lines on node `node`, in Loki's selector syntax.
+pub fn labels(container: &Container, node: Option<&str>) -> String {
+    let mut labels = vec![
         ("origin", ORIGIN),
-        ("namespace_name", &container.namespace),
-        ("pod_name", &container.pod),
-        ("container_name", &container.container),
-    ])
-    // The names are valid constants and `origin` is never empty, so this cannot fail; a
-    // fallback keeps the type simple.
-    .unwrap_or_else(|_| format!("{{origin=\"{ORIGIN}\"}}"))
+        ("namespace_name", &*container.namespace),
+        ("pod_name", &*container.pod),
+        ("container_name", &*container.container),
+    ];
+    if let Some(node) = node {
+        labels.push(("nodename", node));
+    }
+    loki::format_labels(&labels)
+        // The names are valid constants and `origin` is never empty, so this cannot fail; a
+        // fallback keeps the type simple.
+        .unwrap_or_else(|_| format!("{{origin=\"{ORIGIN}\"}}"))
 }
 
 /// Where a container's lines go and their stream labels.
@@ -144,15 +148,18 @@ pub struct Router {
     cache: HashMap<Arc<Container>, Route>,
     lifecycle: Lifecycle,
     routing: Routing,
+    node: Option<String>,
 }
 
 impl Router {
-    /// A router of `lifecycle`, sending each state's lines where `routing` says.
-    pub fn new(lifecycle: Lifecycle, routing: Routing) -> Router {
+    /// A router of `lifecycle`, sending each state's lines where `routing` says, labelling
+    /// them with `node`'s name if given.
+    pub fn new(lifecycle: Lifecycle, routing: Routing, node: Option<String>) -> Router {
         Router {
             cache: HashMap::new(),
             lifecycle,
             routing,
+            node,
         }
     }
 
@@ -202,7 +209,7 @@ impl Router {
         let routed = Route {
             stores: self.stores(&container.namespace),
             shoot,
-            labels: Arc::from(labels(container)),
+            labels: Arc::from(labels(container, self.node.as_deref())),
         };
         self.cache.insert(container.clone(), routed.clone());
         routed
@@ -275,14 +282,21 @@ mod tests {
     #[test]
     fn gardener_labels() {
         assert_eq!(
-            labels(&container("shoot--core--aws-01")),
+            labels(&container("shoot--core--aws-01"), None),
             r#"{container_name="kube-apiserver", namespace_name="shoot--core--aws-01", origin="seed", pod_name="kube-apiserver-7d9f"}"#
+        );
+        assert_eq!(
+            labels(
+                &container("garden"),
+                Some("ip-10-0-1-2.eu-west-1.compute.internal")
+            ),
+            r#"{container_name="kube-apiserver", namespace_name="garden", nodename="ip-10-0-1-2.eu-west-1.compute.internal", origin="seed", pod_name="kube-apiserver-7d9f"}"#
         );
     }
 
     #[test]
     fn router_caches_per_container() {
-        let mut router = Router::new(Lifecycle::EveryShootReady, Routing::default());
+        let mut router = Router::new(Lifecycle::EveryShootReady, Routing::default(), None);
         let c = container("garden");
         let r1 = router.route(&c);
         let r2 = router.route(&container("garden"));
@@ -298,7 +312,7 @@ mod tests {
     #[test]
     fn router_follows_the_lifecycle() {
         use crate::lifecycle::State;
-        let mut router = Router::new(Lifecycle::Waiting, Routing::default());
+        let mut router = Router::new(Lifecycle::Waiting, Routing::default(), None);
         assert!(router.waits("shoot--a--b"));
         assert!(!router.waits("garden"));
         assert_eq!(router.route(&container("garden")).stores, Stores::SEED);

@@ -63,6 +63,9 @@ pub const STORE_IDLE: Duration = Duration::from_secs(600);
 const GAUGES_INTERVAL: Duration = Duration::from_secs(1);
 /// How often idle stores are looked for.
 const RETIRE_CHECK: Duration = Duration::from_secs(10);
+/// The environment variable whose value is the `nodename` label when `input.node_name` is
+/// not set (the chart fills it from the pod's `spec.nodeName`).
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
 /// How long the stores may take to send what they hold after SIGTERM.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -190,11 +193,16 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Agent, RunError
             health.set_ready(false);
         });
     }
+    let node = config.input.node_name.clone().or_else(|| {
+        std::env::var(NODE_NAME_ENV)
+            .ok()
+            .filter(|name| !name.is_empty())
+    });
     let (lifecycle, sync_deadline, router) = match &config.kubernetes {
         None => (
             None,
             None,
-            Router::new(Lifecycle::EveryShootReady, Default::default()),
+            Router::new(Lifecycle::EveryShootReady, Default::default(), node),
         ),
         Some(k) => {
             let client = agentkit::kube::client(k.kubeconfig.as_deref(), "kubernetes.kubeconfig")
@@ -205,7 +213,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Agent, RunError
             (
                 Some(rx),
                 Some(Instant::now() + k.sync_timeout),
-                Router::new(Lifecycle::Waiting, k.routing),
+                Router::new(Lifecycle::Waiting, k.routing, node),
             )
         }
     };

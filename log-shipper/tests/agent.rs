@@ -200,7 +200,9 @@ async fn every_line_reaches_its_own_store_with_labels_and_timestamps() {
     }
     let shutdown = Shutdown::new();
     let _stop = StopOnDrop(shutdown.clone());
-    let agent = start(config(&d, vlogs.port, vlogs.port), shutdown.clone())
+    let mut config = config(&d, vlogs.port, vlogs.port);
+    config.input.node_name = Some("node-a".into());
+    let agent = start(config, shutdown.clone())
         .await
         .expect("the agent starts");
     let (status, _) = common::http(agent.admin_addr().port(), "GET", "/readyz", "", b"");
@@ -214,6 +216,9 @@ async fn every_line_reaches_its_own_store_with_labels_and_timestamps() {
     let found = read_all(&vlogs, want.len()).await;
     assert_eq!(found.len(), want.len(), "each line once");
     assert_eq!(stored(&found), want);
+    for record in &found {
+        assert_eq!(record["nodename"], "node-a", "{record}");
+    }
 
     // The counters, as an operator sees them.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -417,6 +422,7 @@ async fn metric_reaches(agent: &Agent, series: &str, want: u64) {
 async fn each_lifecycle_state_routes_as_gardener_does() {
     const NEW: &str = "shoot--core--new";
     const GONE: &str = "shoot--core--gone";
+    const TESTING: &str = "shoot--core--test";
     let Some(binary) = common::victoria_logs("each_lifecycle_state_routes") else {
         return;
     };
@@ -448,7 +454,8 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // SHOOT_A ready (kept by a finalizer for its deletion later), SHOOT_B hibernated, NEW in
-    // creation; GONE has no Cluster (its shoot was deleted).
+    // creation, TESTING a ready shoot of purpose testing; GONE has no Cluster (its shoot was
+    // deleted).
     let hibernated = serde_json::json!({
         "spec": {"hibernation": {"enabled": true}},
         "status": {"isHibernated": true, "lastOperation": {"type": "Reconcile", "state": "Succeeded"}},
@@ -459,6 +466,15 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
         (SHOOT_A, reconciled(), true),
         (SHOOT_B, hibernated, false),
         (NEW, creating, false),
+        (
+            TESTING,
+            {
+                let mut shoot = reconciled();
+                shoot["spec"] = serde_json::json!({"purpose": "testing"});
+                shoot
+            },
+            false,
+        ),
     ] {
         let (status, body) = control
             .request("POST", CLUSTERS, Some(&cluster(ns, shoot, keep)))
@@ -482,6 +498,7 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
     let n = lines(NEW, "creating", 5, 2);
     want.extend(expect(NEW, NEW, &n));
     want.extend(expect(NEW, "seed", &n));
+    let t = lines(TESTING, "testing", 6, 5);
     let g = lines(GONE, "orphan", 4, 3);
     want.extend(expect(GONE, "seed", &g));
     let s = lines(SEED_NS, "seed", 3, 4);
@@ -502,8 +519,14 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
     let read = |n: usize| read_all(&vlogs, n);
     let found = read(want.len()).await;
     assert_eq!(stored(&found), want, "routing by state");
-    metric_reaches(&agent, "log_shipper_entries_muted_total", b.len() as u64).await;
+    metric_reaches(
+        &agent,
+        "log_shipper_entries_muted_total",
+        (b.len() + t.len()) as u64,
+    )
+    .await;
     metric_reaches(&agent, "log_shipper_clusters{state=\"hibernated\"}", 1).await;
+    metric_reaches(&agent, "log_shipper_clusters{state=\"testing\"}", 1).await;
     metric_reaches(&agent, "log_shipper_clusters{state=\"creation\"}", 1).await;
 
     // SHOOT_A is being deleted: from now on its lines go to both stores.
@@ -519,8 +542,8 @@ async fn each_lifecycle_state_routes_as_gardener_does() {
     let found = read(want.len()).await;
     assert_eq!(stored(&found), want, "a state change reaches running files");
     assert_eq!(found.len(), want.len(), "each line once per store");
-    // The hibernated shoot's lines were acknowledged without being sent: nothing is read
-    // again after a restart.
+    // The hibernated and testing shoots' lines were acknowledged without being sent: nothing
+    // is read again after a restart.
     stop(agent, &shutdown, Duration::from_secs(5)).await;
     let shutdown = Shutdown::new();
     let _stop = StopOnDrop(shutdown.clone());

@@ -100,12 +100,15 @@ fn two_namespaces(n: usize, tag: &str) -> (Vec<Item>, Vec<Record>) {
     .into_iter()
     .enumerate()
     {
-        let labels: std::sync::Arc<str> = route::labels(&Container {
-            namespace: ns.into(),
-            pod: pod.into(),
-            uid: "uid".into(),
-            container: container.into(),
-        })
+        let labels: std::sync::Arc<str> = route::labels(
+            &Container {
+                namespace: ns.into(),
+                pod: pod.into(),
+                uid: "uid".into(),
+                container: container.into(),
+            },
+            Some("node-a"),
+        )
         .into();
         let mut items = Vec::new();
         for i in 0..n {
@@ -156,6 +159,7 @@ fn records(found: &[serde_json::Value]) -> Vec<Record> {
                 "k8s.namespace.name",
                 "k8s.pod.name",
                 "k8s.container.name",
+                "k8s.node.name",
                 "origin",
             ] {
                 assert!(
@@ -163,6 +167,7 @@ fn records(found: &[serde_json::Value]) -> Vec<Record> {
                     "{name} is a stream field: {v}"
                 );
             }
+            assert_eq!(field("k8s.node.name"), "node-a", "{v}");
             let time = parse_timestamp(field("_time").as_bytes()).expect("an RFC 3339 _time");
             (
                 time,

@@ -53,6 +53,7 @@ impl Dir {
             partial_timeout: Duration::from_secs(3600),
             rescan_interval: RESCAN,
             max_open_files,
+            node_name: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! Gardener writes one `Cluster` (`extensions.gardener.cloud/v1alpha1`, cluster-scoped) per
 //! shoot, named like the shoot's control-plane namespace, with the `Shoot` object embedded in
 //! `spec.shoot`. The state is decided as Gardener's logging output plugin does, first match
-//! wins: deletion (a deletion timestamp) → migration (the `gardener.cloud/operation: migrate`
+//! wins: testing (`spec.purpose: testing`, a shoot Gardener gives no logging stack) → deletion (a deletion timestamp) → migration (the `gardener.cloud/operation: migrate`
 //! annotation or a `Migrate` last operation) → restore (a `Restore` last operation not yet
 //! succeeded) → creation (no last operation, or a `Create` not yet succeeded) → hibernated /
 //! hibernating / waking (`spec.hibernation.enabled` and `status.isHibernated`) → ready.
@@ -13,7 +13,7 @@
 //! a ready shoot's lines stay out of the seed's store; creation, deletion, restore, migration
 //! (and waking, which Gardener leaves unlisted: the shoot's store may not be up yet) go to
 //! both; a hibernating or hibernated shoot's go nowhere (its control plane is being scaled
-//! down). The `kubernetes.routing` setting overrides it per state.
+//! down), nor do a testing shoot's (it has no store; Gardener's plugin makes it no client). The `kubernetes.routing` setting overrides it per state.
 
 pub mod watch;
 
@@ -47,11 +47,13 @@ pub enum State {
     Migration,
     /// Being restored on this seed after a migration.
     Restore,
+    /// A shoot of purpose `testing`, in any state: Gardener gives it no logging stack.
+    Testing,
 }
 
 impl State {
     /// Every state, in the order of [`Routing`]'s table.
-    pub const ALL: [State; 8] = [
+    pub const ALL: [State; 9] = [
         State::Creation,
         State::Ready,
         State::Hibernating,
@@ -60,6 +62,7 @@ impl State {
         State::Deletion,
         State::Migration,
         State::Restore,
+        State::Testing,
     ];
 
     /// The lowercase name, as in the config and the metrics.
@@ -73,6 +76,7 @@ impl State {
             State::Deletion => "deletion",
             State::Migration => "migration",
             State::Restore => "restore",
+            State::Testing => "testing",
         }
     }
 
@@ -136,14 +140,15 @@ impl std::ops::BitOr for Stores {
 
 /// Where a shoot's lines go in each state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Routing([Stores; 8]);
+pub struct Routing([Stores; 9]);
 
 impl Default for Routing {
     fn default() -> Routing {
-        let mut table = [Stores::BOTH; 8];
+        let mut table = [Stores::BOTH; 9];
         table[State::Ready.index()] = Stores::SHOOT;
         table[State::Hibernating.index()] = Stores::NONE;
         table[State::Hibernated.index()] = Stores::NONE;
+        table[State::Testing.index()] = Stores::NONE;
         Routing(table)
     }
 }
@@ -182,6 +187,10 @@ pub fn state_of(cluster: &Value) -> Result<State, ClusterError> {
             .pointer("/metadata/deletionTimestamp")
             .is_some_and(|t| !t.is_null())
     };
+    let purpose = string(shoot, "/spec/purpose", "spec.shoot.spec.purpose")?;
+    if purpose == Some("testing") {
+        return Ok(State::Testing);
+    }
     if deleting(cluster) || deleting(shoot) {
         return Ok(State::Deletion);
     }
@@ -292,6 +301,22 @@ mod tests {
             )),
             State::Deletion
         );
+        // A testing shoot is one in every state, even while it is deleted.
+        assert_eq!(
+            state(reconciled(json!({"spec": {"purpose": "testing"}}))),
+            State::Testing
+        );
+        assert_eq!(
+            state(reconciled(json!({
+                "metadata": {"deletionTimestamp": "2026-12-06T10:00:00Z"},
+                "spec": {"purpose": "testing"},
+            }))),
+            State::Testing
+        );
+        assert_eq!(
+            state(reconciled(json!({"spec": {"purpose": "evaluation"}}))),
+            State::Ready
+        );
         let mut deleted_cluster = cluster(reconciled(json!({})));
         deleted_cluster["metadata"]["deletionTimestamp"] = json!("2026-12-06T10:00:00Z");
         assert_eq!(state_of(&deleted_cluster).unwrap(), State::Deletion);
@@ -396,6 +421,7 @@ mod tests {
             (State::Deletion, Stores::BOTH),
             (State::Migration, Stores::BOTH),
             (State::Restore, Stores::BOTH),
+            (State::Testing, Stores::NONE),
         ];
         for (state, stores) in expect {
             assert_eq!(r.get(state), stores, "{state}");
@@ -405,6 +431,6 @@ mod tests {
         assert!(!Stores::SHOOT.contains(Stores::NONE));
         assert_eq!(Stores::BOTH.without(Stores::SEED), Stores::SHOOT);
         assert_eq!((Stores::SHOOT | Stores::SEED).as_str(), "shoot+seed");
-        assert_eq!(State::ALL.map(State::index), [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(State::ALL.map(State::index), [0, 1, 2, 3, 4, 5, 6, 7, 8]);
     }
 }
