@@ -133,6 +133,10 @@ impl QueueRx {
     /// The next event; `None` once the [`Queue`] is gone and everything was taken.
     pub async fn next(&mut self) -> Option<Event> {
         loop {
+            // Read before the pop: once the pushing end is gone, everything it pushed is in
+            // the queue, so an empty pop after this says the end. (Read after, a last push
+            // and the drop between the two would be lost.)
+            let closed = self.shared.closed.load(Ordering::Acquire);
             let event = crate::lock(&self.shared.events).pop_front();
             if let Some(event) = event {
                 if let Event::Data(data) = &event {
@@ -143,7 +147,7 @@ impl QueueRx {
                 }
                 return Some(event);
             }
-            if self.shared.closed.load(Ordering::Acquire) {
+            if closed {
                 return None;
             }
             self.shared.notify.notified().await;

@@ -191,13 +191,19 @@ impl ServerStream {
             let this = Arc::clone(&self);
             let agent = Arc::clone(&agent);
             agent.shutdown.clone().spawn(async move {
+                let mut outbox = Outbox {
+                    control: control_rx,
+                    data: data_rx,
+                    held: None,
+                };
                 loop {
                     let packet = tokio::select! {
                         biased;
                         () = this.closed.cancelled() => break,
-                        Some(packet) = control_rx.recv() => packet,
-                        Some(packet) = data_rx.recv() => packet,
-                        else => break,
+                        packet = outbox.next() => match packet {
+                            Some(packet) => packet,
+                            None => break,
+                        },
                     };
                     let sent = tokio::select! {
                         sent = sender.send(&packet) => sent,
@@ -741,6 +747,38 @@ async fn open_quic(agent: &Agent, metadata: HeaderMap) -> anyhow::Result<Accepte
     })
 }
 
+/// The stream's two send queues merged in the order the server needs: control packets first,
+/// and never a DATA ahead of a control packet queued before it. A tunnel's DIAL_RSP goes on
+/// the control queue before its first DATA goes on the data queue, but a select that finds
+/// control empty may see both arrive before it looks at data; a DATA that overtook its
+/// DIAL_RSP would make the server close a tunnel it does not know yet. So a DATA is held
+/// until control is found empty after it was taken.
+struct Outbox {
+    control: mpsc::UnboundedReceiver<Packet>,
+    data: mpsc::Receiver<Packet>,
+    held: Option<Packet>,
+}
+
+impl Outbox {
+    /// The next packet to send; `None` once both queues are closed and empty. Cancel-safe.
+    async fn next(&mut self) -> Option<Packet> {
+        loop {
+            if let Ok(packet) = self.control.try_recv() {
+                return Some(packet);
+            }
+            if let Some(packet) = self.held.take() {
+                return Some(packet);
+            }
+            tokio::select! {
+                biased;
+                Some(packet) = self.control.recv() => return Some(packet),
+                Some(packet) = self.data.recv() => self.held = Some(packet),
+                else => return None,
+            }
+        }
+    }
+}
+
 /// Ends when a PING goes unanswered for `interval` (never without a ping handle).
 async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, closed: CancellationToken) {
     let Some(mut ping) = ping else {
@@ -755,5 +793,58 @@ async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, closed: Cance
             Ok(Ok(_)) => {}
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Each tunnel's DIAL_RSP is queued on control just before its first DATA, from another
+    /// thread, while the outbox is drained: it never yields a DATA before its DIAL_RSP.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_data_never_overtakes_the_dial_response_queued_before_it() {
+        const TUNNELS: i64 = 50_000;
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (data, data_rx) = mpsc::channel(DATA_QUEUE);
+        let producer = tokio::spawn(async move {
+            for id in 1..=TUNNELS {
+                control
+                    .send(Packet::DialResponse {
+                        error: String::new(),
+                        connect_id: id,
+                        random: id,
+                    })
+                    .unwrap();
+                data.send(Packet::Data {
+                    connect_id: id,
+                    error: String::new(),
+                    data: Bytes::from_static(b"x"),
+                })
+                .await
+                .unwrap();
+            }
+        });
+        let mut outbox = Outbox {
+            control: control_rx,
+            data: data_rx,
+            held: None,
+        };
+        let mut answered = std::collections::HashSet::new();
+        while let Some(packet) = outbox.next().await {
+            match packet {
+                Packet::DialResponse { connect_id, .. } => {
+                    answered.insert(connect_id);
+                }
+                Packet::Data { connect_id, .. } => assert!(
+                    answered.contains(&connect_id),
+                    "the DATA of tunnel {connect_id} before its DIAL_RSP"
+                ),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        producer.await.unwrap();
+        assert_eq!(answered.len(), TUNNELS as usize);
     }
 }
