@@ -316,6 +316,18 @@ impl Drop for EchoServer {
     }
 }
 
+/// Sends logs (level from `RUST_LOG`, default `warn`) to the test harness's captured output:
+/// a failing test shows what the agent said before it failed, a passing one stays quiet. Every
+/// test may call it; the first call installs the subscriber.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Whether this process may create network namespaces and load eBPF (CAP_NET_ADMIN and
 /// CAP_SYS_ADMIN in the effective set).
 pub fn has_privileges() -> bool {

@@ -29,7 +29,10 @@ async fn source() -> (std::net::SocketAddr, Arc<AtomicU64>) {
     tokio::spawn(async move {
         loop {
             let Ok((mut tcp, _)) = listener.accept().await else {
-                return;
+                // Out of descriptors, say: dropping the listener would reset connections
+                // the agent already took for open.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
             };
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
@@ -101,7 +104,7 @@ async fn stalled_connect_tunnel(quic: bool) {
     let (fast, _) = source().await;
 
     // The stalled tunnel: its frontend never reads.
-    let (status, _, _stalled) = connect_uds(server.uds.as_ref().unwrap(), &slow.to_string()).await;
+    let (status, _, stalled) = connect_uds(server.uds.as_ref().unwrap(), &slow.to_string()).await;
     assert_eq!(status, 200);
     fast_tunnels_over_connect(&server, &fast.to_string()).await;
 
@@ -124,6 +127,8 @@ async fn stalled_connect_tunnel(quic: bool) {
         server.metric("konnectivity_network_proxy_server_tunnel_overflows_total"),
         0.0
     );
+    // Closed first, so the agent's drain has no open tunnel to wait for.
+    drop(stalled);
     agent.stop().await;
     server.stop().await;
 }
@@ -177,7 +182,7 @@ async fn a_stalled_grpc_stream_stalls_only_itself() {
 
     // The stalled stream: dialled, then never read (HTTP/2 stream flow control stops the
     // server's sends to it; its queue fills to the window; the agent stops reading).
-    let (_send, _recv, rsp) = client.dial(&slow.to_string(), 1).await;
+    let (stalled_send, stalled_recv, rsp) = client.dial(&slow.to_string(), 1).await;
     assert!(matches!(rsp, Packet::DialResponse { connect_id, .. } if connect_id > 0));
 
     let streams = (0..FAST_TUNNELS as i64).map(|i| {
@@ -210,6 +215,8 @@ async fn a_stalled_grpc_stream_stalls_only_itself() {
         taken < 24 << 20,
         "the stalled stream's source wrote {taken} bytes: no pushback"
     );
+    // Closed first, so the agent's drain has no open tunnel to wait for.
+    drop((stalled_send, stalled_recv));
     agent.stop().await;
     server.stop().await;
 }

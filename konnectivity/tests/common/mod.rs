@@ -103,6 +103,7 @@ impl Server {
         extra: &[impl AsRef<str>],
         tweak: impl FnOnce(&mut konnectivity::server::Config),
     ) -> Server {
+        agentkit::testing::capture_logs();
         let mut args: Vec<String> = vec![
             "konnectivity-server".into(),
             "--agent-port=0".into(),
@@ -228,6 +229,7 @@ pub struct AgentHandle {
 
 impl AgentHandle {
     pub async fn start(certs: &Certs, server: SocketAddr, extra: &[&str]) -> AgentHandle {
+        agentkit::testing::capture_logs();
         let mut args: Vec<String> = vec![
             "konnectivity-agent".into(),
             "--proxy-server-host=localhost".into(),
