@@ -123,7 +123,7 @@ struct Header {
 /// As the kubelet does, the tag is split on `:` and only the first part counts. Unlike the
 /// kubelet, a line that ends right after its tag (no space) is accepted with empty content.
 pub fn parse_line(line: &[u8]) -> Result<Line<'_>, LineError> {
-    let header = parse_header(line)?;
+    let header = parse_header(line, &mut None)?;
     Ok(Line {
         timestamp: header.timestamp,
         stream: header.stream,
@@ -135,10 +135,10 @@ pub fn parse_line(line: &[u8]) -> Result<Line<'_>, LineError> {
 /// Parses the header of `line` (a whole line without `\n`, or a prefix longer than
 /// [`MAX_HEADER_LEN`] of one). Only the first [`MAX_HEADER_LEN`] bytes are read, so a prefix
 /// gives the same answer as the whole line.
-fn parse_header(line: &[u8]) -> Result<Header, LineError> {
+fn parse_header(line: &[u8], second: &mut Option<Second>) -> Result<Header, LineError> {
     let ts_end = find_space(line, MAX_TIMESTAMP_LEN + 1)
         .ok_or(LineError::Timestamp("no RFC 3339 timestamp and space"))?;
-    let timestamp = parse_timestamp(&line[..ts_end])?;
+    let timestamp = parse_timestamp_with(&line[..ts_end], second)?;
     let rest = &line[ts_end + 1..];
     let stream = match rest.get(..STREAM_LEN) {
         Some(b"stdout") => Stream::Stdout,
@@ -172,13 +172,41 @@ fn parse_header(line: &[u8]) -> Result<Header, LineError> {
 
 /// The first space within `bytes[..limit]`.
 fn find_space(bytes: &[u8], limit: usize) -> Option<usize> {
-    bytes.iter().take(limit).position(|&b| b == b' ')
+    memchr::memchr(b' ', &bytes[..limit.min(bytes.len())])
 }
 
 /// Parses `YYYY-MM-DDThh:mm:ss[.f{1,9}](Z|±hh:mm)` (Go's `RFC3339Nano` as the kubelet reads
 /// it: the fraction may be absent or shorter than nine digits) into Unix nanoseconds, exactly.
 pub fn parse_timestamp(t: &[u8]) -> Result<i64, LineError> {
+    parse_timestamp_with(t, &mut None)
+}
+
+/// A whole second [`parse_timestamp_with`] read: its text, `YYYY-MM-DDThh:mm:ss`, and its
+/// seconds since the epoch before the zone offset.
+#[derive(Debug, Clone, Copy)]
+pub struct Second {
+    text: [u8; 19],
+    seconds: i64,
+}
+
+/// [`parse_timestamp`], remembering the last whole second in `second`: a file's lines mostly
+/// share it, so its date arithmetic runs once a second instead of once a line.
+pub fn parse_timestamp_with(t: &[u8], second: &mut Option<Second>) -> Result<i64, LineError> {
     let bad = LineError::Timestamp(TIMESTAMP_SHAPE);
+    let text = t.get(..19).ok_or(bad)?;
+    let local = match second {
+        Some(s) if s.text == text => s.seconds,
+        _ => {
+            let seconds = civil_seconds(text)?;
+            let mut copy = [0; 19];
+            copy.copy_from_slice(text);
+            *second = Some(Second {
+                text: copy,
+                seconds,
+            });
+            seconds
+        }
+    };
     let digits = |range: std::ops::Range<usize>| -> Result<i64, LineError> {
         let part = t.get(range).ok_or(bad)?;
         part.iter().try_fold(0i64, |n, &b| {
@@ -189,12 +217,6 @@ pub fn parse_timestamp(t: &[u8]) -> Result<i64, LineError> {
             }
         })
     };
-    let punctuation = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
-    if punctuation.iter().any(|&(i, c)| t.get(i) != Some(&c)) {
-        return Err(bad);
-    }
-    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
-    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
     let mut i = 19;
     let mut fraction = 0i64;
     if t.get(i) == Some(&b'.') {
@@ -225,6 +247,29 @@ pub fn parse_timestamp(t: &[u8]) -> Result<i64, LineError> {
         }
         _ => return Err(bad),
     };
+    i64::try_from(i128::from(local - offset) * 1_000_000_000 + i128::from(fraction))
+        .map_err(|_| LineError::Timestamp("outside the years 1678 to 2261"))
+}
+
+/// The seconds since the epoch of `YYYY-MM-DDThh:mm:ss` (19 bytes), as if it were UTC.
+fn civil_seconds(t: &[u8]) -> Result<i64, LineError> {
+    let bad = LineError::Timestamp(TIMESTAMP_SHAPE);
+    let digits = |range: std::ops::Range<usize>| -> Result<i64, LineError> {
+        let part = t.get(range).ok_or(bad)?;
+        part.iter().try_fold(0i64, |n, &b| {
+            if b.is_ascii_digit() {
+                Ok(n * 10 + i64::from(b - b'0'))
+            } else {
+                Err(bad)
+            }
+        })
+    };
+    let punctuation = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if punctuation.iter().any(|&(i, c)| t.get(i) != Some(&c)) {
+        return Err(bad);
+    }
+    let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
     if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
         return Err(LineError::Timestamp("no such date"));
     }
@@ -232,9 +277,7 @@ pub fn parse_timestamp(t: &[u8]) -> Result<i64, LineError> {
         return Err(LineError::Timestamp("no such time of day"));
     }
     let days = days_from_civil(year, month) + day - 1;
-    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    i64::try_from(i128::from(seconds) * 1_000_000_000 + i128::from(fraction))
-        .map_err(|_| LineError::Timestamp("outside the years 1678 to 2261"))
+    Ok(days * 86_400 + hour * 3600 + minute * 60 + second)
 }
 
 fn days_in_month(year: i64, month: i64) -> i64 {
@@ -368,6 +411,8 @@ pub struct Reader {
     pending: [Option<Pending>; 2],
     out: VecDeque<Event>,
     stats: Stats,
+    /// The last whole second of a timestamp read.
+    second: Option<Second>,
 }
 
 impl Reader {
@@ -384,6 +429,7 @@ impl Reader {
             pending: [None, None],
             out: VecDeque::new(),
             stats: Stats::default(),
+            second: None,
         }
     }
 
@@ -440,7 +486,7 @@ impl Reader {
         let progress = if avail.is_empty() && !(at_end && self.long.is_some()) {
             false
         } else {
-            let newline = avail.iter().position(|&b| b == b'\n');
+            let newline = memchr::memchr(b'\n', avail);
             let (used, line_done) = match newline {
                 Some(i) => (i + 1, true),
                 None => (avail.len(), at_end),
@@ -479,7 +525,7 @@ impl Reader {
                 }
                 None if line_done => {
                     let start = self.offset;
-                    match parse_header(bytes) {
+                    match parse_header(bytes, &mut self.second) {
                         Ok(h) => {
                             let content = &bytes[h.len.min(bytes.len())..];
                             self.append(h.stream, h.timestamp, start, content);
@@ -493,7 +539,7 @@ impl Reader {
                 None if avail.len() > self.max_entry_bytes.saturating_add(MAX_HEADER_LEN) => {
                     // Too long to hold whole: decide from the header, then stream the content.
                     let start = self.offset;
-                    self.long = Some(match parse_header(bytes) {
+                    self.long = Some(match parse_header(bytes, &mut self.second) {
                         Ok(h) => {
                             let content = &bytes[h.len.min(bytes.len())..];
                             self.append(h.stream, h.timestamp, start, content);
@@ -1263,6 +1309,29 @@ not a CRI line\n\
         ) {
             let text = format_timestamp(nanos, offset, trim);
             prop_assert_eq!(parse_timestamp(text.as_bytes()), Ok(nanos), "{}", text);
+        }
+
+        /// The remembered second changes no answer: timestamps of a few seconds (and
+        /// garbage) in any order give what each gives alone.
+        #[test]
+        fn a_remembered_second_changes_nothing(
+            picks in proptest::collection::vec((0..4usize, 0..1_000_000_000i64, -2..3i32), 1..40),
+        ) {
+            let bases = [1_700_000_000i64, 1_700_000_001, 1_700_086_400, -1];
+            let mut second = None;
+            for (base, fraction, offset) in picks {
+                let text = if bases[base] < 0 {
+                    format!("2016-10-06T00:17:0{}Z", fraction % 3)
+                        .replace('Z', if fraction % 2 == 0 { "Z" } else { "+25:00" })
+                } else {
+                    format_timestamp(bases[base] * 1_000_000_000 + fraction, offset * 60, false)
+                };
+                prop_assert_eq!(
+                    parse_timestamp_with(text.as_bytes(), &mut second),
+                    parse_timestamp(text.as_bytes()),
+                    "{}", text
+                );
+            }
         }
 
         #[test]

@@ -48,7 +48,7 @@ use bytes::Bytes;
 
 use crate::config::{Delivery, OutagePolicy, Protocol};
 use crate::tail::FileRef;
-use crate::{loki, otlp};
+use crate::{loki, otlp, FastMap};
 
 /// Protobuf bytes counted per entry besides its line (keys, lengths, the timestamp).
 const ENTRY_OVERHEAD: usize = 24;
@@ -243,7 +243,10 @@ type StreamEntries = (Arc<str>, Vec<(i64, String)>);
 struct Open {
     started: Instant,
     streams: Vec<StreamEntries>,
-    index: HashMap<Arc<str>, usize>,
+    index: FastMap<Arc<str>, usize>,
+    /// The stream added to last: entries come in runs of one file, whose labels are one
+    /// `Arc`, so most lookups end here without hashing the labels.
+    last: Option<(Arc<str>, usize)>,
     acks: Acks,
     entries: usize,
     bytes: usize,
@@ -254,16 +257,25 @@ impl Open {
         Open {
             started: now,
             streams: Vec::new(),
-            index: HashMap::new(),
+            index: FastMap::default(),
+            last: None,
             acks: Acks::default(),
             entries: 0,
             bytes: 0,
         }
     }
 
+    /// The index of the stream of `labels`, if the batch has one.
+    fn stream_of(&self, labels: &Arc<str>) -> Option<usize> {
+        match &self.last {
+            Some((last, i)) if Arc::ptr_eq(last, labels) => Some(*i),
+            _ => self.index.get(labels).copied(),
+        }
+    }
+
     /// What `item` would add.
     fn added(&self, item: &Item) -> usize {
-        let stream = if self.index.contains_key(&item.labels) {
+        let stream = if self.stream_of(&item.labels).is_some() {
             0
         } else {
             item.labels.len() + STREAM_OVERHEAD
@@ -272,19 +284,25 @@ impl Open {
     }
 
     fn add(&mut self, item: Item) {
-        self.bytes += self.added(&item);
+        let i = match self.stream_of(&item.labels) {
+            Some(i) => {
+                self.bytes += entry_size(&item);
+                i
+            }
+            None => {
+                self.bytes += entry_size(&item) + item.labels.len() + STREAM_OVERHEAD;
+                self.index.insert(item.labels.clone(), self.streams.len());
+                self.streams.push((item.labels.clone(), Vec::new()));
+                self.streams.len() - 1
+            }
+        };
         self.entries += 1;
         if let Some(ack) = item.ack {
             self.acks.add(ack);
         }
-        let i = match self.index.get(&item.labels) {
-            Some(&i) => i,
-            None => {
-                self.index.insert(item.labels.clone(), self.streams.len());
-                self.streams.push((item.labels, Vec::new()));
-                self.streams.len() - 1
-            }
-        };
+        if !self.last.as_ref().is_some_and(|(last, _)| Arc::ptr_eq(last, &item.labels)) {
+            self.last = Some((item.labels, i));
+        }
         self.streams[i].1.push((item.timestamp, item.line));
     }
 

@@ -12,10 +12,11 @@
 //! Consecutive lines waiting for the same stores share one run, so the state is one entry per
 //! change of routing still in flight, not one per line.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::lifecycle::Stores;
+use crate::FastMap;
 use crate::tail::FileRef;
 
 /// Lines of a file up to `offset` (after the previous run) waiting for `waiting`, the first
@@ -41,7 +42,7 @@ pub struct Lag {
 /// The acknowledgements in flight, per file.
 #[derive(Debug, Default)]
 pub struct Fanout {
-    files: HashMap<FileRef, VecDeque<Run>>,
+    files: FastMap<FileRef, VecDeque<Run>>,
 }
 
 impl Fanout {
@@ -63,7 +64,13 @@ impl Fanout {
                 since: now,
             }),
         }
-        self.release(file)
+        // Only a line sent nowhere can be released now (the front run waits otherwise):
+        // the common case is done without a second lookup.
+        if runs.front().is_some_and(|front| front.waiting.is_empty()) {
+            self.release(file)
+        } else {
+            None
+        }
     }
 
     /// `from` accepted the lines of `file` up to `offset`. Returns the offset the file's

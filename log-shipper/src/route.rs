@@ -16,7 +16,6 @@
 //! `RemoveKeys` drops `stream`). Streams are thus one per container of a pod on this node:
 //! bounded by what the kubelet runs, never by the content of a line.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{Store, Template};
@@ -24,6 +23,7 @@ use crate::lifecycle::watch::Snapshot;
 use crate::lifecycle::{Routing, Stores};
 use crate::loki;
 use crate::tail::path::Container;
+use crate::FastMap;
 
 /// The prefix of a shoot control-plane namespace.
 pub const SHOOT_PREFIX: &str = "shoot--";
@@ -145,7 +145,10 @@ pub enum Lifecycle {
 /// A container's route, computed once per container and again after a lifecycle change.
 #[derive(Debug)]
 pub struct Router {
-    cache: HashMap<Arc<Container>, Route>,
+    cache: FastMap<Arc<Container>, Route>,
+    /// The last container routed: lines come in runs of one file, whose container is one
+    /// `Arc`, so most lookups end here without hashing the container's names.
+    last: Option<(Arc<Container>, Route)>,
     lifecycle: Lifecycle,
     routing: Routing,
     node: Option<String>,
@@ -156,7 +159,8 @@ impl Router {
     /// them with `node`'s name if given.
     pub fn new(lifecycle: Lifecycle, routing: Routing, node: Option<String>) -> Router {
         Router {
-            cache: HashMap::new(),
+            cache: FastMap::default(),
+            last: None,
             lifecycle,
             routing,
             node,
@@ -167,6 +171,7 @@ impl Router {
     pub fn set_lifecycle(&mut self, lifecycle: Lifecycle) {
         self.lifecycle = lifecycle;
         self.cache.clear();
+        self.last = None;
     }
 
     /// Whether lines of `namespace` must wait: a shoot namespace before the shoots are
@@ -196,22 +201,31 @@ impl Router {
 
     /// The route of `container`'s lines.
     pub fn route(&mut self, container: &Arc<Container>) -> Route {
-        if let Some(hit) = self.cache.get(container) {
-            return hit.clone();
+        if let Some((last, route)) = &self.last {
+            if Arc::ptr_eq(last, container) {
+                return route.clone();
+            }
         }
-        if self.cache.len() >= MAX_CACHED_LABELS {
-            self.cache.clear();
-        }
-        let shoot = match target(&container.namespace) {
-            Target::Seed => None,
-            shoot => Some(shoot),
+        let routed = match self.cache.get(container) {
+            Some(hit) => hit.clone(),
+            None => {
+                if self.cache.len() >= MAX_CACHED_LABELS {
+                    self.cache.clear();
+                }
+                let shoot = match target(&container.namespace) {
+                    Target::Seed => None,
+                    shoot => Some(shoot),
+                };
+                let routed = Route {
+                    stores: self.stores(&container.namespace),
+                    shoot,
+                    labels: Arc::from(labels(container, self.node.as_deref())),
+                };
+                self.cache.insert(container.clone(), routed.clone());
+                routed
+            }
         };
-        let routed = Route {
-            stores: self.stores(&container.namespace),
-            shoot,
-            labels: Arc::from(labels(container, self.node.as_deref())),
-        };
-        self.cache.insert(container.clone(), routed.clone());
+        self.last = Some((container.clone(), routed.clone()));
         routed
     }
 }
@@ -220,6 +234,7 @@ impl Router {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::collections::HashMap;
     use crate::config::Config;
 
     fn container(ns: &str) -> Arc<Container> {

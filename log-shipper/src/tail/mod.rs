@@ -23,7 +23,6 @@
 pub mod path;
 pub mod track;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -39,6 +38,7 @@ use crate::checkpoint::{
 };
 use crate::config::Input;
 use crate::cri;
+use crate::FastMap;
 use path::{Container, Location, LogName};
 use track::{Phase, Seen, Start, Tracker};
 
@@ -169,7 +169,7 @@ pub struct Tailer {
     rescan_interval: Duration,
     max_open_files: usize,
     tracker: Tracker,
-    reading: HashMap<FileKey, Reading>,
+    reading: FastMap<FileKey, Reading>,
     store: Checkpoints,
     next_scan: Option<Instant>,
     next_persist: Option<Instant>,
@@ -198,7 +198,7 @@ impl Tailer {
             rescan_interval: input.rescan_interval,
             max_open_files: input.max_open_files,
             tracker: Tracker::new(),
-            reading: HashMap::new(),
+            reading: FastMap::default(),
             store,
             next_scan: None,
             next_persist: None,
