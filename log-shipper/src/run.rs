@@ -2,7 +2,8 @@
 //!
 //! - **The tailer thread** ([`Shutdown::spawn_blocking`]) polls the [`Tailer`], routes each
 //!   record ([`route`](crate::route)) and hands it to its stores' queues (bounded,
-//!   [`QUEUE_CAPACITY`] messages) without waiting: one store, or two or none by the shoot's
+//!   [`QUEUE_CAPACITY`] messages, handed over in chunks of at most [`CHUNK`]: one per store
+//!   and poll, or more for a large poll) without waiting: one store, or two or none by the shoot's
 //!   lifecycle state, whose acknowledgements meet in the [`Fanout`] before a checkpoint
 //!   moves. With `kubernetes:` set, shoot namespaces are not read until the `Cluster`
 //!   resources were listed ([`watch`]), at most `kubernetes.sync_timeout`. When a store's queue is full, the records
@@ -25,7 +26,7 @@
 //!   persists the checkpoints. What was not acknowledged is read again after the restart.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,7 +37,7 @@ use std::time::{Duration, Instant};
 use agentkit::admin::{AdminServer, Endpoints, Health};
 use agentkit::reload::{Options as ReloadOptions, Reloader};
 use agentkit::Shutdown;
-use prometheus::Registry;
+use prometheus::{IntCounter, Registry};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -50,9 +51,13 @@ use crate::metrics::Metrics;
 use crate::push::{send_due, Client};
 use crate::route::{self, Lifecycle, Router, Target};
 use crate::tail::{Record, TailError, Tailer};
+use crate::FastMap;
 
 /// Messages a store's queue holds at most.
 pub const QUEUE_CAPACITY: usize = 4096;
+/// Messages handed to a store's queue at once: one channel operation carries up to this many
+/// lines instead of one each.
+pub const CHUNK: usize = 256;
 /// How long the tailer thread waits for an acknowledgement when a poll read nothing.
 pub const IDLE_POLL: Duration = Duration::from_millis(50);
 /// How often the config file is checked for a change (SIGHUP reloads at once).
@@ -231,8 +236,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> Result<Agent, RunError
         lifecycle,
         sync_deadline,
         fanout: Fanout::new(),
-        stores: HashMap::new(),
-        draining: HashMap::new(),
+        stores: FastMap::default(),
+        draining: FastMap::default(),
         config,
         shutdown: shutdown.clone(),
         metrics,
@@ -275,7 +280,14 @@ pub async fn run(
 
 /// One store as the tailer thread sees it.
 struct StoreQueue {
-    tx: mpsc::Sender<Message>,
+    /// Chunks of at most [`CHUNK`] messages, [`QUEUE_CAPACITY`] messages in all.
+    tx: mpsc::Sender<Vec<Message>>,
+    /// This poll's messages, not handed over yet ([`StoreQueue::hand_over`]).
+    gathered: Vec<Message>,
+    /// `log_shipper_entries_routed_total` and `log_shipper_malformed_lines_total` of its kind
+    /// of store.
+    routed: IntCounter,
+    malformed: IntCounter,
     /// Messages that did not fit the queue, in order; while not empty the store's files are
     /// not read.
     held: VecDeque<Message>,
@@ -293,31 +305,52 @@ struct StoreQueue {
 impl StoreQueue {
     /// Moves held messages into the queue while it has room; true when none is left.
     fn flush_held(&mut self) -> bool {
-        while let Some(m) = self.held.pop_front() {
-            match self.tx.try_send(m) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(m)) => {
-                    self.held.push_front(m);
-                    return false;
-                }
-                // The task is gone (it panicked): what it did not take is read again after a
-                // restart; until then the files' checkpoints wait for it.
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.held.clear();
-                    return true;
-                }
+        while !self.held.is_empty() {
+            let n = self.held.len().min(CHUNK);
+            let chunk: Vec<Message> = self.held.drain(..n).collect();
+            if !self.try_send(chunk) {
+                return false;
             }
         }
         true
     }
 
+    /// Queues `m` behind everything given before.
     fn send(&mut self, m: Message) {
         if !self.held.is_empty() {
             self.held.push_back(m);
             return;
         }
-        if let Err(mpsc::error::TrySendError::Full(m)) = self.tx.try_send(m) {
-            self.held.push_back(m);
+        self.gathered.push(m);
+        if self.gathered.len() == CHUNK {
+            self.hand_over();
+        }
+    }
+
+    /// Hands the gathered messages to the queue, or holds them if it is full.
+    fn hand_over(&mut self) {
+        if !self.gathered.is_empty() {
+            let chunk = std::mem::replace(&mut self.gathered, Vec::with_capacity(CHUNK));
+            self.try_send(chunk);
+        }
+    }
+
+    /// Sends a chunk, or holds it (in front of what is held) if the queue is full; false then.
+    fn try_send(&mut self, chunk: Vec<Message>) -> bool {
+        match self.tx.try_send(chunk) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(chunk)) => {
+                for m in chunk.into_iter().rev() {
+                    self.held.push_front(m);
+                }
+                false
+            }
+            // The task is gone (it panicked): what it did not take is read again after a
+            // restart; until then the files' checkpoints wait for it.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.held.clear();
+                true
+            }
         }
     }
 }
@@ -334,9 +367,9 @@ struct TailLoop {
     /// When shoot namespaces stop waiting for the first snapshot.
     sync_deadline: Option<Instant>,
     fanout: Fanout,
-    stores: HashMap<Target, StoreQueue>,
+    stores: FastMap<Target, StoreQueue>,
     /// Tasks of retired stores still sending what they hold, by store.
-    draining: HashMap<Target, Arc<AtomicBool>>,
+    draining: FastMap<Target, Arc<AtomicBool>>,
     config: Arc<Config>,
     shutdown: Shutdown,
     metrics: Metrics,
@@ -392,8 +425,12 @@ impl TailLoop {
                 warn!(%error, kind = error.kind(), "tailer poll failed");
             }
             let read = out.len();
+            let polled = Instant::now();
             for record in out.drain(..) {
-                self.dispatch(record, &ack_tx);
+                self.dispatch(record, polled, &ack_tx);
+            }
+            for q in self.stores.values_mut() {
+                q.hand_over();
             }
             let now = self.tailer.stats();
             self.metrics.tail(&last, &now);
@@ -503,8 +540,9 @@ impl TailLoop {
         }
     }
 
-    /// Hands a record to each of its stores (none, one or two) and tells the fan-out.
-    fn dispatch(&mut self, record: Record, acks: &std_mpsc::Sender<Acked>) {
+    /// Hands a record read at `now` to each of its stores (none, one or two) and tells the
+    /// fan-out.
+    fn dispatch(&mut self, record: Record, now: Instant, acks: &std_mpsc::Sender<Acked>) {
         let route = self.router.route(&record.container);
         let ack = Ack {
             file: record.file,
@@ -512,7 +550,7 @@ impl TailLoop {
         };
         if let Some(offset) = self
             .fanout
-            .sent(ack.file, ack.offset, route.stores, Instant::now())
+            .sent(ack.file, ack.offset, route.stores, now)
         {
             self.tailer.ack(ack.file, offset);
         }
@@ -524,7 +562,10 @@ impl TailLoop {
             Ok(entry) => Message::Entry(Item {
                 labels: route.labels,
                 timestamp: entry.timestamp,
-                line: String::from_utf8_lossy(&entry.content).into_owned(),
+                // Valid UTF-8 (nearly always) keeps its buffer.
+                line: String::from_utf8(entry.content).unwrap_or_else(|invalid| {
+                    String::from_utf8_lossy(invalid.as_bytes()).into_owned()
+                }),
                 ack: Some(ack),
             }),
             Err(_) => Message::Ack(ack),
@@ -533,22 +574,23 @@ impl TailLoop {
         let seed = route.stores.contains(Stores::SEED).then_some(Target::Seed);
         match (shoot, seed) {
             (Some(shoot), Some(seed)) => {
-                self.send(shoot, message.clone(), acks);
-                self.send(seed, message, acks);
+                self.send(shoot, message.clone(), now, acks);
+                self.send(seed, message, now, acks);
             }
-            (Some(target), None) | (None, Some(target)) => self.send(target, message, acks),
+            (Some(target), None) | (None, Some(target)) => self.send(target, message, now, acks),
             // Only a shoot namespace has a shoot store: the router never routes otherwise.
             (None, None) => {}
         }
     }
 
     /// Hands a message to `target`'s queue, starting the store on its first line.
-    fn send(&mut self, target: Target, message: Message, acks: &std_mpsc::Sender<Acked>) {
-        let counter = match message {
-            Message::Entry(_) => &self.metrics.entries_routed,
-            Message::Ack(_) => &self.metrics.malformed_lines,
-        };
-        counter.with_label_values(&[target.kind()]).inc();
+    fn send(
+        &mut self,
+        target: Target,
+        message: Message,
+        now: Instant,
+        acks: &std_mpsc::Sender<Acked>,
+    ) {
         let queue = match self.stores.entry(target) {
             Entry::Occupied(q) => q.into_mut(),
             Entry::Vacant(slot) => {
@@ -567,7 +609,11 @@ impl TailLoop {
                 slot.insert(q)
             }
         };
-        queue.last_used = Instant::now();
+        match message {
+            Message::Entry(_) => queue.routed.inc(),
+            Message::Ack(_) => queue.malformed.inc(),
+        }
+        queue.last_used = now;
         queue.send(message);
     }
 
@@ -620,7 +666,7 @@ fn new_store(
     metrics: &Metrics,
     acks: std_mpsc::Sender<Acked>,
 ) -> StoreQueue {
-    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY / CHUNK);
     let endpoint = route::endpoint(target, &config.seed, &config.shoot);
     info!(store = %endpoint.url, "new store");
     metrics.stores.with_label_values(&[target.kind()]).inc();
@@ -642,6 +688,9 @@ fn new_store(
     };
     StoreQueue {
         tx,
+        gathered: Vec::with_capacity(CHUNK),
+        routed: metrics.entries_routed.with_label_values(&[target.kind()]),
+        malformed: metrics.malformed_lines.with_label_values(&[target.kind()]),
         held: VecDeque::new(),
         last_used: Instant::now(),
         generation,
@@ -675,7 +724,7 @@ struct StoreTask {
     store: Store,
     endpoint: route::Endpoint,
     delivery: Delivery,
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<Vec<Message>>,
     acks: std_mpsc::Sender<Acked>,
     metrics: Metrics,
     ended: Arc<AtomicBool>,
@@ -741,26 +790,26 @@ impl StoreTask {
             wall,
         );
         let mut last = policy.stats().clone();
-        let mut pending: Option<Item> = None;
+        // What was taken from the queue and the policy has no room for yet, in order.
+        let mut backlog: VecDeque<Message> = VecDeque::new();
         let mut closed = false;
         loop {
             let now = Instant::now();
             while let Some(done) = policy.poll_done(now) {
                 self.ack(&done.acks);
             }
-            if let Some(item) = pending.take() {
-                if let Err(Full(item)) = policy.push(item, now) {
-                    pending = Some(item);
-                }
-            }
-            while pending.is_none() && !closed {
+            feed(&mut policy, &mut backlog, now);
+            while backlog.is_empty() && !closed {
                 match self.rx.try_recv() {
-                    Ok(m) => pending = take(&mut policy, m, now),
+                    Ok(chunk) => {
+                        backlog.extend(chunk);
+                        feed(&mut policy, &mut backlog, now);
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
                 }
             }
-            if closed && pending.is_none() && policy.is_idle() {
+            if closed && backlog.is_empty() && policy.is_idle() {
                 return;
             }
             let sent = tokio::select! {
@@ -788,8 +837,11 @@ impl StoreTask {
                 }
             };
             tokio::select! {
-                m = self.rx.recv(), if pending.is_none() && !closed => match m {
-                    Some(m) => pending = take(&mut policy, m, Instant::now()),
+                chunk = self.rx.recv(), if backlog.is_empty() && !closed => match chunk {
+                    Some(chunk) => {
+                        backlog.extend(chunk);
+                        feed(&mut policy, &mut backlog, Instant::now());
+                    }
                     None => closed = true,
                 },
                 () = sleep => {}
@@ -809,13 +861,18 @@ impl StoreTask {
     }
 }
 
-/// Gives a message to the policy; an entry it refuses comes back.
-fn take(policy: &mut Policy, m: Message, now: Instant) -> Option<Item> {
-    match m {
-        Message::Entry(item) => policy.push(item, now).err().map(|Full(item)| item),
-        Message::Ack(ack) => {
-            policy.push_ack(ack, now);
-            None
+/// Gives the backlog's messages to the policy, in order, until it refuses an entry (which
+/// stays first in the backlog).
+fn feed(policy: &mut Policy, backlog: &mut VecDeque<Message>, now: Instant) {
+    while let Some(m) = backlog.pop_front() {
+        match m {
+            Message::Entry(item) => {
+                if let Err(Full(item)) = policy.push(item, now) {
+                    backlog.push_front(Message::Entry(item));
+                    return;
+                }
+            }
+            Message::Ack(ack) => policy.push_ack(ack, now),
         }
     }
 }
@@ -849,34 +906,49 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(2);
         let mut q = StoreQueue {
             tx,
+            gathered: Vec::new(),
+            routed: IntCounter::new("routed", "routed").unwrap(),
+            malformed: IntCounter::new("malformed", "malformed").unwrap(),
             held: VecDeque::new(),
             last_used: Instant::now(),
             generation: 0,
             ended: Arc::new(AtomicBool::new(false)),
             unstarted: None,
         };
-        for i in 0..5 {
-            q.send(ack(i));
+        let received = |rx: &mut mpsc::Receiver<Vec<Message>>| -> Vec<u64> {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .flatten()
+                .map(offset)
+                .collect()
+        };
+        // Three polls of three lines: two chunks fit, the third is held.
+        for poll in 0..3 {
+            for i in 0..3 {
+                q.send(ack(poll * 3 + i));
+            }
+            q.hand_over();
         }
         assert_eq!(q.held.len(), 3);
-        assert!(!q.flush_held());
-        assert_eq!(offset(rx.try_recv().unwrap()), 0);
-        assert!(!q.flush_held());
-        assert_eq!(q.held.len(), 2);
-        assert_eq!(offset(rx.try_recv().unwrap()), 1);
-        assert_eq!(offset(rx.try_recv().unwrap()), 2);
+        // While some are held, later ones wait behind them.
+        q.send(ack(9));
+        q.hand_over();
+        assert_eq!(q.held.len(), 4);
+        assert!(!q.flush_held(), "the queue is still full");
+        let mut got = received(&mut rx);
+        assert_eq!(got, [0, 1, 2, 3, 4, 5]);
         assert!(q.flush_held());
-        q.send(ack(5));
-        assert_eq!(q.held.len(), 1, "the queue is full again");
-        let mut got: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
-            .map(offset)
-            .collect();
-        assert!(q.flush_held());
-        got.extend(std::iter::from_fn(|| rx.try_recv().ok()).map(offset));
-        assert_eq!(got, [3, 4, 5]);
+        got.extend(received(&mut rx));
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+        // A full chunk goes at once, without waiting for the poll's end.
+        for i in 10..10 + CHUNK as u64 {
+            q.send(ack(i));
+        }
+        assert!(q.gathered.is_empty());
+        assert_eq!(received(&mut rx), (10..10 + CHUNK as u64).collect::<Vec<_>>());
         drop(rx);
-        q.send(ack(6));
-        q.send(ack(7));
+        q.send(ack(1000));
+        q.hand_over();
+        q.send(ack(1001));
         assert!(q.flush_held(), "a closed queue holds nothing");
         assert!(q.held.is_empty());
     }
