@@ -207,16 +207,7 @@ pub fn parse_timestamp_with(t: &[u8], second: &mut Option<Second>) -> Result<i64
             seconds
         }
     };
-    let digits = |range: std::ops::Range<usize>| -> Result<i64, LineError> {
-        let part = t.get(range).ok_or(bad)?;
-        part.iter().try_fold(0i64, |n, &b| {
-            if b.is_ascii_digit() {
-                Ok(n * 10 + i64::from(b - b'0'))
-            } else {
-                Err(bad)
-            }
-        })
-    };
+    let digits = |range| decimal(t, range);
     let mut i = 19;
     let mut fraction = 0i64;
     if t.get(i) == Some(&b'.') {
@@ -251,19 +242,23 @@ pub fn parse_timestamp_with(t: &[u8], second: &mut Option<Second>) -> Result<i64
         .map_err(|_| LineError::Timestamp("outside the years 1678 to 2261"))
 }
 
+/// The decimal number `t[range]`, all ASCII digits, or the shape error.
+fn decimal(t: &[u8], range: std::ops::Range<usize>) -> Result<i64, LineError> {
+    let bad = LineError::Timestamp(TIMESTAMP_SHAPE);
+    let part = t.get(range).ok_or(bad)?;
+    part.iter().try_fold(0i64, |n, &b| {
+        if b.is_ascii_digit() {
+            Ok(n * 10 + i64::from(b - b'0'))
+        } else {
+            Err(bad)
+        }
+    })
+}
+
 /// The seconds since the epoch of `YYYY-MM-DDThh:mm:ss` (19 bytes), as if it were UTC.
 fn civil_seconds(t: &[u8]) -> Result<i64, LineError> {
     let bad = LineError::Timestamp(TIMESTAMP_SHAPE);
-    let digits = |range: std::ops::Range<usize>| -> Result<i64, LineError> {
-        let part = t.get(range).ok_or(bad)?;
-        part.iter().try_fold(0i64, |n, &b| {
-            if b.is_ascii_digit() {
-                Ok(n * 10 + i64::from(b - b'0'))
-            } else {
-                Err(bad)
-            }
-        })
-    };
+    let digits = |range| decimal(t, range);
     let punctuation = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
     if punctuation.iter().any(|&(i, c)| t.get(i) != Some(&c)) {
         return Err(bad);

@@ -300,7 +300,11 @@ impl Open {
         if let Some(ack) = item.ack {
             self.acks.add(ack);
         }
-        if !self.last.as_ref().is_some_and(|(last, _)| Arc::ptr_eq(last, &item.labels)) {
+        if !self
+            .last
+            .as_ref()
+            .is_some_and(|(last, _)| Arc::ptr_eq(last, &item.labels))
+        {
             self.last = Some((item.labels, i));
         }
         self.streams[i].1.push((item.timestamp, item.line));

@@ -16,8 +16,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::lifecycle::Stores;
-use crate::FastMap;
 use crate::tail::FileRef;
+use crate::FastMap;
 
 /// Lines of a file up to `offset` (after the previous run) waiting for `waiting`, the first
 /// of them sent at `since`.

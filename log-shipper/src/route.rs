@@ -234,8 +234,8 @@ impl Router {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use std::collections::HashMap;
     use crate::config::Config;
+    use std::collections::HashMap;
 
     fn container(ns: &str) -> Arc<Container> {
         Arc::new(Container {

@@ -548,10 +548,7 @@ impl TailLoop {
             file: record.file,
             offset: record.checkpoint(),
         };
-        if let Some(offset) = self
-            .fanout
-            .sent(ack.file, ack.offset, route.stores, now)
-        {
+        if let Some(offset) = self.fanout.sent(ack.file, ack.offset, route.stores, now) {
             self.tailer.ack(ack.file, offset);
         }
         if route.stores.is_empty() {
@@ -944,7 +941,10 @@ mod tests {
             q.send(ack(i));
         }
         assert!(q.gathered.is_empty());
-        assert_eq!(received(&mut rx), (10..10 + CHUNK as u64).collect::<Vec<_>>());
+        assert_eq!(
+            received(&mut rx),
+            (10..10 + CHUNK as u64).collect::<Vec<_>>()
+        );
         drop(rx);
         q.send(ack(1000));
         q.hand_over();
