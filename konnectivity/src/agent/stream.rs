@@ -182,8 +182,8 @@ impl ServerStream {
         let StreamIo {
             mut sender,
             mut receiver,
-            mut control_rx,
-            mut data_rx,
+            control_rx,
+            data_rx,
             ping,
             _keep,
         } = io;
