@@ -126,6 +126,10 @@ struct RawStore {
     tenant: Option<String>,
     #[serde(default)]
     ca: Option<PathBuf>,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -267,6 +271,18 @@ pub struct Store {
     /// The CA bundle (PEM) an `https` store's certificate is checked against; re-read when it
     /// changes.
     pub ca: Option<PathBuf>,
+    /// The client certificate chain and key (PEM) presented to an `https` store behind mTLS;
+    /// re-read when they change.
+    pub client_cert: Option<ClientCert>,
+}
+
+/// A client certificate chain and its key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
 }
 
 /// A string that may hold `{namespace}`.
@@ -519,11 +535,44 @@ fn store(field: &str, raw: RawStore, per_namespace: bool) -> Result<Store, Confi
         }
         _ => {}
     }
+    let client_cert = match (raw.cert, raw.key) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                format!("{field}.key"),
+                "a client certificate (cert) needs its key",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                format!("{field}.cert"),
+                "a key needs its client certificate (cert)",
+            ))
+        }
+        (Some(cert), Some(key)) => {
+            for (name, path) in [("cert", &cert), ("key", &key)] {
+                if !https {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.{name}"),
+                        "is for https stores only",
+                    ));
+                }
+                if !path.is_absolute() {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.{name}"),
+                        "must be an absolute path",
+                    ));
+                }
+            }
+            Some(ClientCert { cert, key })
+        }
+    };
     Ok(Store {
         url,
         protocol: raw.protocol,
         tenant,
         ca: raw.ca,
+        client_cert,
     })
 }
 
@@ -618,7 +667,8 @@ mod tests {
             "admin: {address: '[::1]:9'}\n\
              input: {path: /logs, checkpoint_dir: /ck, max_entry_bytes: 16384, partial_timeout: 30s, \
              rescan_interval: 250ms, max_open_files: 10, node_name: node-a}\n\
-             stores:\n  seed: {url: 'https://seed/push', protocol: loki, tenant: garden, ca: /etc/ca.pem}\n  \
+             stores:\n  seed: {url: 'https://seed/push', protocol: loki, tenant: garden, ca: /etc/ca.pem, \
+             cert: /etc/tls.crt, key: /etc/tls.key}\n  \
              shoot: {url: 'https://shared/push', protocol: loki, tenant: '{namespace}', ca: /etc/ca.pem}\n\
              delivery: {batch_bytes: 65536, batch_wait: 2s, request_timeout: 5s, min_backoff: 1s, \
              max_backoff: 1m, max_outage: 24h, outage_policy: skip}\n\
@@ -632,6 +682,14 @@ mod tests {
         assert_eq!(c.shoot.tenant.unwrap().render("shoot--a--b"), "shoot--a--b");
         assert_eq!(c.seed.tenant.unwrap().as_str(), "garden");
         assert_eq!(c.seed.ca, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(
+            c.seed.client_cert,
+            Some(ClientCert {
+                cert: PathBuf::from("/etc/tls.crt"),
+                key: PathBuf::from("/etc/tls.key")
+            })
+        );
+        assert_eq!(c.shoot.client_cert, None);
         assert_eq!(c.delivery.outage_policy, OutagePolicy::Skip);
         assert_eq!(c.delivery.max_outage, Duration::from_secs(86_400));
         let k = c.kubernetes.unwrap();
@@ -709,6 +767,22 @@ mod tests {
             (
                 format!("{BASE}stores:\n  seed: {{url: 'https://seed/push', protocol: loki, ca: ca.pem}}\n  shoot: {{url: 'http://{{namespace}}/p', protocol: loki}}\n"),
                 "stores.seed.ca",
+            ),
+            (
+                format!("{BASE}stores:\n  seed: {{url: 'https://seed/push', protocol: loki, ca: /ca.pem, cert: /c.pem}}\n  shoot: {{url: 'http://{{namespace}}/p', protocol: loki}}\n"),
+                "stores.seed.key",
+            ),
+            (
+                format!("{BASE}stores:\n  seed: {{url: 'https://seed/push', protocol: loki, ca: /ca.pem, key: /k.pem}}\n  shoot: {{url: 'http://{{namespace}}/p', protocol: loki}}\n"),
+                "stores.seed.cert",
+            ),
+            (
+                format!("{BASE}stores:\n  seed: {{url: 'https://seed/push', protocol: loki, ca: /ca.pem, cert: c.pem, key: /k.pem}}\n  shoot: {{url: 'http://{{namespace}}/p', protocol: loki}}\n"),
+                "stores.seed.cert",
+            ),
+            (
+                format!("{BASE}stores:\n{seed}  shoot: {{url: 'http://{{namespace}}/p', protocol: loki, cert: /c.pem, key: /k.pem}}\n"),
+                "stores.shoot.cert",
             ),
             (
                 format!("{BASE}{STORES}delivery: {{min_backoff: 10s, max_backoff: 1s}}\n"),

@@ -739,11 +739,19 @@ impl StoreTask {
     /// The store's client; `Err` logged.
     fn client(&self) -> Result<Client, ()> {
         let url = &self.endpoint.url;
-        let tls = match self.store.ca.as_deref().map(agentkit::tls::client_config) {
+        let tls = self
+            .store
+            .ca
+            .as_deref()
+            .map(|ca| match &self.store.client_cert {
+                None => agentkit::tls::client_config(ca),
+                Some(c) => agentkit::tls::client_config_with_cert(ca, &c.cert, &c.key),
+            });
+        let tls = match tls {
             None => None,
             Some(Ok(tls)) => Some(tls),
             Some(Err(error)) => {
-                error!(%error, store = %url, "cannot read this store's CA bundle; its lines wait");
+                error!(%error, store = %url, "cannot read this store's CA bundle or client certificate; its lines wait");
                 return Err(());
             }
         };

@@ -814,6 +814,93 @@ fn a_store_answering_429_gets_everything_after_backing_off() {
     assert!(status.success(), "{status:?}");
 }
 
+/// Whether a TLS client that trusts `ca` but has no certificate gets an HTTP answer from
+/// `127.0.0.1:port`.
+fn answers_without_a_client_certificate(ca: &Path, port: u16) -> bool {
+    use std::io::Read as _;
+    let config = agentkit::tls::client_config(ca).expect("a client config");
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("a server name");
+    let mut conn = rustls::ClientConnection::new(config, name).expect("a TLS client");
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    let request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if tls.write_all(request).is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/")
+}
+
+#[test]
+fn an_https_store_behind_mtls_gets_every_line_from_the_client_certificate() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "an_https_store_behind_mtls_gets_every_line";
+    let Some(binary) = common::victoria_logs(test) else {
+        return;
+    };
+    let d = common::dirs("loss", "mtls");
+    let vlogs = Server::start(&binary, common::free_port(), "loss-mtls");
+    let pki = agentkit::testing::Pki::new().expect("a CA");
+    let tls = d.root.join("tls");
+    let ca = pki.write_ca(&tls).expect("ca.pem");
+    let server = pki
+        .leaf(&["localhost", "127.0.0.1"])
+        .expect("a server leaf");
+    let server_pem = tls.join("server.pem");
+    fs::write(
+        &server_pem,
+        format!("{}{}", server.cert_pem, server.key_pem),
+    )
+    .expect("server.pem");
+    let client = pki.leaf(&["log-shipper"]).expect("a client leaf");
+    let (cert, key) = (tls.join("client.pem"), tls.join("client-key.pem"));
+    fs::write(&cert, &client.cert_pem).expect("client.pem");
+    fs::write(&key, &client.key_pem).expect("client-key.pem");
+    // The store's ingress terminates TLS and lets through only clients with a certificate of
+    // this CA, as a store behind mTLS does.
+    let Some(gateway) = Haproxy::start(
+        test,
+        &d,
+        &format!(
+            "frontend mtls\n  bind 127.0.0.1:{{port}} ssl crt {} ca-file {} verify required\n  default_backend store\n\
+             backend store\n  server vlogs 127.0.0.1:{}\n",
+            server_pem.display(),
+            ca.display(),
+            vlogs.port
+        ),
+    ) else {
+        return;
+    };
+    assert!(
+        !answers_without_a_client_certificate(&ca, gateway.port),
+        "the gateway must refuse a client without a certificate"
+    );
+    let base = common::a_minute_ago(17);
+    let want: BTreeSet<Stored> = PODS
+        .iter()
+        .flat_map(|pod| append(&d.logs, pod, base, 0..300))
+        .collect();
+    let tls_fields = format!(
+        "ca: {}, cert: {}, key: {}",
+        ca.display(),
+        cert.display(),
+        key.display()
+    );
+    let url = format!("https://127.0.0.1:{}/insert/loki/api/v1/push", gateway.port);
+    let mut shipper = Shipper::start(
+        &d,
+        &format!(
+            "stores:\n  seed: {{url: \"{url}?extra_fields=store=seed\", protocol: loki, {tls_fields}}}\n  shoot: {{url: \"{url}?extra_fields=store={{namespace}}\", protocol: loki, {tls_fields}}}\n"
+        ),
+    );
+    assert_holds_exactly(&vlogs, &want, &mut shipper);
+    let status = shipper.terminate(Duration::from_secs(25));
+    assert!(status.success(), "{status:?}");
+}
+
 #[test]
 fn a_line_longer_than_max_entry_bytes_is_split_and_counted() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
