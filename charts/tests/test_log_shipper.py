@@ -693,6 +693,58 @@ def test_rendered_config_passes_check(case: str, tmp_path: Path) -> None:
     assert f"lifecycle {lifecycle}" in result.stdout, describe(result, text)
 
 
+HTTPS_STORES = {
+    "stores": {
+        "seed": {
+            "url": "https://loki.logging.svc/loki/api/v1/push",
+            "tls": {"secretName": "seed-store-mtls", "clientCertificate": True},
+        },
+        "shoot": {
+            "url": "https://logging.{namespace}.svc:3100/vali/api/v1/push",
+            "tls": {"secretName": "shoot-store-ca"},
+        },
+    }
+}
+
+
+def test_https_stores_get_their_secrets_mounted_and_named_in_the_config(tmp_path: Path) -> None:
+    objs = render_objs(HTTPS_STORES)
+    stores = config_of(objs)["stores"]
+    seed, shoot = "/etc/log-shipper/tls/seed", "/etc/log-shipper/tls/shoot"
+    assert (stores["seed"]["ca"], stores["seed"]["cert"], stores["seed"]["key"]) == (
+        f"{seed}/ca.crt",
+        f"{seed}/tls.crt",
+        f"{seed}/tls.key",
+    )
+    assert stores["shoot"]["ca"] == f"{shoot}/ca.crt"
+    assert "cert" not in stores["shoot"] and "key" not in stores["shoot"]
+    for path, secret in ((seed, "seed-store-mtls"), (shoot, "shoot-store-ca")):
+        mount, volume = volume_of(objs, path)
+        assert mount["readOnly"] is True
+        assert volume["secret"] == {"secretName": secret}
+    for obj in objs:
+        kubernetes_validate.validate(chartkit.without_marker(obj), KUBE_VERSIONS[0], strict=True)
+    text = config_text(objs)
+    result = run_check(tmp_path, text)
+    assert result.returncode == 0, "--check rejected https stores\n" + describe(result, text)
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"stores": {"seed": {"url": "https://loki/push"}}}, "stores.seed.tls.secretName"),
+        (
+            {"stores": {"shoot": {"tls": {"secretName": "x"}}}},
+            "stores.shoot.tls.secretName: TLS settings are for an https URL only",
+        ),
+        ({"stores": {"seed": {"tls": {"secretName": "Not_A_Name"}}}}, "/stores/seed/tls/secretName"),
+    ],
+)
+def test_tls_settings_fit_the_url(values: dict[str, Any], named: str) -> None:
+    message = render_error(values)
+    assert named in message, message
+
+
 def test_shared_shoot_store_is_rejected_by_check(tmp_path: Path) -> None:
     text = config_text(chartkit.manifests_of(render(chartkit.load_values(SHARED_SHOOT_STORE))))
     assert "{namespace}" not in text

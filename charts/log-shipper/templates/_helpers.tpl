@@ -117,11 +117,31 @@ kubelet's probes and Prometheus come to the pod IP.
 {{- end -}}
 
 {{/* One store of the config; takes the store's values. Strings as JSON (a YAML subset). */}}
+{{/*
+A store's settings, called with (dict "name" "seed" "store" .Values.stores.seed). An https URL
+needs tls.secretName (the agent refuses an https store without a CA bundle); an http one takes
+none.
+*/}}
 {{- define "log-shipper.store" -}}
-url: {{ toJson .url }}
-protocol: {{ .protocol }}
-{{- if .tenant }}
-tenant: {{ toJson .tenant }}
+{{- $s := .store -}}
+{{- $tls := $s.tls | default dict -}}
+url: {{ toJson $s.url }}
+protocol: {{ $s.protocol }}
+{{- if $s.tenant }}
+tenant: {{ toJson $s.tenant }}
+{{- end }}
+{{- if hasPrefix "https://" $s.url }}
+{{- if not $tls.secretName }}
+{{- fail (printf "stores.%s.tls.secretName: an https store needs a Secret with ca.crt, the CA bundle its certificate is checked against" .name) }}
+{{- end }}
+{{- $dir := printf "/etc/log-shipper/tls/%s" .name }}
+ca: {{ printf "%s/ca.crt" $dir }}
+{{- if $tls.clientCertificate }}
+cert: {{ printf "%s/tls.crt" $dir }}
+key: {{ printf "%s/tls.key" $dir }}
+{{- end }}
+{{- else if $tls.secretName }}
+{{- fail (printf "stores.%s.tls.secretName: TLS settings are for an https URL only" .name) }}
 {{- end }}
 {{- end -}}
 
@@ -147,9 +167,9 @@ input:
   max_open_files: {{ include "log-shipper.int" $in.maxOpenFiles }}
 stores:
   seed:
-    {{- include "log-shipper.store" .Values.stores.seed | nindent 4 }}
+    {{- include "log-shipper.store" (dict "name" "seed" "store" .Values.stores.seed) | nindent 4 }}
   shoot:
-    {{- include "log-shipper.store" .Values.stores.shoot | nindent 4 }}
+    {{- include "log-shipper.store" (dict "name" "shoot" "store" .Values.stores.shoot) | nindent 4 }}
 delivery:
   batch_bytes: {{ include "log-shipper.int" $d.batchBytes }}
   batch_wait: {{ $d.batchWait }}
