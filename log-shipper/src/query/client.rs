@@ -87,12 +87,7 @@ pub async fn run(args: &Args) -> Result<(), QueryError> {
     let mut out = Printer::new(plan.output);
 
     let url = plan.range_url();
-    let body = tokio::time::timeout(QUERY_TIMEOUT, client.get_all(&url))
-        .await
-        .map_err(|_| QueryError::Timeout {
-            url: url.clone(),
-            seconds: QUERY_TIMEOUT.as_secs(),
-        })??;
+    let body = client.get_all(&url).await?;
     let mut entries = match plan.store.api {
         Api::Loki => {
             let mut entries = parse_loki(&body)?;
@@ -178,12 +173,7 @@ async fn follow_loki(
         loop {
             let end = now();
             let url = plan.poll_url(start, end.max(start + 1));
-            let body = tokio::time::timeout(QUERY_TIMEOUT, client.get_all(&url))
-                .await
-                .map_err(|_| QueryError::Timeout {
-                    url: url.clone(),
-                    seconds: QUERY_TIMEOUT.as_secs(),
-                })??;
+            let body = client.get_all(&url).await?;
             let mut entries = parse_loki(&body)?;
             let full = entries.len() >= plan.limit;
             sort_oldest_first(&mut entries);
@@ -368,18 +358,26 @@ impl Client {
         })
     }
 
-    /// A GET whose answer must be 200: its whole body.
+    /// A GET whose answer must be 200: its whole body, within [`QUERY_TIMEOUT`].
     async fn get_all(&self, url: &str) -> Result<Vec<u8>, QueryError> {
-        let mut answer = self.get(url).await?;
-        if answer.status != 200 {
-            return Err(answer.refused().await);
-        }
-        answer
-            .all(MAX_ANSWER_BYTES)
+        let get = async {
+            let mut answer = self.get(url).await?;
+            if answer.status != 200 {
+                return Err(answer.refused().await);
+            }
+            answer
+                .all(MAX_ANSWER_BYTES)
+                .await
+                .map_err(|error| QueryError::Io {
+                    url: url.to_owned(),
+                    error,
+                })
+        };
+        tokio::time::timeout(QUERY_TIMEOUT, get)
             .await
-            .map_err(|error| QueryError::Io {
+            .map_err(|_| QueryError::Timeout {
                 url: url.to_owned(),
-                error,
-            })
+                seconds: QUERY_TIMEOUT.as_secs(),
+            })?
     }
 }
